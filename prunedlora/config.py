@@ -167,9 +167,9 @@ class SalrConfig(MethodConfig):
 class SparsityConfig:
     """A schedule expressed as "target fraction pruned at optimizer step t"."""
 
-    schedule: str = "none"
-    """none, constant, linear or cubic."""
-    final: float = 0.0
+    schedule: str = "auto"
+    """auto (the method's paper default), none, constant, linear or cubic."""
+    final: float = 0.5
     """Final fraction pruned (rank fraction for prunedlora; structure/weight fraction for loraprune/salr)."""
     initial: float = 0.0
     every: int = 10
@@ -318,3 +318,62 @@ def register_configs() -> None:
     cs.store(name="root_schema", node=RootConfig)
     for name, schema in METHOD_SCHEMAS.items():
         cs.store(group="schema/method", name=name, node=schema)
+
+
+# ---------------------------------------------------------------------------------------- validation
+SCHEDULES = ("auto", "none", "constant", "linear", "cubic")
+TASK_KINDS = ("qa", "text", "mc", "code")
+EVAL_TASKS = ("gsm8k", "mmlu", "humaneval", "wikitext2", "ptb")
+LR_SCHEDULES = ("cosine", "linear", "constant")
+OPTIMIZER_NAMES = ("adamw", "adamw8bit")
+
+
+def _check(problems: list[str], ok: bool, message: str) -> None:
+    if not ok:
+        problems.append(message)
+
+
+def _one_of(problems: list[str], key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    _check(problems, value in allowed, f"{key}={value} is not one of {', '.join(allowed)}")
+
+
+def validate(cfg: RootConfig) -> None:
+    """Check values the schema's types cannot, reporting every problem at once.
+
+    Raises:
+        ConfigError: one paragraph naming each bad key, its value and what is accepted.
+    """
+    p: list[str] = []
+    _one_of(p, "model.dtype", cfg.model.dtype, DTYPES)
+    _one_of(p, "model.quantization", cfg.model.quantization, QUANTIZATIONS)
+    m = cfg.method
+    _check(p, m.rank is None or m.rank > 0, f"method.rank={m.rank} must be a positive integer (or null)")
+    _check(p, m.alpha > 0, f"method.alpha={m.alpha} must be positive")
+    _check(p, 0 <= m.dropout < 1, f"method.dropout={m.dropout} must be in [0, 1)")
+    _check(p, bool(m.target_modules), "method.target_modules is empty; name at least one linear, or [all-linear]")
+    s = cfg.sparsity
+    _one_of(p, "sparsity.schedule", s.schedule, SCHEDULES)
+    _check(p, 0 <= s.final < 1, f"sparsity.final={s.final} must be in [0, 1)")
+    _check(p, 0 <= s.initial <= s.final or s.final == 0, f"sparsity.initial={s.initial} must be in [0, final]")
+    _check(p, s.every >= 1 and s.per_event >= 1, "sparsity.every and sparsity.per_event must be >= 1")
+    _check(p, s.warmup_frac + s.cooldown_frac < 1, "sparsity.warmup_frac + sparsity.cooldown_frac must be < 1")
+    _one_of(p, "task.kind", cfg.task.kind, TASK_KINDS)
+    t = cfg.train
+    for key in ("max_steps", "batch_size", "grad_accum", "save_every", "log_every"):
+        _check(p, getattr(t, key) >= 1, f"train.{key}={getattr(t, key)} must be >= 1")
+    _check(p, t.lr > 0, f"train.lr={t.lr} must be positive")
+    _check(p, t.seq_len >= 8, f"train.seq_len={t.seq_len} must be >= 8")
+    _check(p, 0 <= t.warmup_ratio < 1, f"train.warmup_ratio={t.warmup_ratio} must be in [0, 1)")
+    _one_of(p, "train.scheduler", t.scheduler, LR_SCHEDULES)
+    _one_of(p, "train.optimizer", t.optimizer, OPTIMIZER_NAMES)
+    _check(p, t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:"),
+           f"train.device={t.device} is not one of auto, cpu, cuda, cuda:N")
+    for task in cfg.eval.tasks or []:
+        _one_of(p, "eval.tasks", task, EVAL_TASKS)
+    _check(p, cfg.eval.limit is None or cfg.eval.limit >= 1, f"eval.limit={cfg.eval.limit} must be >= 1 or null")
+    _check(p, cfg.eval.seqlen >= 16, f"eval.seqlen={cfg.eval.seqlen} must be >= 16")
+    validate_method = getattr(m, "validate", None)
+    if validate_method is not None:
+        p.extend(validate_method(cfg.sparsity))
+    if p:
+        raise ConfigError("Invalid configuration: " + "; ".join(p) + ".")
