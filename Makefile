@@ -1,0 +1,33 @@
+# prunedlora: make install | make test | make run
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# The local data mirror beside the checkout, when present (tests and the quickstart read it).
+DATA_ROOT ?= $(abspath ../shared/data)
+export PRUNEDLORA_DATA_ROOT ?= $(if $(wildcard $(DATA_ROOT)),$(DATA_ROOT),)
+# DeepSpeed builds from source: no CUDA ops at install time, CPU accelerator unless a GPU is present.
+export DS_BUILD_OPS := 0
+
+.PHONY: install test test-fast run clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	# torch first: on a machine without CUDA this is the CPU build; a looser spec pulls a multi-GB CUDA build.
+	$(BIN)/python -m pip install torch==2.13.0
+	$(BIN)/python -m pip install -e '.[dev]'
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest
+
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow"
+
+run: install
+	$(BIN)/prunedlora-train experiment=quickstart
+
+clean:
+	rm -rf $(VENV) build *.egg-info outputs multirun
