@@ -24,8 +24,15 @@ EXIT_CONFIG_ERROR = 2
 EXIT_FAILURE = 1
 
 
+def _quiet_third_party_logs() -> None:
+    """Import-time chatter of optional backends (pulled in by peft) is noise in a CLI run."""
+    for name in ("bitsandbytes", "DeepSpeed", "deepspeed"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def _report_errors(fn: Callable[[RootConfig, Path], Any], cfg: DictConfig) -> Any:
     debug = bool(cfg.get("debug", False))
+    _quiet_third_party_logs()
     try:
         root: RootConfig = OmegaConf.to_object(cfg)
         return fn(root, Path(HydraConfig.get().runtime.output_dir))

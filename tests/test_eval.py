@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from prunedlora.config import ConfigError, DataConfig, EvalConfig, TinyModelConfig
 from prunedlora.eval import runner
@@ -255,6 +256,7 @@ def test_runner_unknown_and_planned_tasks(tiny, tok, tmp_path):
         runner.evaluate(tiny, tok, ["wikitext2", "nope"], cfg, DataConfig(), tmp_path, model_id="tiny")
     with pytest.raises(ConfigError, match=r"mmlu"):
         runner.evaluate(tiny, tok, ["mmlu"], cfg, DataConfig(), tmp_path, model_id="tiny")
+    assert runner.evaluate(tiny, tok, [], cfg, DataConfig(), tmp_path, model_id="tiny") == {}
     assert not (tmp_path / "eval").exists()  # nothing ran, nothing written
 
 
@@ -275,3 +277,22 @@ def test_runner_on_mirror_data(tiny, tok, tmp_path):
     doc = _check_results_dir(tmp_path, ["wikitext2", "ptb", "gsm8k"])
     assert doc["settings"]["ptb"]["n"] == 2 and doc["settings"]["gsm8k"]["n"] == 2
     assert res["wikitext2"]["ppl"] > 1.0 and math.isfinite(res["ptb"]["ppl"])
+
+
+def test_gsm8k_generation_stops_at_stop_string(tok):
+    """A model that always emits "\\n" stops after "\\n\\n" instead of running to max_gen_toks."""
+    model = build_tiny_llama(TinyModelConfig(), vocab_size=len(tok))
+    newline = tok("\n", add_special_tokens=False)["input_ids"][0]
+    model.lm_head.register_forward_hook(lambda mod, args, out: out + 100.0 * F.one_hot(
+        torch.tensor(newline), out.shape[-1]).to(out.dtype))
+    shapes = []
+    real = model.generate
+
+    def spy(input_ids, **kwargs):
+        out = real(input_ids=input_ids, **kwargs)
+        shapes.append(out.shape[1] - input_ids.shape[1])
+        return out
+
+    model.generate = spy
+    out = gsm8k_exact_match(model, tok, RECORDS, fewshot=[], max_gen_toks=50, batch_size=2, progress=False)
+    assert shapes == [2] and out["samples"][0]["generation"] == ""

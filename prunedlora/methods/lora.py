@@ -37,9 +37,9 @@ def rank_report(model: nn.Module) -> dict[str, Any]:
 
 def export_lora(model: nn.Module, tokenizer: Any, out_dir: Path, base_model_id: str) -> dict[str, Any]:
     """``adapter/`` in PEFT format (active ranks only), then ``model/`` with the adapters merged."""
-    ranks = export_peft_adapter(model, out_dir / "adapter", base_model_id)
+    export_peft_adapter(model, out_dir / "adapter", base_model_id)
     save_merged_model(model, tokenizer, out_dir / "model")
-    return {"exported_ranks": ranks, "params_after_export": count_parameters(model)[0]}
+    return {"params_after_export": count_parameters(model)[0]}
 
 
 class LoraMethod:

@@ -101,7 +101,8 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
         tasks = cfg.eval.tasks if cfg.eval.tasks is not None else cfg.task.eval_tasks
         eval_results = evaluate(model, tokenizer, tasks, cfg.eval, cfg.data, run_dir,
                                 model_id=str(run_dir / "model"),
-                                autocast_dtype=torch.bfloat16 if cfg.train.bf16 else None)
+                                autocast_dtype=torch.bfloat16 if cfg.train.bf16 else None,
+                                progress=cfg.logging.progress)
 
     summary = {
         "method": method.name,

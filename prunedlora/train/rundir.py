@@ -44,6 +44,13 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return sorted(k for k in set(a) | set(b) if not free(k) and a.get(k) != b.get(k))
 
 
+def _has_progress(run_dir: Path) -> bool:
+    """Whether a start in ``run_dir`` got as far as a checkpoint or an output."""
+    checkpoints = run_dir / "checkpoints"
+    has_checkpoint = checkpoints.is_dir() and any(p.name.startswith("step_") for p in checkpoints.iterdir())
+    return has_checkpoint or any((run_dir / name).exists() for name in _RUN_OUTPUTS)
+
+
 def prepare_run_dir(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:
     """Claim ``run_dir`` for ``config``. Returns the summary if this exact run already completed.
 
@@ -53,6 +60,8 @@ def prepare_run_dir(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | N
     ckpt_dir = run_dir / "checkpoints"
     saved = ckpt_dir / CONFIG_FILE
     hydra_dir = run_dir / ".hydra"
+    if saved.exists() and not _has_progress(run_dir):
+        saved.unlink()  # an earlier start failed before its first checkpoint: nothing of it to keep
     if not saved.exists():
         foreign = [name for name in _RUN_OUTPUTS if (run_dir / name).exists()]
         if foreign:

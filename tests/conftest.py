@@ -1,0 +1,31 @@
+"""Shared fixtures: the local data mirror and a small real (byte-level) tokenizer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+def _data_root() -> Path:
+    # PRUNEDLORA_DATA_ROOT wins (as in the config); else ../shared/data next to the project root.
+    env = os.environ.get("PRUNEDLORA_DATA_ROOT")
+    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """The local data mirror; tests that need it skip only where it is absent (CI always has it)."""
+    root = _data_root()
+    if not root.is_dir():
+        pytest.skip(f"local data mirror not found at {root} (set PRUNEDLORA_DATA_ROOT)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer():
+    """Lossless byte-level BPE tokenizer built in memory (bos ``<s>`` added, eos ``</s>``, pad ``<pad>``)."""
+    from prunedlora.models.tiny import build_byte_tokenizer
+
+    return build_byte_tokenizer()

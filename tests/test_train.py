@@ -1,0 +1,187 @@
+"""The training spine: config validation, callback cadence, resume equivalence, run-dir guard."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from prunedlora.config import ConfigError, RootConfig, TrainConfig, register_configs
+from prunedlora.methods.base import Callback
+from prunedlora.train.loop import MetricsWriter, train_loop
+from prunedlora.train.optim import build_scheduler
+from prunedlora.train.recipe import run
+
+TINY_OVERRIDES = [
+    "model=tiny", "method=lora", "task=gsm8k", "train.batch_size=2", "train.seq_len=512",
+    "task.max_samples=64", "eval.enabled=false", "logging.progress=false",
+]
+
+
+def compose_root(overrides: list[str]) -> RootConfig:
+    register_configs()
+    with initialize_config_module(version_base="1.3", config_module="prunedlora.configs"):
+        return OmegaConf.to_object(compose("config", overrides=overrides))
+
+
+@pytest.fixture
+def tiny_cfg(data_root: Path) -> RootConfig:
+    cfg = compose_root(TINY_OVERRIDES)
+    cfg.data.root = str(data_root)
+    cfg.data.hub = False
+    return cfg
+
+
+# ------------------------------------------------------------------------------------------ config
+def test_every_group_option_composes() -> None:
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    for group in ("model", "method", "sparsity", "task", "distributed"):
+        for option in sorted((configs / group).glob("*.yaml")):
+            extra = ["model.name_or_path=/tmp/x"] if option.stem == "hf" and group == "model" else []
+            cfg = compose_root([f"{group}={option.stem}", *extra])
+            assert isinstance(cfg, RootConfig)
+    for option in sorted((configs / "experiment").glob("*.yaml")):
+        assert isinstance(compose_root([f"experiment={option.stem}"]), RootConfig)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("method.rnak=4", "method.rnak"),
+    ("train.lr=fast", "train.lr"),
+    ("method.rank=abc", "method.rank"),
+    ("model=nonexistent", "model"),
+])
+def test_typos_and_wrong_types_fail_at_composition_naming_the_key(override: str, key: str) -> None:
+    with pytest.raises(Exception, match=key.replace(".", r"\.")):
+        compose_root([override])
+
+
+def test_validation_reports_every_problem_at_once(tiny_cfg: RootConfig) -> None:
+    from prunedlora.config import validate
+
+    bad = replace(tiny_cfg, train=replace(tiny_cfg.train, lr=-1.0, scheduler="cosine_restarts"),
+                  eval=replace(tiny_cfg.eval, tasks=["gsm8k", "hellaswag"]))
+    with pytest.raises(ConfigError) as err:
+        validate(bad)
+    message = str(err.value)
+    for fragment in ("train.lr=-1.0", "train.scheduler=cosine_restarts", "eval.tasks=hellaswag"):
+        assert fragment in message
+
+
+def test_warmup_then_cosine_schedule() -> None:
+    cfg = TrainConfig(max_steps=10, warmup_ratio=0.2, lr=1.0, scheduler="cosine")
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)
+    sched = build_scheduler(opt, cfg)
+    lrs = []
+    for _ in range(cfg.max_steps):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] < lrs[1] < lrs[2] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:]))
+    assert lrs[-1] < 0.1
+
+
+# --------------------------------------------------------------------------------- loop mechanics
+class CountingBatches:
+    """A stand-in for ResumableBatches that counts micro-batches."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        self.calls += 1
+        ids = torch.randint(0, 50, (2, 8))
+        return {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
+
+
+class RecordingCallback(Callback):
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.events: list[tuple[str, int]] = []
+
+    def on_train_start(self, model, optimizer, max_steps) -> None:
+        self.events.append(("start", max_steps))
+
+    def on_before_optimizer_step(self, step: int) -> dict:
+        grads = [p.grad for p in self.model.parameters() if p.requires_grad]
+        assert all(g is not None for g in grads), "gradients must be complete before the optimizer step"
+        self.events.append(("before", step))
+        return {"hook_step": step}
+
+    def on_step_end(self, step: int) -> dict:
+        self.events.append(("end", step))
+        return {}
+
+
+def test_callbacks_fire_once_per_optimizer_step_under_accumulation(tmp_path: Path) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from prunedlora.adapters.lora import inject_lora, mark_only_lora_as_trainable
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    inject_lora(model, ["q_proj", "v_proj"], 2, 4.0)
+    mark_only_lora_as_trainable(model)
+    cfg = TrainConfig(max_steps=4, grad_accum=3, save_every=2, lr=1e-3)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    batches, callback, saved = CountingBatches(), RecordingCallback(model), []
+    train_loop(model, opt, build_scheduler(opt, cfg), batches, [callback], cfg, device=torch.device("cpu"),
+               start_step=0, writer=MetricsWriter(tmp_path / "m.jsonl"), save=saved.append, progress=False)
+    assert batches.calls == 12
+    assert callback.events == [("start", 4)] + [(e, s) for s in range(1, 5) for e in ("before", "end")]
+    assert saved == [2, 4]
+    records = [json.loads(line) for line in (tmp_path / "m.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and [r["hook_step"] for r in records] == [1, 2, 3, 4]
+
+
+# ---------------------------------------------------------------------------------------- resume
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_gives_the_same_final_loss_as_an_uninterrupted_run(tiny_cfg: RootConfig, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """3 steps + crash + resume + 3 steps == 6 uninterrupted steps (fp32, within 1e-6)."""
+    cfg = replace(tiny_cfg, train=replace(tiny_cfg.train, max_steps=6, save_every=3, grad_accum=2),
+                  method=replace(tiny_cfg.method, dropout=0.1))  # dropout: the RNG state must resume too
+    full = run(cfg, tmp_path / "full")
+
+    from prunedlora.data import batching
+
+    original = batching.ResumableBatches.next_batch
+    calls = {"n": 0}
+
+    def crash_after_three_steps(self):
+        calls["n"] += 1
+        if calls["n"] > 3 * cfg.train.grad_accum + 1:  # mid-way through step 4
+            raise Interrupted
+        return original(self)
+
+    monkeypatch.setattr(batching.ResumableBatches, "next_batch", crash_after_three_steps)
+    with pytest.raises(Interrupted):
+        run(cfg, tmp_path / "resumed")
+    monkeypatch.setattr(batching.ResumableBatches, "next_batch", original)
+    assert (tmp_path / "resumed" / "checkpoints" / "step_0000003").is_dir()
+    resumed = run(cfg, tmp_path / "resumed")
+
+    assert resumed["final_loss"] == pytest.approx(full["final_loss"], abs=1e-6)
+    losses = lambda d: [json.loads(x)["loss"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+    assert losses("resumed") == pytest.approx(losses("full"), abs=1e-6)
+
+
+def test_run_dir_with_a_different_config_is_refused(tiny_cfg: RootConfig, tmp_path: Path) -> None:
+    cfg = replace(tiny_cfg, train=replace(tiny_cfg.train, max_steps=1))
+    run(cfg, tmp_path)
+    adapter_before = (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes()
+    other = replace(cfg, method=replace(cfg.method, rank=4))
+    with pytest.raises(ConfigError, match="method.rank"):
+        run(other, tmp_path)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes() == adapter_before
+    # The same config again: the run is complete, nothing is retrained or rewritten.
+    assert run(cfg, tmp_path)["steps"] == 1
