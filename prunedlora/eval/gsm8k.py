@@ -185,6 +185,7 @@ def gsm8k_exact_match(
                     attention_mask=attention,
                     max_new_tokens=max_gen_toks,
                     do_sample=False,
+                    use_cache=True,  # loaded models come with the cache off (training); generation wants it
                     pad_token_id=pad_id,
                     eos_token_id=tokenizer.eos_token_id,
                     stopping_criteria=[_StopOnStrings(tokenizer, width, stops)],
