@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from prunedlora.config import TrainConfig
 from prunedlora.data.batching import ResumableBatches
 from prunedlora.methods.base import Callback
+from prunedlora.train.preemption import Preempted, PreemptionGuard
 
 
 @dataclass
@@ -52,8 +53,18 @@ class MetricsWriter:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.wandb_run is not None:
-            self.wandb_run.log({f"train/{k}": v for k, v in record.items() if isinstance(v, int | float)},
-                               step=record["step"])
+            self.wandb_run.log(_flatten_numbers(record, "train/"), step=record["step"])
+
+
+def _flatten_numbers(record: dict[str, Any], prefix: str) -> dict[str, float]:
+    """``{"active_rank": {"q": 4}}`` -> ``{"train/active_rank/q": 4}``; non-numbers are dropped."""
+    flat: dict[str, float] = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            flat.update(_flatten_numbers(value, f"{prefix}{key}/"))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -116,10 +127,12 @@ def train_loop(
     writer: MetricsWriter,
     save: Callable[[int], None],
     progress: bool = True,
+    preemption: PreemptionGuard | None = None,
 ) -> StepResult | None:
     """Train from ``start_step`` (completed steps) to ``cfg.max_steps``; returns the last step's result.
 
-    ``save(step)`` is called every ``cfg.save_every`` steps and after the last one.
+    ``save(step)`` is called every ``cfg.save_every`` steps and after the last one. When ``preemption``
+    has caught a signal, the loop saves after the current step and raises ``Preempted``.
     """
     model.train()
     for cb in callbacks:
@@ -142,7 +155,11 @@ def train_loop(
                         "step_time_s": last.seconds, "peak_memory_mb": peak_memory_mb(device), **figures})
         bar.set_postfix(loss=f"{last.loss:.4f}", tok_s=f"{tokens / last.seconds:.0f}")
         bar.update(1)
-        if step % cfg.save_every == 0 or step == cfg.max_steps:
+        preempted = preemption is not None and preemption.requested
+        if step % cfg.save_every == 0 or step == cfg.max_steps or preempted:
             save(step)
+        if preempted:
+            bar.close()
+            raise Preempted(step, preemption.received)
     bar.close()
     return last

@@ -23,6 +23,8 @@ from prunedlora.models.load import count_parameters, load_model
 from prunedlora.train import checkpoint as ckpt
 from prunedlora.train.loop import MetricsWriter, peak_memory_mb, train_loop
 from prunedlora.train.optim import build_optimizer, build_scheduler
+from prunedlora.train.preemption import Preempted, PreemptionGuard
+from prunedlora.train.tracking import log_eval, start_wandb
 from prunedlora.train.rundir import prepare_run_dir
 
 log = logging.getLogger(__name__)
@@ -69,7 +71,8 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
     optimizer = build_optimizer(method.parameter_groups(model, cfg.train.weight_decay), cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
     callbacks = method.callbacks()
-    writer = MetricsWriter(run_dir / "metrics.jsonl")
+    wandb_run = start_wandb(cfg.logging, run_dir, config_dict, name=f"{method.name}-{cfg.model.name}-{run_dir.name}")
+    writer = MetricsWriter(run_dir / "metrics.jsonl", wandb_run)
     start_step = _maybe_resume(run_dir, model, optimizer, scheduler, batches, callbacks, writer)
 
     def save(step: int) -> None:
@@ -85,10 +88,28 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
         }
         ckpt.save_checkpoint(run_dir / "checkpoints", step, state, cfg.train.keep_checkpoints)
 
-    # ---------------------------------------------------------------- train
-    last = train_loop(model, optimizer, scheduler, batches, callbacks, cfg.train, device=device,
-                      start_step=start_step, writer=writer, save=save, progress=cfg.logging.progress)
-    final_loss = last.loss if last is not None else _last_logged_loss(writer.path)
+    try:
+        # ------------------------------------------------------------ train
+        with PreemptionGuard() as guard:
+            try:
+                last = train_loop(model, optimizer, scheduler, batches, callbacks, cfg.train, device=device,
+                                  start_step=start_step, writer=writer, save=save,
+                                  progress=cfg.logging.progress, preemption=guard)
+            except Preempted as exc:
+                log.warning("%s; re-run the same command to resume", exc)
+                guard.forward(exc.signum)  # submitit requeues, or exit 128+signum for sbatch scripts
+        final_loss = last.loss if last is not None else _last_logged_loss(writer.path)
+        summary = _finish(cfg, run_dir, model, tokenizer, method, wandb_run, device, final_loss,
+                          params_total, params_trainable, started)
+    finally:
+        if wandb_run is not None:
+            wandb_run.finish()
+    return summary
+
+
+def _finish(cfg: RootConfig, run_dir: Path, model, tokenizer, method, wandb_run, device: torch.device,
+            final_loss: float | None, params_total: int, params_trainable: int, started: float) -> dict[str, Any]:
+    """Export, evaluate and write ``summary.json``."""
 
     # ---------------------------------------------------------------- save
     model.eval()
@@ -103,6 +124,7 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
                                 model_id=str(run_dir / "model"),
                                 autocast_dtype=torch.bfloat16 if cfg.train.bf16 else None,
                                 progress=cfg.logging.progress)
+        log_eval(wandb_run, eval_results, step=cfg.train.max_steps)
 
     summary = {
         "method": method.name,
@@ -119,6 +141,8 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
         "peak_memory_mb": peak_memory_mb(device),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if wandb_run is not None:
+        wandb_run.summary.update({k: v for k, v in summary.items() if isinstance(v, int | float)})
     return summary
 
 

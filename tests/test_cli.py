@@ -1,0 +1,91 @@
+"""The console scripts as a user runs them: subprocesses, real data, the tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+TINY = ["model=tiny", "task=gsm8k", "train.batch_size=2", "train.seq_len=512", "task.max_samples=64",
+        "logging.progress=false"]
+
+
+def run_cli(args: list[str], data_root: Path, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PRUNEDLORA_DATA_ROOT": str(data_root), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    return subprocess.run([str(BIN / args[0]), *args[1:]], env=env, capture_output=True, text=True, timeout=600,
+                          **kwargs)
+
+
+@pytest.mark.slow
+def test_train_writes_the_contract_run_directory(tmp_path: Path, data_root: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = run_cli(["prunedlora-train", *TINY, "method=lora", "train.max_steps=3", "eval.limit=2", "eval.seqlen=64",
+                    "eval.max_gen_toks=8", "eval.num_fewshot=1", f"hydra.run.dir={run_dir}"], data_root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in (".hydra/config.yaml", "metrics.jsonl", "checkpoints/step_0000003/state.pt",
+                 "adapter/adapter_config.json", "adapter/adapter_model.safetensors", "model/config.json",
+                 "model/model.safetensors", "eval/results.json", "summary.json"):
+        assert (run_dir / name).exists(), name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("method", "model", "steps", "final_loss", "params_total", "params_trainable", "params_after_export",
+                "ranks", "eval", "wall_time_s", "peak_memory_mb"):
+        assert key in summary, key
+    assert summary["steps"] == 3 and set(summary["eval"]) == {"gsm8k", "wikitext2"}
+    assert [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert "| task |" in proc.stdout  # the results table is printed
+
+    # prunedlora-eval on the finished run, into its own output dir (nothing in the run dir is touched)
+    eval_dir = tmp_path / "eval"
+    proc = run_cli(["prunedlora-eval", f"run_dir={run_dir}", "eval.tasks=[wikitext2]", "eval.limit=2",
+                    "eval.seqlen=64", "logging.progress=false", f"hydra.run.dir={eval_dir}"], data_root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours = json.loads((eval_dir / "eval" / "results.json").read_text())["results"]["wikitext2"]["ppl"]
+    assert ours == pytest.approx(summary["eval"]["wikitext2"]["ppl"], rel=1e-4)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["method.rnak=4"], "method.rnak"),
+    (["train.lr=-1"], "train.lr=-1"),
+    (["model=hf", "model.name_or_path=/nonexistent/model"], "/nonexistent/model"),
+])
+def test_bad_input_is_one_paragraph_without_traceback(tmp_path: Path, data_root: Path, args, fragment) -> None:
+    proc = run_cli(["prunedlora-train", *TINY, *args, f"hydra.run.dir={tmp_path}"], data_root)
+    assert proc.returncode != 0
+    assert fragment in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_the_restart_resumes_to_the_same_loss(tmp_path: Path, data_root: Path) -> None:
+    """A preempted run (SIGTERM mid-training) restarted with the same command ends at the uninterrupted loss."""
+    # A wider tiny model so that steps take long enough to interrupt mid-run.
+    args = [*TINY, "method=lora", "model.tiny.hidden_size=256", "model.tiny.intermediate_size=512",
+            "train.max_steps=25", "train.save_every=100", "eval.enabled=false"]
+    env = {**os.environ, "PRUNEDLORA_DATA_ROOT": str(data_root), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    victim_dir = tmp_path / "preempted"
+    proc = subprocess.Popen([str(BIN / "prunedlora-train"), *args, f"hydra.run.dir={victim_dir}"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = victim_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    interrupted_at = len(metrics.read_text().splitlines())
+    assert 3 <= interrupted_at < 25
+    assert (victim_dir / "checkpoints" / f"step_{interrupted_at:07d}").is_dir()
+
+    resumed = run_cli(["prunedlora-train", *args, f"hydra.run.dir={victim_dir}"], data_root)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight = run_cli(["prunedlora-train", *args, f"hydra.run.dir={tmp_path / 'straight'}"], data_root)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    loss = lambda d: json.loads((d / "summary.json").read_text())["final_loss"]
+    assert loss(victim_dir) == pytest.approx(loss(tmp_path / "straight"), abs=1e-6)
