@@ -3,24 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-
-BIN = Path(sys.executable).parent
-TINY = ["model=tiny", "task=gsm8k", "train.batch_size=2", "train.seq_len=512", "task.max_samples=64",
-        "logging.progress=false"]
-
-
-def run_cli(args: list[str], data_root: Path, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PRUNEDLORA_DATA_ROOT": str(data_root), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
-    return subprocess.run([str(BIN / args[0]), *args[1:]], env=env, capture_output=True, text=True, timeout=600,
-                          **kwargs)
+from cli_helpers import BIN, TINY, cli_env, logged_steps, run_cli
 
 
 @pytest.mark.slow
@@ -68,13 +57,13 @@ def test_sigterm_checkpoints_and_the_restart_resumes_to_the_same_loss(tmp_path: 
     # A wider tiny model so that steps take long enough to interrupt mid-run.
     args = [*TINY, "method=lora", "model.tiny.hidden_size=256", "model.tiny.intermediate_size=512",
             "train.max_steps=25", "train.save_every=100", "eval.enabled=false"]
-    env = {**os.environ, "PRUNEDLORA_DATA_ROOT": str(data_root), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    env = cli_env(data_root)
     victim_dir = tmp_path / "preempted"
     proc = subprocess.Popen([str(BIN / "prunedlora-train"), *args, f"hydra.run.dir={victim_dir}"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = victim_dir / "metrics.jsonl"
     deadline = time.time() + 300
-    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+    while time.time() < deadline and proc.poll() is None and logged_steps(metrics) < 3:
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=300)
@@ -89,3 +78,39 @@ def test_sigterm_checkpoints_and_the_restart_resumes_to_the_same_loss(tmp_path: 
     assert straight.returncode == 0, straight.stderr[-3000:]
     loss = lambda d: json.loads((d / "summary.json").read_text())["final_loss"]
     assert loss(victim_dir) == pytest.approx(loss(tmp_path / "straight"), abs=1e-6)
+
+
+
+@pytest.mark.slow
+def test_smollm2_end_to_end_with_a_handful_of_steps(tmp_path: Path, data_root: Path) -> None:
+    """The real model (offline GGUF fallback) through train, export, GSM8K and WikiText-2 evaluation."""
+    run_dir = tmp_path / "smol"
+    proc = run_cli(["prunedlora-train", "model=smollm2_135m", "method=lora", "task=gsm8k", "train.max_steps=2",
+                    "train.batch_size=2", "train.seq_len=256", "train.bf16=true", "eval.limit=1", "eval.seqlen=256",
+                    "eval.num_fewshot=0", "eval.max_gen_toks=16", "logging.progress=false",
+                    f"hydra.run.dir={run_dir}"], data_root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["params_total"] == 134_515_008 and summary["params_after_export"] == 134_515_008
+    assert len(summary["ranks"]) == 30 * 4
+    assert 1.0 < summary["eval"]["wikitext2"]["ppl"] < 200.0  # a real model, not a random one
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(run_dir / "model").config.num_hidden_layers == 30
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_config_tree(tmp_path: Path) -> None:
+    """A non-editable install finds `configs/` as package data `prunedlora/configs/`."""
+    import zipfile
+
+    from cli_helpers import ROOT
+
+    proc = subprocess.run([str(BIN / "python"), "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    names = zipfile.ZipFile(next(tmp_path.glob("prunedlora-*.whl"))).namelist()
+    for member in ("prunedlora/configs/__init__.py", "prunedlora/configs/config.yaml",
+                   "prunedlora/configs/method/lora.yaml", "prunedlora/configs/experiment/quickstart.yaml",
+                   "prunedlora/configs/hydra/launcher/slurm.yaml", "prunedlora/cli.py"):
+        assert member in names, member

@@ -185,3 +185,32 @@ def test_run_dir_with_a_different_config_is_refused(tiny_cfg: RootConfig, tmp_pa
     assert (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes() == adapter_before
     # The same config again: the run is complete, nothing is retrained or rewritten.
     assert run(cfg, tmp_path)["steps"] == 1
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients() -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from prunedlora.adapters.lora import inject_lora, mark_only_lora_as_trainable
+
+    def grads(checkpointing: bool) -> tuple[float, list[torch.Tensor]]:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+        inject_lora(model, ["q_proj", "v_proj"], 4, 8.0)
+        mark_only_lora_as_trainable(model)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        ids = torch.randint(0, 50, (2, 16), generator=torch.Generator().manual_seed(1))
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), [p.grad for p in model.parameters() if p.requires_grad]
+
+    loss_plain, grads_plain = grads(False)
+    loss_ckpt, grads_ckpt = grads(True)
+    assert loss_ckpt == pytest.approx(loss_plain, abs=1e-6)
+    for a, b in zip(grads_plain, grads_ckpt, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
