@@ -14,7 +14,7 @@ from torch import nn
 from prunedlora.adapters.lora import merge_lora
 from prunedlora.models.load import count_parameters
 
-__all__ = ["count_parameters", "save_merged_model", "save_pretrained_dir"]
+__all__ = ["count_parameters", "dequantize_base", "save_merged_model", "save_pretrained_dir"]
 
 
 def save_pretrained_dir(model: nn.Module, tokenizer: Any, out_dir: Path) -> None:
@@ -29,7 +29,18 @@ def save_pretrained_dir(model: nn.Module, tokenizer: Any, out_dir: Path) -> None
     tokenizer.save_pretrained(str(out_dir))
 
 
+def dequantize_base(model: nn.Module) -> None:
+    """Turn a bitsandbytes-quantized base back into float linears (in place), as QLoRA deployments do.
+
+    Packed 4/8-bit weights cannot absorb a LoRA update; the merged export is therefore a float model of the
+    dequantized base plus the adapter (the adapter-only export in ``adapter/`` keeps the quantized path).
+    """
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.dequantize()
+
+
 def save_merged_model(model: nn.Module, tokenizer: Any, out_dir: Path) -> None:
     """Merge every LoRA adapter into its base linear (in place) and save the plain model."""
+    dequantize_base(model)
     merge_lora(model)
     save_pretrained_dir(model, tokenizer, out_dir)
