@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from prunedlora.config import ConfigError, RootConfig, TrainConfig, register_configs
 from prunedlora.methods.base import Callback
+from prunedlora.train.engine import TorchEngine
 from prunedlora.train.loop import MetricsWriter, train_loop
 from prunedlora.train.optim import build_scheduler
 from prunedlora.train.recipe import run
@@ -131,8 +132,10 @@ def test_callbacks_fire_once_per_optimizer_step_under_accumulation(tmp_path: Pat
     cfg = TrainConfig(max_steps=4, grad_accum=3, save_every=2, lr=1e-3)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
     batches, callback, saved = CountingBatches(), RecordingCallback(model), []
-    train_loop(model, opt, build_scheduler(opt, cfg), batches, [callback], cfg, device=torch.device("cpu"),
-               start_step=0, writer=MetricsWriter(tmp_path / "m.jsonl"), save=saved.append, progress=False)
+    engine = TorchEngine(model, opt, build_scheduler(opt, cfg), grad_accum=cfg.grad_accum,
+                         max_grad_norm=cfg.max_grad_norm, device=torch.device("cpu"), bf16=False)
+    train_loop(model, engine, batches, [callback], cfg, start_step=0, writer=MetricsWriter(tmp_path / "m.jsonl"),
+               save=saved.append, progress=False)
     assert batches.calls == 12
     assert callback.events == [("start", 4)] + [(e, s) for s in range(1, 5) for e in ("before", "end")]
     assert saved == [2, 4]

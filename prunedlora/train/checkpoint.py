@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from prunedlora.distributed import full_param
+
 ADAPTER_KEY = "adapter"
 OPTIMIZER_KEY = "optimizer"
 SCHEDULER_KEY = "scheduler"
@@ -35,8 +37,11 @@ def _owned_by_us(module: nn.Module) -> bool:
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Trainable parameters and the buffers of prunedlora's own modules (masks), detached on CPU."""
-    state = {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """Trainable parameters and the buffers of prunedlora's own modules (masks), whole and on CPU.
+
+    Under DeepSpeed ZeRO-3 reading a whole parameter is a collective: every rank must call this.
+    """
+    state = {n: full_param(p).detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
     for mod_name, module in model.named_modules():
         if _owned_by_us(module):
             for buf_name, buf in module.named_buffers(recurse=False):
@@ -71,12 +76,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(ckpt_root: Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Write ``state`` as ``ckpt_root/step_<step>/state.pt`` atomically; keep the newest ``keep``."""
-    final = ckpt_root / f"{_PREFIX}{step:07d}"
-    tmp = ckpt_root / f".tmp_{_PREFIX}{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+def staging_dir(ckpt_root: Path, step: int) -> Path:
+    """The temporary directory a checkpoint is written into before ``commit_checkpoint`` renames it."""
+    return ckpt_root / f".tmp_{_PREFIX}{step:07d}"
+
+
+def commit_checkpoint(ckpt_root: Path, step: int, state: dict[str, Any], keep: int) -> Path:
+    """Write ``state`` into the staging dir, rename it to ``step_<step>/``, keep the newest ``keep``."""
+    tmp, final = staging_dir(ckpt_root, step), ckpt_root / f"{_PREFIX}{step:07d}"
+    tmp.mkdir(parents=True, exist_ok=True)
     torch.save(state, tmp / STATE_FILE)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)

@@ -1,7 +1,8 @@
 """The training recipe, top to bottom: setup -> train -> save -> evaluate -> summary.
 
 ``run`` is the only function that sees the whole config; it unpacks it and hands each component one
-section or plain values.
+section or plain values. Under DeepSpeed (``distributed=deepspeed_zero2|3``, launched with ``torchrun``)
+every rank runs this same function; only rank 0 writes the run directory, logs and evaluates.
 """
 
 from __future__ import annotations
@@ -14,18 +15,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from prunedlora.config import RootConfig, validate
+from prunedlora.config import ConfigError, RootConfig, validate
 from prunedlora.data.batching import ResumableBatches, build_train_examples
 from prunedlora.eval.runner import evaluate
-from prunedlora.methods import build_method
+from prunedlora.methods import Method, build_method
 from prunedlora.models.load import count_parameters, load_model
 from prunedlora.train import checkpoint as ckpt
-from prunedlora.train.loop import MetricsWriter, peak_memory_mb, train_loop
+from prunedlora.train.engine import (
+    DeepSpeedEngine,
+    TorchEngine,
+    build_deepspeed_engine,
+    deepspeed_config,
+    init_distributed,
+)
+from prunedlora.train.loop import MetricsWriter, ShardedBatches, peak_memory_mb, train_loop
 from prunedlora.train.optim import build_optimizer, build_scheduler
 from prunedlora.train.preemption import Preempted, PreemptionGuard
-from prunedlora.train.tracking import log_eval, start_wandb
 from prunedlora.train.rundir import prepare_run_dir
+from prunedlora.train.tracking import log_eval, start_wandb
 
 log = logging.getLogger(__name__)
 
@@ -39,15 +48,18 @@ def resolve_device(name: str) -> torch.device:
 def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
     """Train, export, evaluate and summarise one run in ``run_dir``; returns the summary dict."""
     validate(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    device = resolve_device(cfg.train.device)
+    distributed = cfg.distributed.name != "none"
+    rank, world = init_distributed(device) if distributed else (0, 1)
+    is_main = rank == 0
     config_dict = asdict(cfg)
-    completed = prepare_run_dir(run_dir, config_dict)
+    # Under torchrun every rank resolved its own Hydra dir: rank 0's is the run's (pass hydra.run.dir).
+    run_dir = _broadcast(run_dir, distributed)
+    completed = _broadcast(_claim_run_dir(run_dir, config_dict) if is_main else None, distributed)
     if completed is not None:
         log.info("run in %s is already complete; nothing to do", run_dir)
         return completed
-
-    started = time.time()
-    device = resolve_device(cfg.train.device)
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
     torch.manual_seed(cfg.train.seed)
@@ -68,49 +80,68 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
     examples = build_train_examples(cfg.task, cfg.data, tokenizer, cfg.train.seq_len, cfg.train.seed,
                                     cfg.train.packing)
     batches = ResumableBatches(examples, cfg.train.batch_size, cfg.train.seed, tokenizer.pad_token_id)
+    if world > 1:
+        batches = ShardedBatches(batches, rank, world)
     optimizer = build_optimizer(method.parameter_groups(model, cfg.train.weight_decay), cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
+    if distributed:
+        ds_config = deepspeed_config(cfg.distributed.deepspeed, batch_size=cfg.train.batch_size,
+                                     grad_accum=cfg.train.grad_accum, max_grad_norm=cfg.train.max_grad_norm,
+                                     world_size=world)
+        engine = build_deepspeed_engine(model, optimizer, scheduler, ds_config, device=device,
+                                        bf16_autocast=cfg.train.bf16)
+    else:
+        engine = TorchEngine(model, optimizer, scheduler, grad_accum=cfg.train.grad_accum,
+                             max_grad_norm=cfg.train.max_grad_norm, device=device, bf16=cfg.train.bf16)
     callbacks = method.callbacks()
-    wandb_run = start_wandb(cfg.logging, run_dir, config_dict, name=f"{method.name}-{cfg.model.name}-{run_dir.name}")
-    writer = MetricsWriter(run_dir / "metrics.jsonl", wandb_run)
-    start_step = _maybe_resume(run_dir, model, optimizer, scheduler, batches, callbacks, writer)
+    wandb_run = start_wandb(cfg.logging, run_dir, config_dict, f"{method.name}-{cfg.model.name}-{run_dir.name}") \
+        if is_main else None
+    writer = MetricsWriter(run_dir / "metrics.jsonl" if is_main else None, wandb_run)
+    start_step = _maybe_resume(run_dir, model, engine, batches, callbacks, writer, distributed)
 
     def save(step: int) -> None:
+        staging = ckpt.staging_dir(run_dir / "checkpoints", step)
         state = {
             ckpt.STEP_KEY: step,
-            ckpt.ADAPTER_KEY: ckpt.adapter_state_dict(model),
-            ckpt.OPTIMIZER_KEY: optimizer.state_dict(),
-            ckpt.SCHEDULER_KEY: scheduler.state_dict(),
+            ckpt.ADAPTER_KEY: ckpt.adapter_state_dict(model),  # collective under ZeRO-3
+            **engine.save(staging),  # DeepSpeed writes its partitions here, every rank
             ckpt.RNG_KEY: ckpt.rng_state(),
             ckpt.DATA_KEY: batches.state_dict(),
             ckpt.CALLBACKS_KEY: [cb.state_dict() for cb in callbacks],
             ckpt.CONFIG_KEY: config_dict,
         }
-        ckpt.save_checkpoint(run_dir / "checkpoints", step, state, cfg.train.keep_checkpoints)
+        _barrier(distributed)
+        if is_main:
+            ckpt.commit_checkpoint(run_dir / "checkpoints", step, state, cfg.train.keep_checkpoints)
 
     try:
         # ------------------------------------------------------------ train
         with PreemptionGuard() as guard:
             try:
-                last = train_loop(model, optimizer, scheduler, batches, callbacks, cfg.train, device=device,
-                                  start_step=start_step, writer=writer, save=save,
-                                  progress=cfg.logging.progress, preemption=guard)
+                last = train_loop(model, engine, batches, callbacks, cfg.train, start_step=start_step,
+                                  writer=writer, save=save, progress=cfg.logging.progress and is_main,
+                                  preemption=guard)
             except Preempted as exc:
                 log.warning("%s; re-run the same command to resume", exc)
                 guard.forward(exc.signum)  # submitit requeues, or exit 128+signum for sbatch scripts
-        final_loss = last.loss if last is not None else _last_logged_loss(writer.path)
-        summary = _finish(cfg, run_dir, model, tokenizer, method, wandb_run, device, final_loss,
-                          params_total, params_trainable, started)
+        final_loss = last.loss if last is not None else _last_logged_loss(run_dir / "metrics.jsonl")
+        if distributed:
+            # Export from a plain copy on rank 0: full adapter weights gathered, no DeepSpeed hooks.
+            adapter = ckpt.adapter_state_dict(model)
+            model, method = _rebuild_on_rank0(cfg, adapter, device) if is_main else (None, method)
+        summary = _finish(cfg, run_dir, model, tokenizer, method, wandb_run, device,
+                          {"final_loss": final_loss, "params_total": params_total,
+                           "params_trainable": params_trainable, "started": started}) if is_main else {}
     finally:
         if wandb_run is not None:
             wandb_run.finish()
+    _barrier(distributed)
     return summary
 
 
-def _finish(cfg: RootConfig, run_dir: Path, model, tokenizer, method, wandb_run, device: torch.device,
-            final_loss: float | None, params_total: int, params_trainable: int, started: float) -> dict[str, Any]:
-    """Export, evaluate and write ``summary.json``."""
-
+def _finish(cfg: RootConfig, run_dir: Path, model: nn.Module, tokenizer: Any, method: Method, wandb_run: Any,
+            device: torch.device, figures: dict[str, Any]) -> dict[str, Any]:
+    """Export, evaluate and write ``summary.json`` (rank 0)."""
     # ---------------------------------------------------------------- save
     model.eval()
     report = method.report(model)  # before export: export may merge or compact the adapters away
@@ -131,13 +162,13 @@ def _finish(cfg: RootConfig, run_dir: Path, model, tokenizer, method, wandb_run,
         "model": cfg.model.name_or_path,
         "task": cfg.task.name,
         "steps": cfg.train.max_steps,
-        "final_loss": final_loss,
-        "params_total": params_total,
-        "params_trainable": params_trainable,
+        "final_loss": figures["final_loss"],
+        "params_total": figures["params_total"],
+        "params_trainable": figures["params_trainable"],
         **report,
         **exported,
         "eval": eval_results,
-        "wall_time_s": time.time() - started,
+        "wall_time_s": time.time() - figures["started"],
         "peak_memory_mb": peak_memory_mb(device),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -146,15 +177,29 @@ def _finish(cfg: RootConfig, run_dir: Path, model, tokenizer, method, wandb_run,
     return summary
 
 
-def _maybe_resume(run_dir: Path, model, optimizer, scheduler, batches, callbacks, writer) -> int:
+def _claim_run_dir(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | ConfigError | None:
+    """``prepare_run_dir`` on rank 0; a refusal is returned, not raised, so it can reach every rank."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return prepare_run_dir(run_dir, config)
+    except ConfigError as exc:
+        return exc
+
+
+def _maybe_resume(run_dir: Path, model: nn.Module, engine: TorchEngine | DeepSpeedEngine, batches, callbacks,
+                  writer: MetricsWriter, distributed: bool) -> int:
     """Restore the newest checkpoint in ``run_dir`` if there is one; returns the completed step count."""
     latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
     if latest is None:
         return 0
     state = ckpt.load_checkpoint(latest)
-    ckpt.load_adapter_state_dict(model, state[ckpt.ADAPTER_KEY])
-    optimizer.load_state_dict(state[ckpt.OPTIMIZER_KEY])
-    scheduler.load_state_dict(state[ckpt.SCHEDULER_KEY])
+    adapter = state[ckpt.ADAPTER_KEY]
+    if distributed:  # DeepSpeed restores the parameters itself; ours holds only what it doesn't (masks)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        model.load_state_dict({k: v for k, v in adapter.items() if k not in trainable}, strict=False)
+    else:
+        ckpt.load_adapter_state_dict(model, adapter)
+    engine.load(latest, state)
     batches.load_state_dict(state[ckpt.DATA_KEY])
     for cb, cb_state in zip(callbacks, state[ckpt.CALLBACKS_KEY], strict=True):
         cb.load_state_dict(cb_state)
@@ -163,6 +208,35 @@ def _maybe_resume(run_dir: Path, model, optimizer, scheduler, batches, callbacks
     writer.truncate_after(step)
     log.info("resuming from %s (step %d)", latest, step)
     return step
+
+
+def _rebuild_on_rank0(cfg: RootConfig, adapter: dict[str, torch.Tensor], device: torch.device) -> tuple[nn.Module, Method]:
+    """A fresh model with the trained adapter state, outside DeepSpeed, for export and evaluation."""
+    model, _ = load_model(cfg.model, device)
+    method = build_method(cfg.method, cfg.sparsity)
+    method.attach(model)
+    ckpt.load_adapter_state_dict(model, adapter)
+    return model.to(device), method
+
+
+def _broadcast(obj: Any, distributed: bool) -> Any:
+    """Rank 0's value on every rank (a ConfigError on rank 0 is raised on every rank)."""
+    if distributed:
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        obj = box[0]
+    if isinstance(obj, ConfigError):
+        raise obj
+    return obj
+
+
+def _barrier(distributed: bool) -> None:
+    if distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def _last_logged_loss(metrics_path: Path) -> float | None:

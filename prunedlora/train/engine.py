@@ -1,0 +1,171 @@
+"""Where a micro-batch's forward/backward and the optimizer update happen: plain PyTorch or DeepSpeed.
+
+The loop (``loop.py``) is the same for both; it calls ``micro_step`` per batch, runs the callbacks
+between the last backward and ``optimizer_step``, then ``zero_grad``. The two engines differ in who
+scales the loss for accumulation, clips, steps the scheduler and clears gradients:
+
+- ``TorchEngine``: we do (loss / grad_accum, clip_grad_norm_, AdamW, LambdaLR, zero_grad after the
+  ``on_step_end`` callbacks).
+- ``DeepSpeedEngine``: DeepSpeed does all of it inside ``engine.backward`` / ``engine.step``, which must
+  be called for every micro-batch; ``on_step_end`` therefore runs after DeepSpeed cleared the gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunedlora.train.checkpoint import OPTIMIZER_KEY, SCHEDULER_KEY
+
+DEEPSPEED_TAG = "deepspeed"
+
+
+def autocast_context(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast with float32 master weights, on CPU and CUDA alike."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+class TorchEngine:
+    """Single-process PyTorch training."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler, *, grad_accum: int, max_grad_norm: float | None,
+                 device: torch.device, bf16: bool) -> None:
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.grad_accum, self.max_grad_norm, self.device, self.bf16 = grad_accum, max_grad_norm, device, bf16
+
+    def micro_step(self, batch: dict[str, torch.Tensor], boundary: bool) -> tuple[float, int]:
+        """Forward and backward of one micro-batch; returns (unscaled loss, non-pad tokens)."""
+        batch = _to_device(batch, self.device)
+        with autocast_context(self.device, self.bf16):
+            loss = self.model(**batch).loss
+        (loss / self.grad_accum).backward()
+        # .item() is a host sync; one per micro-batch is what the progress bar and the log need anyway.
+        return loss.item(), int(batch["attention_mask"].sum().item())
+
+    def optimizer_step(self) -> dict[str, float]:
+        figures = {}
+        if self.max_grad_norm is not None:
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            figures["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        return figures
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def save(self, directory: Path) -> dict[str, Any]:
+        """Optimizer and schedule state for the checkpoint dict (nothing is written to ``directory``)."""
+        return {OPTIMIZER_KEY: self.optimizer.state_dict(), SCHEDULER_KEY: self.scheduler.state_dict()}
+
+    def load(self, directory: Path, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state[OPTIMIZER_KEY])
+        self.scheduler.load_state_dict(state[SCHEDULER_KEY])
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+
+class DeepSpeedEngine:
+    """Training under ``deepspeed.initialize`` (ZeRO-0..3); the DeepSpeed engine owns optimizer and schedule."""
+
+    def __init__(self, engine: Any, *, device: torch.device, bf16_autocast: bool) -> None:
+        self.engine = engine
+        self.device = device
+        self.bf16 = bf16_autocast
+
+    @property
+    def optimizer(self) -> Any:
+        return self.engine.optimizer
+
+    def micro_step(self, batch: dict[str, torch.Tensor], boundary: bool) -> tuple[float, int]:
+        batch = _to_device(batch, self.device)
+        with autocast_context(self.device, self.bf16):
+            loss = self.engine(**batch).loss
+        self.engine.backward(loss)  # DeepSpeed scales by 1/gradient_accumulation_steps itself
+        if not boundary:
+            self.engine.step()  # only advances DeepSpeed's micro-step counter; the update waits for the boundary
+        return loss.item(), int(batch["attention_mask"].sum().item())
+
+    def optimizer_step(self) -> dict[str, float]:
+        self.engine.step()  # clip, update, scheduler, zero_grad
+        norm = self.engine.get_global_grad_norm()
+        return {} if norm is None else {"grad_norm": float(norm)}
+
+    def zero_grad(self) -> None:
+        """DeepSpeed already cleared the gradients in ``step``."""
+
+    def save(self, directory: Path) -> dict[str, Any]:
+        """DeepSpeed's own checkpoint (trainable parameters, partitioned optimizer, schedule) in ``directory``.
+
+        Collective: every rank calls it.
+        """
+        self.engine.save_checkpoint(str(directory), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
+        return {}
+
+    def load(self, directory: Path, state: dict[str, Any]) -> None:
+        self.engine.load_checkpoint(str(directory), tag=DEEPSPEED_TAG, load_module_strict=False,
+                                    load_optimizer_states=True, load_lr_scheduler_states=True)
+
+    @property
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
+
+
+# ------------------------------------------------------------------------------------ setup
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """Join (or, in a single process, create) the process group DeepSpeed needs; returns (rank, world size).
+
+    Under ``torchrun`` the rendezvous comes from its environment; a plain single process gets a loopback
+    group of one on a fresh port.
+    """
+    import os
+
+    import deepspeed  # lazy: optional extra, slow to import
+
+    if "RANK" not in os.environ:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+                          LOCAL_RANK="0")
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+def deepspeed_config(user: dict[str, Any], *, batch_size: int, grad_accum: int, max_grad_norm: float | None,
+                     world_size: int) -> dict[str, Any]:
+    """The user's DeepSpeed JSON with the batch keys filled from ``train`` (explicit user values win)."""
+    config = dict(user)
+    config.setdefault("train_micro_batch_size_per_gpu", batch_size)
+    config.setdefault("gradient_accumulation_steps", grad_accum)
+    config.setdefault("train_batch_size", batch_size * grad_accum * world_size)
+    config.setdefault("gradient_clipping", max_grad_norm or 0.0)
+    config.setdefault("zero_allow_untested_optimizer", True)  # our client torch AdamW
+    config.setdefault("steps_per_print", 10**9)
+    return config
+
+
+def build_deepspeed_engine(model: nn.Module, optimizer: torch.optim.Optimizer,
+                           scheduler: torch.optim.lr_scheduler.LRScheduler, config: dict[str, Any], *,
+                           device: torch.device, bf16_autocast: bool) -> DeepSpeedEngine:
+    """``deepspeed.initialize`` around our model, optimizer and schedule (after all parameters exist)."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+    return DeepSpeedEngine(engine, device=device, bf16_autocast=bf16_autocast)

@@ -1,0 +1,66 @@
+"""DeepSpeed ZeRO on CPU: single process and torchrun with two ranks, against plain PyTorch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from cli_helpers import BIN, TINY, cli_env, run_cli
+
+ARGS = [*TINY, "method=lora", "train.max_steps=4", "train.save_every=2", "train.grad_accum=2",
+        "task.max_samples=32", "eval.enabled=false"]
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["deepspeed_zero2", "deepspeed_zero3"])
+def test_single_process_zero_matches_plain_pytorch(tmp_path: Path, data_root: Path, stage: str) -> None:
+    plain = run_cli(["prunedlora-train", *ARGS, f"hydra.run.dir={tmp_path / 'plain'}"], data_root)
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    zero = run_cli(["prunedlora-train", *ARGS, f"distributed={stage}", f"hydra.run.dir={tmp_path / 'zero'}"],
+                   data_root)
+    assert zero.returncode == 0, zero.stderr[-3000:]
+    assert losses(tmp_path / "zero") == pytest.approx(losses(tmp_path / "plain"), abs=1e-5)
+    assert (tmp_path / "zero" / "checkpoints" / "step_0000004" / "deepspeed").is_dir()
+    # The export from the gathered adapter equals the plain run's export.
+    from safetensors.torch import load_file
+
+    ours, ref = (load_file(tmp_path / d / "adapter" / "adapter_model.safetensors") for d in ("zero", "plain"))
+    assert ours.keys() == ref.keys()
+    for key in ours:
+        assert (ours[key] - ref[key]).abs().max() < 1e-5, key
+
+
+@pytest.mark.slow
+def test_zero2_resume_from_its_own_checkpoint(tmp_path: Path, data_root: Path) -> None:
+    """Drop the last checkpoint and the summary: the rerun resumes at step 2 and ends where it did."""
+    run_dir = tmp_path / "run"
+    args = ["prunedlora-train", *ARGS, "distributed=deepspeed_zero2", f"hydra.run.dir={run_dir}"]
+    assert run_cli(args, data_root).returncode == 0
+    first = losses(run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "step_0000004")
+    for name in ("summary.json", "adapter", "model"):
+        shutil.rmtree(run_dir / name, ignore_errors=True) if (run_dir / name).is_dir() else (run_dir / name).unlink()
+    proc = run_cli(args, data_root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming from" in proc.stderr
+    assert losses(run_dir) == pytest.approx(first, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_zero2(tmp_path: Path, data_root: Path) -> None:
+    run_dir = tmp_path / "ddp"
+    proc = subprocess.run(
+        [str(BIN / "torchrun"), "--nproc_per_node=2", "--master_port=0", str(BIN / "prunedlora-train"), *ARGS,
+         "distributed=deepspeed_zero2", f"hydra.run.dir={run_dir}"],
+        env=cli_env(data_root), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 4 and len(losses(run_dir)) == 4  # one writer: rank 0
+    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
