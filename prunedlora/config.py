@@ -86,11 +86,28 @@ class DropLoraConfig(MethodConfig):
     mask_mode: str = "element"
     """element: independent per token and rank (authors' code); rank: one rank mask per optimizer step."""
 
+    def validate(self, sparsity: SparsityConfig) -> list[str]:
+        """DropLoRA's own checks (methods.md §4); ``sparsity`` is ignored (nothing is pruned)."""
+        problems = []
+        if not 0 <= self.p < 1:
+            problems.append(f"method.p={self.p} is the drop probability and must be in [0, 1) (default 0.5)")
+        if self.mask_mode not in ("element", "rank"):
+            problems.append(f"method.mask_mode={self.mask_mode} is not one of element, rank")
+        return problems
+
+
+PRUNEDLORA_CRITERIA = ("obs", "magnitude", "taylor", "activation")
+PRUNEDLORA_ALLOCATIONS = ("uniform", "global")
+
 
 @dataclass
 class PrunedLoraConfig(MethodConfig):
     name: str = "prunedlora"
     rank: int | None = None
+    alpha: float = 64.0
+    """Scaling numerator, fixed at alpha / init_rank for the whole run (default 2 r0: methods.md §8 item 5)."""
+    dropout: float = 0.05
+    """lora_dropout on the input of the LoRA branch, as the authors' trainer (methods.md §3.3)."""
     init_rank: int = 32
     """Starting (over-parameterised) rank r0."""
     criterion: str = "obs"
@@ -112,39 +129,152 @@ class PrunedLoraConfig(MethodConfig):
             return self.rank
         return max(1, round(self.init_rank * (1.0 - sparsity_final)))
 
+    def validate(self, sparsity: SparsityConfig) -> list[str]:
+        """PrunedLoRA's own checks (methods.md §3, §8 items 1-6); module shapes are checked at attach."""
+        p: list[str] = []
+        target = self.target_rank(sparsity.final)
+        _check(p, self.init_rank >= 1, f"method.init_rank={self.init_rank} must be >= 1")
+        _check(p, 1 <= target <= self.init_rank,
+               f"prunedlora's target rank {target} (method.rank={self.rank}, sparsity.final={sparsity.final}) "
+               f"must be in [1, method.init_rank={self.init_rank}]; lower method.rank or raise method.init_rank")
+        _one_of(p, "method.criterion", self.criterion, PRUNEDLORA_CRITERIA)
+        _one_of(p, "method.allocation", self.allocation, PRUNEDLORA_ALLOCATIONS)
+        _check(p, self.allocation != "global" or 1 <= self.min_rank <= target,
+               f"method.min_rank={self.min_rank} must be in [1, target rank {target}] (allocation=global's floor)")
+        _check(p, 0.0 <= self.newton_scale <= 1.0,
+               f"method.newton_scale={self.newton_scale} must be in [0, 1] (0: OBS compensation, 1: full Newton)")
+        _check(p, self.damping > 0, f"method.damping={self.damping} must be > 0 (H + eps I must be invertible)")
+        _check(p, sparsity.schedule != "none" or target == self.init_rank,
+               f"sparsity.schedule=none never prunes, but the target rank is {target} < method.init_rank="
+               f"{self.init_rank}; use sparsity=constant (or linear, cubic), or method=lora")
+        return p
+
 
 @dataclass
 class AdaLoraConfig(MethodConfig):
     name: str = "adalora"
     rank: int | None = None
-    init_rank: int = 12
+    """Unused (AdaLoRA's ranks are init_rank and target_rank); must stay null."""
+    alpha: float = 64.0
+    """Scaling numerator: PEFT scales by alpha / init_rank for the whole run (2 at the defaults)."""
+    init_rank: int = 32
+    """Starting rank of every adapted matrix (PEFT ``init_r``); PrunedLoRA's r0 (methods.md §8 item 26)."""
     target_rank: int | None = None
-    """Average final rank; null: ``init_rank * (1 - sparsity.final)``."""
+    """Average final rank (PEFT ``target_r``); null: ``init_rank * (1 - sparsity.final)``."""
     tinit_frac: float = 0.1
+    """Warm-up fraction of train.max_steps with the full budget (PEFT ``tinit``)."""
     tfinal_frac: float = 0.2
+    """Final fraction of train.max_steps at the frozen final rank pattern (PEFT ``tfinal``)."""
     delta_t: int = 10
+    """Re-allocate the budget every this many optimizer steps (PEFT ``deltaT``)."""
     beta1: float = 0.85
+    """EMA factor of the sensitivity."""
     beta2: float = 0.85
+    """EMA factor of the uncertainty."""
     orth_reg_weight: float = 0.1
+    """Weight of the orthogonality regulariser on P and Q (the AdaLoRA examples; PEFT's default is 0.5)."""
+
+    def final_rank(self, sparsity_final: float) -> int:
+        """Average final rank: ``target_rank`` when set, else ``init_rank * (1 - sparsity_final)`` (at least 1)."""
+        if self.target_rank is not None:
+            return self.target_rank
+        return max(1, round(self.init_rank * (1.0 - sparsity_final)))
+
+    def validate(self, sparsity: SparsityConfig) -> list[str]:
+        """AdaLoRA's own checks (methods.md §2, §8 item 26)."""
+        p = []
+        _check(p, self.rank is None, f"method.rank={self.rank} is not used by adalora; set method.init_rank and "
+                                     "method.target_rank (or sparsity.final) instead")
+        _check(p, self.init_rank >= 1, f"method.init_rank={self.init_rank} must be >= 1")
+        target = self.final_rank(sparsity.final)
+        _check(p, 1 <= target < self.init_rank,
+               f"adalora's target rank {target} (method.target_rank={self.target_rank}, sparsity.final="
+               f"{sparsity.final}) must be in [1, method.init_rank={self.init_rank}); AdaLoRA must mask something")
+        _check(p, self.delta_t >= 1, f"method.delta_t={self.delta_t} must be >= 1")
+        _check(p, 0 < self.beta1 < 1 and 0 < self.beta2 < 1,
+               f"method.beta1={self.beta1} and method.beta2={self.beta2} must be in (0, 1)")
+        _check(p, self.orth_reg_weight >= 0, f"method.orth_reg_weight={self.orth_reg_weight} must be >= 0")
+        _check(p, self.tinit_frac >= 0 and self.tfinal_frac >= 0 and self.tinit_frac + self.tfinal_frac < 1,
+               f"method.tinit_frac={self.tinit_frac} and method.tfinal_frac={self.tfinal_frac} must be >= 0 "
+               "with a sum < 1 (the budget needs steps in between)")
+        _check(p, not self.use_rslora, "method.use_rslora=true is not supported by adalora (PEFT scales by "
+                                       "alpha / init_rank); set it to false")
+        _check(p, sparsity.schedule in ("auto", "cubic"),
+               f"sparsity.schedule={sparsity.schedule} is not supported by adalora, which always uses its own "
+               "cubic budget (method.tinit_frac, method.tfinal_frac, method.delta_t); use auto or cubic")
+        return p
+
+
+LORAPRUNE_CRITERIA = ("lora_guided", "magnitude", "true_gradient")
+GQA_POLICIES = ("query_head", "kv_group")
+LORAPRUNE_SCHEDULES = ("auto", "cubic", "linear", "none")
 
 
 @dataclass
 class LoraPruneConfig(MethodConfig):
+    """LoRAPrune (methods.md §5): structured pruning of the base (heads, MLP channels) while LoRA trains.
+
+    The target fraction and the cadence come from the ``sparsity`` group: ``sparsity.final`` of the heads
+    and of the channels of every prunable layer, cubic by default (``schedule: auto``) with
+    ``warmup_frac``/``cooldown_frac``, pruning events every ``sparsity.every`` optimizer steps.
+    """
+
     name: str = "loraprune"
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     criterion: str = "lora_guided"
-    """lora_guided (default), magnitude or true_gradient."""
+    """lora_guided (default: |(G_B A + B G_A - G_B G_A) * (W0 + s BA)|), magnitude or true_gradient."""
     ema: float = 0.9
+    """Moving-average factor of the group importance, updated every optimizer step."""
     score_power: int = 1
-    prune_every: int = 10
+    """1: absolute value of the Taylor term (the authors' code); 2: its square (the paper)."""
+    prune_every: int | None = None
+    """Unused, must stay null: events happen every ``sparsity.every`` steps (one source of truth)."""
     exempt_first_frac: float = 0.1
+    """Never prune the first floor(frac * num_layers) decoder layers."""
     exempt_last: int = 1
+    """Never prune the last this many decoder layers."""
     gqa_policy: str = "query_head"
     """query_head: prune query heads, drop a KV head when all its query heads are gone; kv_group."""
+    gqa_balanced: bool = False
+    """query_head only: remove floor(target * G) query heads from every KV group of a layer, so every layer
+    stays standard GQA at export (no k/v expansion); fewer heads go when G does not divide evenly."""
     prune_heads: bool = True
     prune_channels: bool = True
+
+    def validate(self, sparsity: SparsityConfig) -> list[str]:
+        """LoRAPrune's own checks (methods.md §5, §8 items 13-18)."""
+        p = []
+        _check(p, self.rank is not None, "method.rank=null: loraprune needs a LoRA rank (default 8)")
+        _check(p, self.criterion in LORAPRUNE_CRITERIA,
+               f"method.criterion={self.criterion} is not one of {', '.join(LORAPRUNE_CRITERIA)}")
+        _check(p, self.gqa_policy in GQA_POLICIES, f"method.gqa_policy={self.gqa_policy} is not one of "
+                                                   f"{', '.join(GQA_POLICIES)}")
+        _check(p, not (self.gqa_balanced and self.gqa_policy == "kv_group"),
+               "method.gqa_balanced=true applies to gqa_policy=query_head only (kv_group keeps whole groups); "
+               "drop one of them")
+        _check(p, 0 <= self.ema < 1, f"method.ema={self.ema} must be in [0, 1) (default 0.9)")
+        _check(p, self.score_power in (1, 2), f"method.score_power={self.score_power} must be 1 or 2")
+        _check(p, self.prune_every is None,
+               f"method.prune_every={self.prune_every} is not used: loraprune prunes every sparsity.every steps, "
+               f"the cadence the schedule is computed on; set sparsity.every={self.prune_every} instead")
+        _check(p, 0 <= self.exempt_first_frac < 1 and self.exempt_last >= 0,
+               f"method.exempt_first_frac={self.exempt_first_frac} must be in [0, 1) and method.exempt_last="
+               f"{self.exempt_last} >= 0")
+        _check(p, self.prune_heads or self.prune_channels,
+               "method.prune_heads and method.prune_channels are both false: nothing to prune; use method=lora")
+        _check(p, sparsity.schedule in LORAPRUNE_SCHEDULES,
+               f"sparsity.schedule={sparsity.schedule} is not supported by loraprune (its target is a fraction "
+               f"of each layer's heads and channels); use one of {', '.join(LORAPRUNE_SCHEDULES)}")
+        if self.criterion == "lora_guided" and "all-linear" not in self.target_modules:
+            needed = (["q_proj", "k_proj", "v_proj", "o_proj"] if self.prune_heads else []) + (
+                ["gate_proj", "up_proj", "down_proj"] if self.prune_channels else [])
+            missing = [name for name in needed if name not in self.target_modules]
+            _check(p, not missing, f"method.target_modules lacks {missing}: criterion lora_guided scores a group "
+                                   "from the LoRA gradients of every projection in it; add them, or use "
+                                   "method.criterion=magnitude")
+        return p
 
 
 @dataclass
@@ -154,12 +284,42 @@ class SalrConfig(MethodConfig):
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     residual_rank: int = 8
-    """Rank of the truncated-SVD residual adapter."""
+    """Rank of the truncated-SVD residual adapter (0: none; methods.md §6.2 item 3)."""
     pattern: str = "unstructured"
-    """unstructured (magnitude threshold) or 2:4."""
+    """unstructured (magnitude threshold) or 2:4 (2 largest |w| of every 4 input columns: always 50%)."""
     scope: str = "per_matrix"
-    """per_matrix or global magnitude threshold."""
+    """per_matrix or global magnitude threshold (methods.md §8 item 22); unstructured only."""
     residual_trainable: bool = True
+    """Train the residual adapter (the paper's default); false freezes it at its SVD init."""
+    svd: str = "auto"
+    """full (torch.linalg.svd), lowrank (torch.svd_lowrank, full-SVD fallback if the 1 - r/n bound fails)
+    or auto (full up to min(d_out, d_in) = 256, lowrank above)."""
+    base_format: str = "dense"
+    """Sparse base during training: dense (masked, reference), bitmap (decode then GEMM) or semi_structured
+    (PyTorch 2:4 kernels, CUDA, pattern=2:4)."""
+
+    def validate(self, sparsity: SparsityConfig) -> list[str]:
+        """SALR's own checks (methods.md §6.4): one-shot pruning, pattern/scope/format combinations."""
+        p: list[str] = []
+        _check(p, self.rank is not None, "method.rank=null: salr needs the task LoRA rank (e.g. 8)")
+        _check(p, self.residual_rank >= 0, f"method.residual_rank={self.residual_rank} must be >= 0")
+        _check(p, self.pattern in ("unstructured", "2:4"),
+               f"method.pattern={self.pattern} is not one of unstructured, 2:4 (in YAML write \"2:4\" quoted: "
+               "unquoted, YAML reads 2:4 as the base-60 number 124)")
+        _one_of(p, "method.scope", self.scope, ("per_matrix", "global"))
+        _one_of(p, "method.svd", self.svd, ("auto", "full", "lowrank"))
+        _one_of(p, "method.base_format", self.base_format, ("dense", "bitmap", "semi_structured"))
+        _check(p, self.pattern != "2:4" or sparsity.final == 0.5,
+               f"method.pattern=2:4 always prunes exactly 50% (2 of every 4 weights), but sparsity.final="
+               f"{sparsity.final}; set sparsity.final=0.5")
+        _check(p, self.pattern != "2:4" or self.scope == "per_matrix",
+               "method.pattern=2:4 works per group of 4 columns; set method.scope=per_matrix")
+        _check(p, self.base_format != "semi_structured" or self.pattern == "2:4",
+               "method.base_format=semi_structured needs method.pattern=2:4")
+        _check(p, sparsity.schedule in ("auto", "none"),
+               f"sparsity.schedule={sparsity.schedule}: salr prunes once, before training (methods.md §7); "
+               "use sparsity.schedule=auto (sparsity.final sets the base sparsity)")
+        return p
 
 
 # ------------------------------------------------------------------------------------------ sparsity
@@ -242,15 +402,24 @@ class EvalConfig:
     tasks: list[str] | None = None
     """null: the task's ``eval_tasks``."""
     limit: int | None = None
-    """Items per task (for perplexity: windows). Null: all."""
+    """Items per task, null: all. gsm8k, humaneval: the first ``limit`` test items; mmlu: ``limit`` questions
+    in total, spread evenly over the 57 subjects; wikitext2, ptb: the first ``limit`` windows."""
     seqlen: int = 2048
     """Perplexity window (capped at the model's max positions)."""
     batch_size: int = 4
+    """Windows (perplexity) or requests (lm-eval) per forward pass."""
     num_fewshot: int | None = None
-    """null: the task's default (5 for gsm8k and mmlu)."""
-    max_gen_toks: int = 256
+    """null: the task's default (5 for gsm8k and mmlu, 0 for humaneval)."""
+    max_gen_toks: int | None = None
+    """Generation cap in tokens; null: lm-eval's task default (gsm8k 256, humaneval 1024)."""
     allow_code_execution: bool = False
-    """HumanEval runs generated code only with this opt-in."""
+    """HumanEval runs generated code only with this opt-in (sandboxed subprocess; not a security boundary)."""
+    humaneval_timeout_s: float = 10.0
+    """Wall-clock limit per HumanEval completion, interpreter start included."""
+    weights: str = "merged"
+    """prunedlora-eval run_dir=...: merged (the exported ``model/``) or adapter (the run's base + ``adapter/``)."""
+    lm_eval_wikitext: bool = False
+    """wikitext2 also reports lm-eval's per-article word/byte perplexity (rolling log-likelihood; slow)."""
 
 
 # ---------------------------------------------------------------------------------------------- misc
@@ -372,6 +541,13 @@ def validate(cfg: RootConfig) -> None:
         _one_of(p, "eval.tasks", task, EVAL_TASKS)
     _check(p, cfg.eval.limit is None or cfg.eval.limit >= 1, f"eval.limit={cfg.eval.limit} must be >= 1 or null")
     _check(p, cfg.eval.seqlen >= 16, f"eval.seqlen={cfg.eval.seqlen} must be >= 16")
+    _check(p, cfg.eval.batch_size >= 1, f"eval.batch_size={cfg.eval.batch_size} must be >= 1")
+    _check(p, cfg.eval.num_fewshot is None or cfg.eval.num_fewshot >= 0,
+           f"eval.num_fewshot={cfg.eval.num_fewshot} must be >= 0 or null")
+    _check(p, cfg.eval.max_gen_toks is None or cfg.eval.max_gen_toks >= 1,
+           f"eval.max_gen_toks={cfg.eval.max_gen_toks} must be >= 1 or null")
+    _check(p, cfg.eval.humaneval_timeout_s > 0, f"eval.humaneval_timeout_s={cfg.eval.humaneval_timeout_s} must be > 0")
+    _one_of(p, "eval.weights", cfg.eval.weights, ("merged", "adapter"))
     validate_method = getattr(m, "validate", None)
     if validate_method is not None:
         p.extend(validate_method(cfg.sparsity))

@@ -63,7 +63,7 @@ def optimizer_state(optimizer: torch.optim.Optimizer, param: torch.Tensor, key: 
 
         try:
             return safe_get_full_optimizer_state(param, key)
-        except (TypeError, KeyError):  # no state exists before the first optimizer step
+        except (TypeError, KeyError, ValueError):  # no such state (yet): before the first step, or another optimizer
             return None
     return optimizer.state.get(param, {}).get(key)
 

@@ -29,3 +29,14 @@ def byte_tokenizer():
     from prunedlora.models.tiny import build_byte_tokenizer
 
     return build_byte_tokenizer()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny tensors run faster on one thread, and the suite shares 2 cores with its own subprocesses."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -7,9 +7,13 @@ from collections.abc import Callable
 from prunedlora.config import ConfigError, MethodConfig, SparsityConfig
 from prunedlora.methods.base import Callback, Method
 from prunedlora.methods.lora import LoraMethod
+from prunedlora.methods.prunedlora import PrunedLoraMethod
+from prunedlora.methods.salr import SalrMethod
 
 METHODS: dict[str, Callable[[MethodConfig, SparsityConfig], Method]] = {
     "lora": LoraMethod,
+    "prunedlora": PrunedLoraMethod,
+    "salr": SalrMethod,
 }
 
 

@@ -1,0 +1,334 @@
+"""SALR (Zhang et al., AAAI 2026, arXiv 2601.16991; methods.md §6): sparse base + SVD residual + task LoRA.
+
+``attach`` prunes every target linear once, before training (methods.md §7): a magnitude mask
+(``prunedlora.pruning.magnitude``), the residual ``E = W0 - W_s`` in float32, its rank-``r_res`` SVD as the
+trainable residual adapter, the pruned weight zeroed in place (the frozen base is never replaced or
+reshaped, Decisions item 5), then a ``SalrLinear`` around it. No callbacks: nothing changes during training.
+
+Export (``model/``, never merged: a dense ``BA`` would destroy the sparsity, §6.4 item 7):
+
+- ``config.json``, ``model.safetensors``: the pruned base (zeros in place), plus the tokenizer;
+- ``adapter_config.json``, ``adapter_model.safetensors``: residual and task adapters fused into one
+  PEFT LoRA of rank ``r_res + r`` with ``c`` folded into B and ``lora_alpha = r`` (scaling 1), so
+  ``AutoModelForCausalLM.from_pretrained("model")`` (transformers' PEFT integration) loads base + adapter;
+- ``sparse_base.bitmap.safetensors``: every pruned matrix in bitmap form and every other tensor dense;
+  ``load_salr_export`` rebuilds the model from it alone; ``salr_storage.json``: the size report.
+
+``adapter/`` holds the same adapter for ``PeftModel.from_pretrained(base, "adapter")`` on the pruned base
+(``load_salr_export(model_dir, with_adapter=False)``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from prunedlora.adapters.salr import SalrLinear, load_fused_adapter, residual_factors, salr_modules, save_fused_adapter
+from prunedlora.config import ConfigError, SalrConfig, SparsityConfig
+from prunedlora.export import count_parameters, save_pretrained_dir
+from prunedlora.methods.base import Callback
+from prunedlora.pruning.bitmap import (
+    BitmapLinear,
+    SemiStructuredLinear,
+    decode,
+    encode,
+    load_bitmaps,
+    save_bitmaps,
+    size_report,
+)
+from prunedlora.pruning.magnitude import mask_function, prune_, sparsity_of
+
+log = logging.getLogger(__name__)
+
+BITMAP_FILE = "sparse_base.bitmap.safetensors"
+STORAGE_FILE = "salr_storage.json"
+
+
+# ------------------------------------------------------------------------------------- sparse bases
+def _semi_structured_dense(layer: SemiStructuredLinear) -> torch.Tensor:
+    return layer.weight.to_dense()
+
+
+# Dense weight of each sparse-base implementation (methods.md §6.4 item 5), by type.
+_DENSE_WEIGHT: dict[type, Callable[[nn.Module], torch.Tensor]] = {
+    nn.Linear: lambda layer: layer.weight,
+    BitmapLinear: lambda layer: layer.dense_weight(),
+    SemiStructuredLinear: _semi_structured_dense,
+}
+# base_format -> converter from the pruned dense nn.Linear.
+BASE_FORMATS: dict[str, Callable[[nn.Linear], nn.Module]] = {
+    "dense": lambda linear: linear,
+    "bitmap": BitmapLinear.from_linear,
+    "semi_structured": SemiStructuredLinear,
+}
+
+
+def dense_weight(base: nn.Module) -> torch.Tensor:
+    """The (pruned) base weight as a dense tensor, whatever implementation holds it."""
+    return _DENSE_WEIGHT[type(base)](base)
+
+
+def dense_linear(base: nn.Module) -> nn.Linear:
+    """A plain ``nn.Linear`` equal to ``base`` (``base`` itself when it already is one)."""
+    if type(base) is nn.Linear:
+        return base
+    linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
+    weight = dense_weight(base)
+    linear.to(device=weight.device, dtype=weight.dtype)
+    linear.weight = nn.Parameter(weight.detach(), requires_grad=False)
+    if base.bias is not None:
+        linear.bias = nn.Parameter(base.bias.detach(), requires_grad=False)
+    return linear
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+@contextlib.contextmanager
+def plain_bases(model: nn.Module) -> Iterator[dict[str, SalrLinear]]:
+    """Temporarily put dense ``nn.Linear`` bases where the ``SalrLinear`` wrappers are (for saving)."""
+    wrappers = salr_modules(model)
+    for name, wrapper in wrappers.items():
+        _set_module(model, name, dense_linear(wrapper.base_layer))
+    try:
+        yield wrappers
+    finally:
+        for name, wrapper in wrappers.items():
+            _set_module(model, name, wrapper)
+
+
+# -------------------------------------------------------------------------------------------- attach
+def target_linears(model: nn.Module, target_modules: list[str]) -> dict[str, nn.Module]:
+    """Modules whose last name component is targeted (``all-linear``: every linear but ``lm_head``).
+
+    Raises:
+        ConfigError: nothing matches, or a target is not a float ``nn.Linear`` (a bitsandbytes base).
+    """
+    def wanted(name: str, module: nn.Module) -> bool:
+        leaf = name.rsplit(".", 1)[-1]
+        linear_like = hasattr(module, "in_features") and not isinstance(module, SalrLinear)
+        return linear_like and (leaf in target_modules or ("all-linear" in target_modules and leaf != "lm_head"))
+
+    targets = {name: m for name, m in model.named_modules() if name and wanted(name, m)}
+    if not targets:
+        raise ConfigError(f"method.target_modules={target_modules} matches no linear layer of this model; name "
+                          "some of its projections (q_proj, ..., down_proj) or use [all-linear]")
+    for name, module in targets.items():
+        weight = getattr(module, "weight", None)
+        if type(module) is not nn.Linear or weight is None or not weight.is_floating_point():
+            raise ConfigError(
+                f"salr prunes the base weight in place, but {name} is a {type(module).__name__}: packed "
+                "quantized weights (bitsandbytes 4/8-bit) cannot be edited in place. Quantized bases are not "
+                "supported yet; use model.quantization=none.")
+    return targets
+
+
+def _check_residual_rank(targets: dict[str, nn.Module], residual_rank: int) -> None:
+    """The SVD residual rank must fit every target matrix (checked before anything is pruned)."""
+    smallest = min(min(m.in_features, m.out_features) for m in targets.values())
+    if residual_rank > smallest:
+        name = next(n for n, m in targets.items() if min(m.in_features, m.out_features) == smallest)
+        raise ConfigError(f"method.residual_rank={residual_rank} exceeds min(d_out, d_in)={smallest} of {name}; "
+                          f"set it to at most {smallest}")
+
+
+@torch.no_grad()
+def sparsify_linear(linear: nn.Linear, mask: torch.Tensor, residual_rank: int, svd: str
+                    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """Prune ``linear`` in place with ``mask`` and return the residual factors and their statistics.
+
+    Returns:
+        ``B_res (d_out, r_res)``, ``A_res (r_res, d_in)`` (float32, methods.md §6.2 item 3) and
+        ``{"sparsity", "numel", "residual_norm2", "residual_error2"}``: ``‖E‖_F²`` and ``‖E - B_res A_res‖_F²``.
+    """
+    e = linear.weight.float().masked_fill(mask, 0.0)  # E = (1 - M) ⊙ W0, (d_out, d_in)
+    prune_(linear.weight, mask)
+    b_res, a_res = residual_factors(e, residual_rank, svd)
+    stats = {"sparsity": sparsity_of(linear.weight), "numel": linear.weight.numel(),
+             "residual_norm2": float(e.square().sum()), "residual_error2": float((e - b_res @ a_res).square().sum())}
+    return b_res, a_res, stats
+
+
+class SalrMethod:
+    """``method=salr`` (methods.md §6.4)."""
+
+    name = "salr"
+
+    def __init__(self, cfg: SalrConfig, sparsity: SparsityConfig) -> None:
+        self.cfg = cfg
+        self.sparsity = sparsity.final if cfg.pattern != "2:4" else 0.5
+        self.init_stats: dict[str, dict[str, float]] = {}
+
+    def attach(self, model: nn.Module) -> list[str]:
+        """Prune, build the residual adapters, wrap; only the adapters stay trainable."""
+        cfg = self.cfg
+        targets = target_linears(model, cfg.target_modules)
+        _check_residual_rank(targets, cfg.residual_rank)
+        mask_of = mask_function((m.weight for m in targets.values()), self.sparsity, cfg.scope, cfg.pattern)
+        for param in model.parameters():
+            param.requires_grad_(False)
+        for name, linear in targets.items():
+            b_res, a_res, self.init_stats[name] = sparsify_linear(linear, mask_of(linear.weight), cfg.residual_rank,
+                                                                  cfg.svd)
+            wrapper = SalrLinear(BASE_FORMATS[cfg.base_format](linear), cfg.residual_rank, cfg.rank, cfg.alpha,
+                                 cfg.dropout, cfg.use_rslora)
+            wrapper.set_residual(b_res, a_res)
+            wrapper.residual_A.weight.requires_grad_(cfg.residual_trainable)
+            wrapper.residual_B.weight.requires_grad_(cfg.residual_trainable)
+            _set_module(model, name, wrapper)
+        if self.sparsity == 0 and cfg.residual_rank:
+            log.warning("sparsity.final=0: the residual is zero, so the residual adapter stays zero")
+        log.info("salr: pruned %d matrices to %.3f sparsity (%s, %s); residual rank %d, task rank %d",
+                 len(targets), self._achieved(), cfg.scope, cfg.pattern, cfg.residual_rank, cfg.rank)
+        return list(targets)
+
+    def _achieved(self) -> float:
+        numel = sum(s["numel"] for s in self.init_stats.values())
+        return sum(s["sparsity"] * s["numel"] for s in self.init_stats.values()) / max(1, numel)
+
+    def callbacks(self) -> list[Callback]:
+        return []  # one-shot pruning before training (methods.md §7)
+
+    def parameter_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+        """Task LoRA with ``weight_decay``; the residual adapter without (decay erodes it, §6.4 item 4)."""
+        residual = [p for n, p in model.named_parameters() if p.requires_grad and ".residual_" in n]
+        task = [p for n, p in model.named_parameters() if p.requires_grad and ".residual_" not in n]
+        groups = [{"params": task, "weight_decay": weight_decay}, {"params": residual, "weight_decay": 0.0}]
+        return [g for g in groups if g["params"]]
+
+    def report(self, model: nn.Module) -> dict[str, Any]:
+        return salr_report(model, self.init_stats)
+
+    def export(self, model: nn.Module, tokenizer: Any, out_dir: Path, base_model_id: str) -> dict[str, Any]:
+        return export_salr(model, tokenizer, out_dir)
+
+
+# -------------------------------------------------------------------------------------------- report
+def salr_report(model: nn.Module, init_stats: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Figures for ``summary.json``: ranks, achieved sparsity (overall and per matrix), residual recovery.
+
+    ``residual_error_ratio`` is ``Σ‖E - E_r‖² / Σ‖E‖²`` at initialisation, the quantity bounded by
+    ``1 - r/n`` per matrix (methods.md §6.2 item 3).
+    """
+    wrappers = salr_modules(model)
+    zeros = {name: int((dense_weight(w.base_layer) == 0).sum()) for name, w in wrappers.items()}
+    numel = {name: w.in_features * w.out_features for name, w in wrappers.items()}
+    norm2 = sum(s["residual_norm2"] for s in init_stats.values())
+    return {
+        "ranks": {name: w.total_rank for name, w in wrappers.items()},
+        "residual_rank": max((w.residual_rank for w in wrappers.values()), default=0),
+        "sparsity": sum(zeros.values()) / max(1, sum(numel.values())),
+        "sparsity_per_matrix": {name: zeros[name] / numel[name] for name in wrappers},
+        "params_adapter_effective": sum(w.total_rank * (w.in_features + w.out_features) for w in wrappers.values()),
+        "residual_error_ratio": sum(s["residual_error2"] for s in init_stats.values()) / norm2 if norm2 else 0.0,
+    }
+
+
+# -------------------------------------------------------------------------------------------- export
+def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with tied tensors (shared storage) kept once, under their first name."""
+    seen: set[int] = set()
+    state = {}
+    for key, tensor in model.state_dict().items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            state[key] = tensor
+    return state
+
+
+def _file_bytes(directory: Path, pattern: str) -> int:
+    return sum(p.stat().st_size for p in directory.glob(pattern))
+
+
+def export_salr(model: nn.Module, tokenizer: Any, out_dir: Path) -> dict[str, Any]:
+    """Write ``model/`` (pruned base, fused adapter, bitmap form, size report) and ``adapter/``; never merges.
+
+    ``model`` is left as it was (the recipe evaluates it afterwards). Returns the storage figures of
+    ``summary.json``: ``bytes_dense``, ``bytes_bitmap``, ``bitmap_ratio`` (pruned matrices only, the
+    format's own ratio), the same for the whole checkpoint files, and ``params_after_export``.
+    """
+    model_dir = out_dir / "model"
+    with plain_bases(model) as wrappers:
+        save_pretrained_dir(model, tokenizer, model_dir)
+        state = unique_state_dict(model)
+        params_plain = count_parameters(model)[0]
+    bitmaps = {f"{name}.weight": encode(state.pop(f"{name}.weight")) for name in wrappers}
+    save_bitmaps(model_dir / BITMAP_FILE, bitmaps, state)
+    report = size_report(bitmaps)
+    report["files"] = {"dense_checkpoint_bytes": _file_bytes(model_dir, "model*.safetensors"),
+                       "bitmap_checkpoint_bytes": _file_bytes(model_dir, BITMAP_FILE)}
+    report["files"]["ratio"] = report["files"]["bitmap_checkpoint_bytes"] / report["files"]["dense_checkpoint_bytes"]
+    (model_dir / STORAGE_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    # The embedded adapter's base is the directory itself; adapter/ points at it too.
+    save_fused_adapter(model, model_dir, str(model_dir.resolve()))
+    save_fused_adapter(model, out_dir / "adapter", str(model_dir.resolve()))
+    total = report["total"]
+    pruned = sum(b.shape[0] * b.shape[1] - b.nnz for b in bitmaps.values())
+    adapter = sum(w.total_rank * (w.in_features + w.out_features) for w in wrappers.values())
+    return {
+        "params_after_export": params_plain - pruned + adapter,
+        "bytes_dense": total["bytes_dense"],
+        "bytes_bitmap": total["bytes_bitmap"],
+        "bitmap_ratio": total["ratio"],
+        "checkpoint_bytes": report["files"],
+    }
+
+
+# ---------------------------------------------------------------------------------------------- load
+def _check_load(model: nn.Module, missing: list[str], unexpected: list[str]) -> None:
+    """Every key must land: unexpected keys are errors, missing ones only if tied to a loaded tensor."""
+    state = model.state_dict()
+    loaded = {state[k].data_ptr() for k in state if k not in missing}
+    untied = [k for k in missing if state[k].data_ptr() not in loaded]
+    if unexpected or untied:
+        raise RuntimeError(f"bitmap checkpoint does not match the model: unexpected {unexpected[:5]}, "
+                           f"missing {untied[:5]}")
+
+
+def load_salr_export(model_dir: Path | str, base_format: str = "dense", with_adapter: bool = True,
+                     device: torch.device | str = "cpu") -> PreTrainedModel:
+    """Rebuild an exported SALR model from ``sparse_base.bitmap.safetensors`` alone (and the adapter).
+
+    Every tensor comes from the bitmap file (pruned matrices decoded, the rest stored dense) and the
+    architecture from ``config.json``; ``model.safetensors`` is not read.
+
+    Args:
+        model_dir: a run's ``model/``.
+        base_format: how the pruned linears run: ``dense`` (decoded ``nn.Linear``), ``bitmap``
+            (``BitmapLinear``, decoded in every forward) or ``semi_structured`` (2:4 kernels, CUDA).
+        with_adapter: wrap the pruned linears in ``SalrLinear`` holding the fused adapter (scaling 1);
+            false returns the bare pruned base (for ``PeftModel.from_pretrained(base, "adapter")``).
+        device: where the model goes.
+
+    Returns:
+        The model in eval mode, every parameter frozen.
+    """
+    model_dir = Path(model_dir)
+    bitmaps, state = load_bitmaps(model_dir / BITMAP_FILE)
+    dtype = next(iter(bitmaps.values())).dtype if bitmaps else None
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=dtype)
+    state.update({key: decode(bitmap) for key, bitmap in bitmaps.items()})
+    result = model.load_state_dict(state, strict=False)
+    _check_load(model, result.missing_keys, result.unexpected_keys)
+    model.requires_grad_(False)
+    model.to(device)
+    names = [key.removesuffix(".weight") for key in bitmaps]
+    for name in names:
+        _set_module(model, name, BASE_FORMATS[base_format](model.get_submodule(name)))
+    if with_adapter:
+        for name, (a, b) in load_fused_adapter(model_dir).items():
+            wrapper = SalrLinear(model.get_submodule(name), residual_rank=a.shape[0], rank=0, alpha=0.0)
+            wrapper.set_residual(b, a)
+            wrapper.requires_grad_(False)
+            _set_module(model, name, wrapper)
+    return model.eval()

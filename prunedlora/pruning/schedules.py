@@ -1,0 +1,105 @@
+"""Sparsity schedules: the target fraction pruned at optimizer step t (the ``sparsity`` config group).
+
+Every schedule is a pure function of the step, so a resumed run needs no schedule state, and every
+method reads the same numbers. The value is **piecewise constant and changes only at pruning events**,
+the steps ``t = k * every`` with ``k >= 1``:
+
+- before the first event (``t < every``, in particular at step 0) the target is 0: nothing is ever
+  pruned at step 0 (methods.md, Decisions item 1: at B = 0 a step-0 ranking is noise);
+- at an event step the schedule's shape is evaluated at that step;
+- between events the previous event's value holds: ``target_fraction(t) = shape(every * (t // every))``.
+
+Shapes (``T = max_steps``):
+
+- ``constant`` (PrunedLoRA, methods.md §3.3): ``per_event`` units (K2 rank components per module) every
+  ``every`` (K1) steps, ``min(final, (t // every) * per_event / units)`` with ``units`` = r0.
+- ``linear`` / ``cubic`` (AdaLoRA §2, LoRAPrune §5): ``initial`` while ``s <= warmup_frac * T``,
+  ``final`` once ``s >= T - cooldown_frac * T``, in between ``initial + (final - initial) * p`` (linear)
+  or ``final + (initial - final) * (1 - p)^3`` (cubic) with ``p`` the progress through the ramp. The
+  final value is reached at the first event at or after ``T - cooldown_frac * T``; when no event falls
+  in the cool-down (``cooldown_frac * T < every``) the last event may stop short of it.
+- ``none``: 0 at every step.
+- ``auto``: the calling method's default (``default=``; PrunedLoRA passes ``constant``).
+
+All shapes are monotone non-decreasing in t and never exceed ``final`` (given ``initial <= final``,
+which the config validation enforces).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prunedlora.config import SCHEDULES, SparsityConfig
+
+ScheduleFn = Callable[[SparsityConfig, int, int, int | None], float]
+
+
+def _ramp(cfg: SparsityConfig, event_step: int, max_steps: int, shape: Callable[[float], float]) -> float:
+    """``initial`` -> ``final`` between warm-up and cool-down, following ``shape`` (0 -> 0, 1 -> 1)."""
+    start = cfg.warmup_frac * max_steps
+    end = max_steps - cfg.cooldown_frac * max_steps
+    if end <= start:  # degenerate ramp (rejected by validation): jump straight to final
+        return cfg.final if event_step > start else cfg.initial
+    progress = min(1.0, max(0.0, (event_step - start) / (end - start)))
+    return min(cfg.final, cfg.initial + (cfg.final - cfg.initial) * shape(progress))
+
+
+def _constant(cfg: SparsityConfig, event_step: int, max_steps: int, units: int | None) -> float:
+    if units is None or units <= 0:
+        raise ValueError("the constant schedule counts components per module: pass units= (e.g. r0)")
+    return min(cfg.final, (event_step // cfg.every) * cfg.per_event / units)
+
+
+def _linear(cfg: SparsityConfig, event_step: int, max_steps: int, units: int | None) -> float:
+    return _ramp(cfg, event_step, max_steps, lambda p: p)
+
+
+def _cubic(cfg: SparsityConfig, event_step: int, max_steps: int, units: int | None) -> float:
+    # final + (initial - final)(1 - p)^3  ==  initial + (final - initial)(1 - (1 - p)^3)
+    return _ramp(cfg, event_step, max_steps, lambda p: 1.0 - (1.0 - p) ** 3)
+
+
+def _none(cfg: SparsityConfig, event_step: int, max_steps: int, units: int | None) -> float:
+    return 0.0
+
+
+SCHEDULE_FNS: dict[str, ScheduleFn] = {
+    "none": _none,
+    "constant": _constant,
+    "linear": _linear,
+    "cubic": _cubic,
+}
+assert set(SCHEDULE_FNS) | {"auto"} == set(SCHEDULES)
+
+
+def resolve_schedule(name: str, default: str) -> str:
+    """The schedule that runs: ``name``, or ``default`` when ``name`` is ``auto``."""
+    resolved = default if name == "auto" else name
+    if resolved not in SCHEDULE_FNS:
+        raise ValueError(f"sparsity.schedule={name} resolves to {resolved}, not one of {', '.join(SCHEDULE_FNS)}")
+    return resolved
+
+
+def is_event(cfg: SparsityConfig, step: int) -> bool:
+    """Whether optimizer step ``step`` is a pruning event (``step = k * every``, ``k >= 1``)."""
+    return step > 0 and step % cfg.every == 0
+
+
+def target_fraction(cfg: SparsityConfig, step: int, max_steps: int, *, units: int | None = None,
+                    default: str) -> float:
+    """Target fraction pruned at optimizer step ``step`` (1-based; 0 means before any update).
+
+    Args:
+        cfg: the ``sparsity`` group.
+        step: optimizer step; the value holds from one event (``k * every``) to the next.
+        max_steps: total optimizer steps (``train.max_steps``); sets the linear/cubic ramp.
+        units: what one ``per_event`` unit is a fraction of (``constant`` only; r0 for PrunedLoRA).
+        default: the schedule ``auto`` stands for (the method's own default).
+
+    Returns:
+        A fraction in ``[0, final]``, non-decreasing in ``step``, 0 before the first event.
+    """
+    event_step = cfg.every * (step // cfg.every)
+    if event_step <= 0:
+        return 0.0
+    return SCHEDULE_FNS[resolve_schedule(cfg.schedule, default)](cfg, event_step, max_steps, units)

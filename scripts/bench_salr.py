@@ -1,0 +1,229 @@
+"""SALR storage and CPU latency (methods.md §6.3-6.4, §8 items 23 and 25): bitmap vs dense, concat vs separate.
+
+Four measurements, on SmolLM2-135M-Instruct (the offline copy; ``--tiny`` or its absence: the random tiny
+LLaMA) pruned to 50% per matrix:
+
+1. Bytes of the sparse base: every pruned linear in bitmap form (mask + values + int64 row offsets) vs
+   dense, in bf16 and fp32, and the whole checkpoint (embeddings and norms stay dense).
+2. One 576x1536 linear (SmolLM2's down_proj shape): bitmap decode alone, decode-then-GEMM
+   (``BitmapLinear``) and the dense GEMM, at 1 and ``--tokens`` tokens.
+3. A whole forward of ``--tokens`` tokens: the SALR model with a dense masked base vs the same model with
+   ``BitmapLinear`` bases, and the original dense model without adapters.
+4. The adapter branch of one 576x1536 layer: one concatenated GEMM pair vs the two adapters separately
+   (forward, and forward + backward).
+
+Timings are medians over ``--rounds`` interleaved rounds (each variant once per round, rotating order, so
+load from other processes hits all alike); ratios are medians of per-round ratios.
+
+    python scripts/bench_salr.py                  # writes the salr section of docs/RESULTS.md
+    python scripts/bench_salr.py --no-write --rounds 5 --tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from prunedlora.adapters.salr import SalrLinear, salr_modules
+from prunedlora.config import SalrConfig, SparsityConfig, TinyModelConfig
+from prunedlora.methods import build_method
+from prunedlora.pruning.bitmap import BitmapLinear, decode, encode, size_report
+from prunedlora.pruning.magnitude import per_matrix_mask, prune_
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/ is not a package
+from results_md import command_line, machine_description, update_section  # noqa: E402
+
+SPARSITY = 0.5
+D_OUT, D_IN = 576, 1536  # SmolLM2 down_proj
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=512, help="tokens per forward (batch 1)")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="1 keeps a shared machine's contention out")
+    parser.add_argument("--residual-rank", type=int, default=8)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--tiny", action="store_true", help="random tiny LLaMA instead of SmolLM2")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/RESULTS.md alone")
+    return parser.parse_args()
+
+
+# ------------------------------------------------------------------------------------------- timing
+def interleaved(variants: dict[str, Callable[[], object]], rounds: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds per call of each variant, ``rounds`` samples each, rotating the order every round."""
+    names = list(variants)
+    for _ in range(warmup):
+        for fn in variants.values():
+            fn()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            start = time.perf_counter()
+            variants[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def ms(samples: list[float]) -> str:
+    return f"{1e3 * statistics.median(samples):.3f}"
+
+
+def ratio(num: list[float], den: list[float]) -> str:
+    return f"{statistics.median(a / b for a, b in zip(num, den, strict=True)):.2f}x"
+
+
+# -------------------------------------------------------------------------------------------- models
+def load_base(tiny: bool) -> tuple[nn.Module, str]:
+    """SmolLM2 (float32) when available, else the tiny random LLaMA."""
+    if not tiny:
+        try:
+            from transformers import AutoModelForCausalLM
+
+            from prunedlora.models.smollm2 import smollm2_offline_dir
+
+            model = AutoModelForCausalLM.from_pretrained(smollm2_offline_dir(), dtype=torch.float32)
+            return model.eval(), "SmolLM2-135M"
+        except Exception as err:  # no wheel, no network: fall back, and say so in the table
+            print(f"SmolLM2 unavailable ({err}); using the tiny model")
+    from prunedlora.models.tiny import build_tiny_llama
+
+    return build_tiny_llama(TinyModelConfig(), 259).eval(), "tiny random LLaMA"
+
+
+def pruned_linears(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The seven projections of every layer, pruned to 50% per matrix (float32 copies)."""
+    targets = SalrConfig().target_modules
+    weights = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+            w = module.weight.detach().float().clone()
+            weights[name] = prune_(w, per_matrix_mask(w, SPARSITY))
+    return weights
+
+
+# --------------------------------------------------------------------------------------- benchmarks
+def storage_table(model: nn.Module, weights: dict[str, torch.Tensor]) -> str:
+    other = sum(p.numel() for n, p in model.named_parameters() if n.removesuffix(".weight") not in weights)
+    rows = ["| dtype | pruned linears dense | bitmap (mask + values + offsets) | ratio | whole model dense | "
+            "whole model with bitmap base | ratio |", "|---|---|---|---|---|---|---|"]
+    for dtype, size in ((torch.bfloat16, 2), (torch.float32, 4)):
+        total = size_report({n: encode(w.to(dtype)) for n, w in weights.items()})["total"]
+        whole_dense = total["bytes_dense"] + other * size
+        whole_bitmap = total["bytes_bitmap"] + other * size
+        mib = {k: v / 2**20 for k, v in total.items() if k.startswith("bytes_")}
+        parts = f"{mib['bytes_mask']:.1f} + {mib['bytes_values']:.1f} + {mib['bytes_offsets']:.2f}"
+        rows.append(f"| {str(dtype).removeprefix('torch.')} | {mib['bytes_dense']:.1f} MiB | "
+                    f"{mib['bytes_bitmap']:.1f} MiB ({parts}) | {total['ratio']:.3f} | {whole_dense / 2**20:.1f} MiB | "
+                    f"{whole_bitmap / 2**20:.1f} MiB | {whole_bitmap / whole_dense:.3f} |")
+    return "\n".join(rows)
+
+
+def matrix_table(args: argparse.Namespace) -> str:
+    torch.manual_seed(0)
+    linear = nn.Linear(D_IN, D_OUT, bias=False).requires_grad_(False)
+    prune_(linear.weight, per_matrix_mask(linear.weight, SPARSITY))
+    bitmap_linear = BitmapLinear.from_linear(linear)
+    bitmap = bitmap_linear.bitmap()
+    rows = ["| tokens | dense GEMM (ms) | bitmap decode only (ms) | decode + GEMM (ms) | decode+GEMM / dense |",
+            "|---|---|---|---|---|"]
+    for tokens in (1, args.tokens):
+        x = torch.randn(1, tokens, D_IN)
+        with torch.no_grad():
+            t = interleaved({"dense": lambda: linear(x), "decode": lambda: decode(bitmap),
+                             "bitmap": lambda: bitmap_linear(x)}, args.rounds, args.warmup)
+        rows.append(f"| {tokens} | {ms(t['dense'])} | {ms(t['decode'])} | {ms(t['bitmap'])} | "
+                    f"{ratio(t['bitmap'], t['dense'])} |")
+    return "\n".join(rows)
+
+
+def forward_table(model: nn.Module, args: argparse.Namespace) -> str:
+    import copy
+
+    dense = copy.deepcopy(model)
+    method = build_method(SalrConfig(residual_rank=args.residual_rank, rank=args.rank), SparsityConfig(final=SPARSITY))
+    salr_dense = model
+    method.attach(salr_dense)
+    salr_bitmap = copy.deepcopy(salr_dense)
+    for wrapper in salr_modules(salr_bitmap).values():
+        wrapper.base_layer = BitmapLinear.from_linear(wrapper.base_layer)
+    x = torch.randint(0, model.config.vocab_size, (1, args.tokens))
+    with torch.no_grad():
+        t = interleaved({"dense": lambda: dense(x), "salr": lambda: salr_dense(x), "bitmap": lambda: salr_bitmap(x)},
+                        max(3, args.rounds // 3), 1)
+    return "\n".join([
+        "| model | forward (ms) | vs original dense |", "|---|---|---|",
+        f"| original dense, no adapters | {ms(t['dense'])} | 1.00x |",
+        f"| SALR, dense masked base (training reference) | {ms(t['salr'])} | {ratio(t['salr'], t['dense'])} |",
+        f"| SALR, bitmap base (decode then GEMM) | {ms(t['bitmap'])} | {ratio(t['bitmap'], t['dense'])} |",
+    ])
+
+
+def separate_adapters(layer: SalrLinear, x: torch.Tensor) -> torch.Tensor:
+    """The adapter branch as two adapters: four GEMMs and a sum."""
+    return layer.residual_B(layer.residual_A(x)) + layer.lora_B(layer.lora_A(x)) * layer.scaling
+
+
+def concatenated_adapters(layer: SalrLinear, x: torch.Tensor) -> torch.Tensor:
+    """The adapter branch as SalrLinear runs it: one GEMM pair on the concatenated factors."""
+    return nn.functional.linear(nn.functional.linear(x, layer.a_cat()) * layer.rank_scale, layer.b_cat())
+
+
+def concat_table(args: argparse.Namespace) -> str:
+    rows = ["| r_res + r | tokens | pass | separate (ms) | concatenated (ms) | concatenated / separate |",
+            "|---|---|---|---|---|---|"]
+    for r_res, r in ((args.residual_rank, args.rank), (64, 64)):
+        layer = SalrLinear(nn.Linear(D_IN, D_OUT, bias=False), r_res, r, 2.0 * r)
+        with torch.no_grad():
+            layer.residual_A.weight.normal_(0, 0.02)
+            layer.residual_B.weight.normal_(0, 0.02)
+        for tokens in (1, args.tokens):
+            x = torch.randn(1, tokens, D_IN)
+            with torch.no_grad():
+                t = interleaved({"sep": lambda: separate_adapters(layer, x),
+                                 "cat": lambda: concatenated_adapters(layer, x)}, args.rounds, args.warmup)
+            rows.append(f"| {r_res} + {r} | {tokens} | forward | {ms(t['sep'])} | {ms(t['cat'])} | "
+                        f"{ratio(t['cat'], t['sep'])} |")
+            t = interleaved({"sep": lambda: separate_adapters(layer, x).sum().backward(),
+                             "cat": lambda: concatenated_adapters(layer, x).sum().backward()}, args.rounds, args.warmup)
+            rows.append(f"| {r_res} + {r} | {tokens} | forward + backward | {ms(t['sep'])} | {ms(t['cat'])} | "
+                        f"{ratio(t['cat'], t['sep'])} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    model, model_name = load_base(args.tiny)
+    weights = pruned_linears(model)
+    sections = [
+        ("Storage of the sparse base at 50% (per-matrix magnitude)", storage_table(model, weights)),
+        (f"One {D_OUT}x{D_IN} linear at 50%, fp32: decode-then-GEMM reference vs dense", matrix_table(args)),
+        (f"Whole forward, {args.tokens} tokens, fp32 (r_res = {args.residual_rank}, r = {args.rank}, all seven "
+         "projections)", forward_table(model, args)),
+        (f"Adapter branch of one {D_OUT}x{D_IN} layer, fp32: concatenated GEMM pair vs separate adapters",
+         concat_table(args)),
+    ]
+    md = "\n\n".join([
+        f"## SALR: bitmap storage and CPU latency ({model_name})",
+        f"Command: `{command_line()}`  \nMachine: {machine_description()}",
+        *[f"### {title}\n\n{table}" for title, table in sections],
+        "The bitmap path is the correctness reference (methods.md §8 item 25): it decodes the whole matrix on "
+        "every call, so on CPU it is slower than the dense GEMM; the paper's speed-up needs a fused "
+        "decode + GEMM kernel or 2:4 semi-structured kernels on a GPU (§8 item 23), not measured here.",
+    ])
+    print(md)
+    if not args.no_write:
+        update_section("salr", md)
+
+
+if __name__ == "__main__":
+    main()
