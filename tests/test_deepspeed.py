@@ -49,7 +49,7 @@ def test_zero2_resume_from_its_own_checkpoint(tmp_path: Path, data_root: Path) -
         shutil.rmtree(run_dir / name, ignore_errors=True) if (run_dir / name).is_dir() else (run_dir / name).unlink()
     proc = run_cli(args, data_root)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resuming from" in proc.stderr
+    assert "resuming from" in proc.stdout + proc.stderr
     assert losses(run_dir) == pytest.approx(first, abs=1e-6)
 
 
