@@ -5,13 +5,17 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prunedlora.config import ConfigError, MethodConfig, SparsityConfig
+from prunedlora.methods.adalora import AdaLoraMethod
 from prunedlora.methods.base import Callback, Method
+from prunedlora.methods.droplora import DropLoraMethod
 from prunedlora.methods.lora import LoraMethod
 from prunedlora.methods.prunedlora import PrunedLoraMethod
 from prunedlora.methods.salr import SalrMethod
 
 METHODS: dict[str, Callable[[MethodConfig, SparsityConfig], Method]] = {
     "lora": LoraMethod,
+    "droplora": DropLoraMethod,
+    "adalora": AdaLoraMethod,
     "prunedlora": PrunedLoraMethod,
     "salr": SalrMethod,
 }
