@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from prunedlora.config import AdaLoraConfig, ConfigError, SparsityConfig
-from prunedlora.export import count_parameters, save_pretrained_dir
+from prunedlora.export import count_parameters, dequantize_base, save_pretrained_dir
 from prunedlora.methods.base import Callback, default_parameter_groups
 
 log = logging.getLogger(__name__)
@@ -284,10 +284,45 @@ class AdaLoraMethod:
     def export(self, model: nn.Module, tokenizer: Any, out_dir: Path, base_model_id: str) -> dict[str, Any]:
         """``adapter/``: PEFT AdaLoRA format; ``model/``: ``W0 + (α/r_init)·P diag(λ) Q`` merged by PEFT."""
         export_adalora_adapter(self.peft_model, out_dir / "adapter", base_model_id)
-        merged = self.peft_model.merge_and_unload()  # PEFT merges each SVDLinear and puts its base back
+        if getattr(model, "hf_quantizer", None) is not None:
+            merged = merge_into_dequantized_base(model)
+        else:
+            merged = self.peft_model.merge_and_unload()  # PEFT merges each SVDLinear and puts its base back
         assert merged is model, "PEFT injected in place, so the unloaded model is the recipe's model"
         save_pretrained_dir(merged, tokenizer, out_dir / "model")
         return {"params_after_export": count_parameters(merged)[0]}
+
+
+def adalora_delta_weight(layer: nn.Module, adapter: str = "default") -> torch.Tensor:
+    """``P diag(λ) Q · scaling / ranknum`` in float32, as PEFT's ``SVDLinear`` merges (methods.md §2)."""
+    p, lam, q = layer.lora_B[adapter].float(), layer.lora_E[adapter].float(), layer.lora_A[adapter].float()
+    return p @ (q * lam) * layer.scaling[adapter] / (layer.ranknum[adapter].float() + 1e-5)
+
+
+def merge_into_dequantized_base(model: nn.Module) -> nn.Module:
+    """Merge AdaLoRA into a bitsandbytes base: PEFT 0.21's 4/8-bit SVD layers have no ``merge``.
+
+    Each adapted layer becomes a float ``nn.Linear`` holding dequantized ``W0`` plus ``(α/r_init) P diag(λ) Q``;
+    the remaining quantized linears are dequantized as they are (the QLoRA-style merged export).
+    """
+    from peft.tuners.adalora import AdaLoraLayer
+    from peft.utils.integrations import dequantize_bnb_weight
+
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, AdaLoraLayer):
+            continue
+        base = module.get_base_layer()
+        weight = dequantize_bnb_weight(base.weight, state=getattr(base, "state", None)).float()
+        weight = weight + adalora_delta_weight(module)
+        linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device=weight.device)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            if base.bias is not None:
+                linear.bias.copy_(base.bias.float())
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+    dequantize_base(model)
+    return model
 
 
 def export_adalora_adapter(peft_model: Any, out_dir: Path, base_model_id: str) -> None:
