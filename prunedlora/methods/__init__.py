@@ -9,6 +9,7 @@ from prunedlora.methods.adalora import AdaLoraMethod
 from prunedlora.methods.base import Callback, Method
 from prunedlora.methods.droplora import DropLoraMethod
 from prunedlora.methods.lora import LoraMethod
+from prunedlora.methods.loraprune import LoraPruneMethod
 from prunedlora.methods.prunedlora import PrunedLoraMethod
 from prunedlora.methods.salr import SalrMethod
 
@@ -18,6 +19,7 @@ METHODS: dict[str, Callable[[MethodConfig, SparsityConfig], Method]] = {
     "adalora": AdaLoraMethod,
     "prunedlora": PrunedLoraMethod,
     "salr": SalrMethod,
+    "loraprune": LoraPruneMethod,
 }
 
 

@@ -1,0 +1,397 @@
+"""LoRAPrune (Zhang et al., ACL Findings 2024; methods.md §5): prune base heads and MLP channels while LoRA trains.
+
+Attach: LoRA on the seven projections, then a ``StructureMask`` with masking hooks on every prunable
+decoder layer (all but the first ``exempt_first_frac`` of the layers and the last ``exempt_last``).
+
+Every optimizer step (``on_before_optimizer_step``, complete unscaled gradients), per prunable layer:
+head and channel importance (``structured_criteria``: ``lora_guided`` by default, ``magnitude``,
+``true_gradient``) is averaged into an EMA (0.9). At pruning events (every ``sparsity.every`` steps) the
+target fraction ``sparsity.final`` follows the cubic schedule (``sparsity.schedule: auto``) with the
+group's warm-up/cool-down, and each layer independently masks its lowest-EMA fraction of query heads
+(or KV groups) and of MLP channels. Masks are cumulative: masked units rank lowest and are never
+restored. Pruning fires whenever the scheduled count rises, so the final fraction is reached (the
+authors' ``init < ratio < final`` condition would stop one event short).
+
+GQA policy (methods.md §5.6): see ``prunedlora.pruning.structure``. In short: the query head is the
+unit, scored as q(h) + o(h) + (k + v) of its KV head; a KV head's k/v rows go only when all its query
+heads are gone; ``gqa_policy=kv_group`` removes whole KV groups instead; ``gqa_balanced=true`` removes
+``floor(target * G)`` query heads from every group. At export, layers whose KV groups kept unequal
+numbers of query heads get k/v expanded to one KV head per query head (exact).
+
+Quantized bases: masks act on module outputs, so a bitsandbytes 4/8-bit base trains unchanged (packed
+weights are never edited; ``lora_guided`` and ``magnitude`` dequantize ``W0`` one module at a time to
+score it). At export its linears are dequantized exactly (float32) before compaction, so ``model/`` is a
+float model, like the other methods' merged exports.
+
+Export: masks removed, projections physically sliced (base and LoRA factors), LoRA merged, and
+``model/`` written as a ``pruned_llama`` checkpoint (``config.json`` with per-layer head counts and MLP
+widths, ``auto_map`` to ``modeling_pruned_llama.py``), loadable with
+``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``, plus ``pruning_manifest.json``
+(kept head, KV-head and channel indices per layer).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from prunedlora.adapters.lora import lora_modules, merge_lora
+from prunedlora.config import LoraPruneConfig, SparsityConfig
+from prunedlora.export import count_parameters, save_pretrained_dir
+from prunedlora.methods.base import Callback
+from prunedlora.methods.lora import attach_lora
+from prunedlora.models import pruned_llama
+from prunedlora.pruning.schedules import is_event, target_fraction
+from prunedlora.pruning.structure import (
+    ATTENTION_PROJECTIONS,
+    MLP_PROJECTIONS,
+    LayerPlan,
+    StructureMask,
+    attach_structure_masks,
+    compact_model,
+    decoder_layers,
+    detach_structure_masks,
+    plan_layer,
+    prunable_layer_indices,
+    select_pruned,
+)
+from prunedlora.pruning.structured_criteria import GroupEma, base_linear, channel_scores, dense_weight, head_scores
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SCHEDULE = "cubic"
+MODELING_FILE = "modeling_pruned_llama.py"
+MANIFEST_FILE = "pruning_manifest.json"
+
+
+# ------------------------------------------------------------------------------------------ callback
+class LoraPruneCallback(Callback):
+    """Scores, EMA and cumulative masking of one model's prunable layers.
+
+    Args:
+        model: the model the masks were attached to (read for scores; base grads for ``true_gradient``).
+        masks: ``StructureMask`` by decoder-layer index (only prunable layers).
+        cfg: the method config; ``sparsity``: the schedule (target fraction, cadence).
+    """
+
+    def __init__(self, model: nn.Module, masks: dict[int, StructureMask], cfg: LoraPruneConfig,
+                 sparsity: SparsityConfig) -> None:
+        self.layers = decoder_layers(model)
+        self.masks = masks
+        self.cfg = cfg
+        self.sparsity = sparsity
+        self.ema = GroupEma(cfg.ema)
+        self.max_steps = 0
+        self.skipped = 0
+
+    # ---------------------------------------------------------------- hooks
+    def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer, max_steps: int) -> None:
+        self.max_steps = max_steps
+        if self.cfg.criterion == "true_gradient":
+            self._enable_base_grads(optimizer)
+
+    def on_before_optimizer_step(self, step: int) -> dict[str, Any]:
+        skipped = self._update_scores()
+        self.skipped += skipped
+        target = target_fraction(self.sparsity, step, self.max_steps, default=DEFAULT_SCHEDULE)
+        if is_event(self.sparsity, step) and target > 0:
+            self._prune(target)
+        if self.cfg.criterion == "true_gradient":
+            self._clear_base_grads()  # not in the optimizer, so zero_grad() would never clear them
+        return {"prune_target": target, "ema_skipped": skipped, **sparsity_figures(self.masks)}
+
+    def state_dict(self) -> dict[str, Any]:
+        # The masks themselves are buffers of our StructureMask modules: the checkpoint's adapter part.
+        return {"ema": self.ema.state_dict(), "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        device = next(iter(self.masks.values())).head_mask.device if self.masks else None
+        self.ema.load_state_dict(state["ema"], device)
+        self.skipped = int(state["skipped"])
+
+    # ---------------------------------------------------------------- scoring and pruning
+    def _update_scores(self) -> int:
+        """Average this step's group scores into the EMA; returns how many vectors were skipped."""
+        skipped = 0
+        with torch.no_grad():
+            for i in self.masks:
+                layer = self.layers[i]
+                scores = {}
+                if self.cfg.prune_heads:
+                    shape = self.masks[i].shape
+                    scores["heads"] = head_scores(layer.self_attn, shape, self.cfg.criterion, self.cfg.score_power,
+                                                  self.cfg.gqa_policy)
+                if self.cfg.prune_channels:
+                    scores["channels"] = channel_scores(layer.mlp, self.cfg.criterion, self.cfg.score_power)
+                for kind, score in scores.items():
+                    if score is None or not self.ema.update(f"{i}.{kind}", score):
+                        skipped += 1
+        return skipped
+
+    def _prune(self, target: float) -> None:
+        """Mask the lowest-EMA ``target`` fraction of each prunable layer's heads and channels."""
+        for i, mask in self.masks.items():
+            if self.cfg.prune_heads:
+                scores = self.ema.get(f"{i}.heads", _unit_keep(mask, self.cfg.gqa_policy))
+                mask.head_mask.copy_(self._select_heads(mask, scores, target))
+            if self.cfg.prune_channels:
+                keep = mask.channel_mask
+                new = select_pruned(self.ema.get(f"{i}.channels", keep), keep, _count(target, keep.numel()))
+                mask.channel_mask.copy_(new)
+
+    def _select_heads(self, mask: StructureMask, scores: torch.Tensor, target: float) -> torch.Tensor:
+        """New per-query-head keep-mask of one layer under the configured GQA policy."""
+        shape = mask.shape
+        if self.cfg.gqa_policy == "kv_group":  # units are whole KV groups
+            keep = mask.kv_mask()
+            return select_pruned(scores, keep, _count(target, keep.numel())).repeat_interleave(shape.group_size)
+        if self.cfg.gqa_balanced:  # the same number from every group: standard GQA survives compaction
+            keep = mask.head_mask.view(shape.num_kv_heads, shape.group_size)
+            per_group = scores.view(shape.num_kv_heads, shape.group_size)
+            n = _count(target, shape.group_size)
+            return torch.cat([select_pruned(per_group[g], keep[g], n) for g in range(shape.num_kv_heads)])
+        return select_pruned(scores, mask.head_mask, _count(target, shape.num_heads))
+
+    # ---------------------------------------------------------------- true_gradient plumbing
+    def _base_weights(self) -> list[nn.Parameter]:
+        names = (ATTENTION_PROJECTIONS if self.cfg.prune_heads else ()) + (
+            MLP_PROJECTIONS if self.cfg.prune_channels else ())
+        weights = []
+        for i in self.masks:
+            for name in names:
+                owner = self.layers[i].self_attn if name in ATTENTION_PROJECTIONS else self.layers[i].mlp
+                linear = base_linear(getattr(owner, name))
+                if type(linear) is not nn.Linear or not linear.weight.is_floating_point():
+                    raise ValueError(
+                        f"method.criterion=true_gradient needs float base weights, but layer {i} {name} is "
+                        f"{type(linear).__name__}: gradients of quantized weights do not exist. Use "
+                        "method.criterion=lora_guided (the point of LoRAPrune) or model.quantization=none."
+                    )
+                weights.append(linear.weight)
+        return weights
+
+    def _enable_base_grads(self, optimizer: torch.optim.Optimizer) -> None:
+        """Let autograd compute dL/dW0 of the prunable projections, which stay out of the optimizer."""
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        for weight in self._base_weights():
+            assert id(weight) not in in_optimizer, "a base weight is in the optimizer"
+            weight.requires_grad_(True)
+
+    def _clear_base_grads(self) -> None:
+        for weight in self._base_weights():
+            weight.grad = None
+
+
+def _unit_keep(mask: StructureMask, policy: str) -> torch.Tensor:
+    """Keep-mask over the pruning units: query heads, or KV groups for ``kv_group``."""
+    return mask.kv_mask() if policy == "kv_group" else mask.head_mask
+
+
+def _count(fraction: float, units: int) -> int:
+    """Units to remove for a target fraction (floor: a layer keeps at least ceil((1 - f) * n))."""
+    return math.floor(fraction * units + 1e-9)
+
+
+def sparsity_figures(masks: dict[int, StructureMask]) -> dict[str, float]:
+    """``sparsity``: fraction of the prunable layers' groups (query heads + channels) removed; also per kind."""
+    heads = sum(m.head_mask.numel() for m in masks.values())
+    channels = sum(m.channel_mask.numel() for m in masks.values())
+    heads_removed = sum(int((m.head_mask <= 0).sum()) for m in masks.values())
+    channels_removed = sum(int((m.channel_mask <= 0).sum()) for m in masks.values())
+    total = heads + channels
+    return {
+        "sparsity": (heads_removed + channels_removed) / total if total else 0.0,
+        "sparsity_heads": heads_removed / heads if heads else 0.0,
+        "sparsity_channels": channels_removed / channels if channels else 0.0,
+    }
+
+
+# ------------------------------------------------------------------------------------------- export
+def dequantize_linears(model: nn.Module) -> int:
+    """Replace every bitsandbytes 4/8-bit linear by an ``nn.Linear`` of its dequantized weight.
+
+    Dequantizes in float32 through ``dense_weight`` (which also reads bitsandbytes' CPU-repacked 4-bit
+    layout, where transformers' ``model.dequantize()`` does not) and stores the result in the dtype of the
+    model's embeddings, the dtype its unquantized layers run in. Adapters stay in place (their
+    ``base_layer`` is swapped). Returns how many linears were replaced.
+    """
+    dtype = model.get_input_embeddings().weight.dtype
+    replaced = 0
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if type(getattr(child, "weight", None)).__name__ not in ("Params4bit", "Int8Params"):
+                continue
+            weight = dense_weight(child).to(dtype)  # (d_out, d_in)
+            linear = nn.Linear(weight.shape[1], weight.shape[0], bias=child.bias is not None, device="meta")
+            linear.weight = nn.Parameter(weight, requires_grad=False)
+            if child.bias is not None:
+                linear.bias = nn.Parameter(child.bias.detach().to(dtype, copy=True), requires_grad=False)
+            setattr(module, child_name, linear)
+            replaced += 1
+    quantizer = getattr(model, "hf_quantizer", None)
+    if replaced and quantizer is not None:  # nothing quantized is left: drop the quantization config
+        quantizer.remove_quantization_config(model)
+    return replaced
+
+
+def _check_exportable(model: nn.Module) -> None:
+    """Physical compaction slices float ``nn.Linear`` weights (after ``dequantize_linears``)."""
+    for i, layer in enumerate(decoder_layers(model)):
+        for proj in ATTENTION_PROJECTIONS + MLP_PROJECTIONS:
+            owner = layer.self_attn if proj in ATTENTION_PROJECTIONS else layer.mlp
+            linear = base_linear(getattr(owner, proj))
+            if type(linear) is not nn.Linear:
+                raise NotImplementedError(
+                    f"loraprune export: layer {i} {proj} is a {type(linear).__name__}. Physical compaction slices "
+                    "float nn.Linear weights; bitsandbytes 4/8-bit bases are dequantized automatically, other "
+                    "quantized or fused layers are not supported. The run's last checkpoint holds the adapter and "
+                    "the structure masks."
+                )
+
+
+def model_layout(plans: list[LayerPlan]) -> dict[str, list[int]]:
+    """Per-layer shape lists for ``PrunedLlamaConfig``."""
+    return {
+        "num_attention_heads_per_layer": [p.num_heads for p in plans],
+        "num_key_value_heads_per_layer": [p.num_kv_heads for p in plans],
+        "intermediate_size_per_layer": [p.num_channels for p in plans],
+    }
+
+
+def _non_embedding(model: nn.Module) -> int:
+    embeddings = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
+                  for p in m.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
+
+
+def compact_and_merge(model: nn.Module) -> list[LayerPlan]:
+    """Detach the masks, dequantize a bitsandbytes base, slice every pruned layer (base and LoRA factors),
+    merge LoRA; returns the plan of every layer."""
+    masks = detach_structure_masks(model)
+    dequantize_linears(model)
+    _check_exportable(model)
+    plans = {i: plan_layer(m.shape, m.head_mask, m.channel_mask) for i, m in masks.items()}
+    all_plans = compact_model(model, plans)
+    merge_lora(model)
+    return all_plans
+
+
+def save_pruned_llama(model: nn.Module, tokenizer: Any, out_dir: Path, plans: list[LayerPlan]) -> None:
+    """Write a compacted model as a ``pruned_llama`` checkpoint that ``from_pretrained`` can rebuild.
+
+    ``config.json`` gets ``model_type: pruned_llama``, the per-layer shape lists and an ``auto_map``
+    to ``modeling_pruned_llama.py`` (a copy of ``prunedlora/models/pruned_llama.py``); the in-memory
+    model's config is replaced by that ``PrunedLlamaConfig`` too, so it describes the model.
+    """
+    base = model.config.to_dict()
+    for key in ("model_type", "architectures", "auto_map", "transformers_version", "quantization_config"):
+        base.pop(key, None)
+    config = pruned_llama.PrunedLlamaConfig(**base, **model_layout(plans))
+    config.auto_map = {"AutoConfig": f"{MODELING_FILE[:-3]}.PrunedLlamaConfig",
+                       "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.PrunedLlamaForCausalLM"}
+    model.config = config
+    save_pretrained_dir(model, tokenizer, out_dir)
+    shutil.copyfile(pruned_llama.__file__, out_dir / MODELING_FILE)
+    # save_pretrained records the in-memory class (LlamaForCausalLM); the checkpoint is the pruned one.
+    config_path = out_dir / "config.json"
+    written = json.loads(config_path.read_text())
+    written["architectures"] = ["PrunedLlamaForCausalLM"]
+    config_path.write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
+    manifest = {"layers": [p.to_dict() for p in plans]}
+    (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
+
+
+def export_loraprune(model: nn.Module, tokenizer: Any, out_dir: Path) -> dict[str, Any]:
+    """Compact, merge and save ``out_dir/model``; returns the parameter figures for ``summary.json``."""
+    lora_params = sum(p.numel() for m in lora_modules(model).values()
+                      for p in (*m.lora_A.parameters(), *m.lora_B.parameters()))
+    before = count_parameters(model)[0] - lora_params
+    plans = compact_and_merge(model)
+    after = count_parameters(model)[0]
+    non_embedding_after = _non_embedding(model)
+    non_embedding_before = non_embedding_after + (before - after)  # embeddings are never pruned
+    save_pruned_llama(model, tokenizer, out_dir / "model", plans)
+    expanded = [i for i, p in enumerate(plans) if p.expanded]
+    log.info("loraprune export: %d -> %d parameters (%.1f%% fewer); GQA expanded in layers %s",
+             before, after, 100 * (1 - after / before), expanded or "none")
+    return {
+        "params_before_export": before,
+        "params_after_export": after,
+        "params_reduction": 1 - after / before,
+        "params_non_embedding_before": non_embedding_before,
+        "params_non_embedding_after": non_embedding_after,
+        "params_non_embedding_reduction": 1 - non_embedding_after / non_embedding_before,
+        "gqa_expanded_layers": expanded,
+        **{f"exported_{k}": v for k, v in model_layout(plans).items()},
+    }
+
+
+# ------------------------------------------------------------------------------------------- method
+class LoraPruneMethod:
+    """``method=loraprune``."""
+
+    name = "loraprune"
+
+    def __init__(self, cfg: LoraPruneConfig, sparsity: SparsityConfig) -> None:
+        self.cfg = cfg
+        self.sparsity = sparsity
+        self.model: nn.Module | None = None
+        self.masks: dict[int, StructureMask] = {}
+
+    def attach(self, model: nn.Module) -> list[str]:
+        layers = decoder_layers(model)
+        names = attach_lora(model, self.cfg, self.cfg.rank)
+        prunable = prunable_layer_indices(len(layers), self.cfg.exempt_first_frac, self.cfg.exempt_last)
+        self.masks = attach_structure_masks(model, prunable)
+        self.model = model
+        if not prunable:
+            log.warning("loraprune: no prunable layer among %d (exempt_first_frac=%s, exempt_last=%d); nothing will "
+                        "be pruned", len(layers), self.cfg.exempt_first_frac, self.cfg.exempt_last)
+        log.info("loraprune: criterion %s, GQA policy %s, prunable layers %s", self.cfg.criterion,
+                 self.cfg.gqa_policy, prunable)
+        return names
+
+    def callbacks(self) -> list[Callback]:
+        if self.model is None:
+            raise RuntimeError("call attach(model) before callbacks()")
+        return [LoraPruneCallback(self.model, self.masks, self.cfg, self.sparsity)]
+
+    def parameter_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+        """The LoRA factors only: base weights (trainable-looking under ``true_gradient``) never join."""
+        params = [p for m in lora_modules(model).values() for p in (*m.lora_A.parameters(), *m.lora_B.parameters())]
+        return [{"params": params, "weight_decay": weight_decay}]
+
+    def report(self, model: nn.Module) -> dict[str, Any]:
+        """Sparsity figures and per-layer kept query heads, KV heads and channels (before export)."""
+        layers = decoder_layers(model)
+        kept_heads, kept_kv, kept_channels = [], [], []
+        for i, layer in enumerate(layers):
+            mask = self.masks.get(i)
+            if mask is None:
+                attn = layer.self_attn
+                kept_heads.append(attn.q_proj.out_features // attn.head_dim)
+                kept_kv.append(attn.k_proj.out_features // attn.head_dim)
+                kept_channels.append(layer.mlp.gate_proj.out_features)
+            else:
+                kept_heads.append(int(mask.head_mask.sum()))
+                kept_kv.append(int(mask.kv_mask().sum()))
+                kept_channels.append(int(mask.channel_mask.sum()))
+        return {
+            **sparsity_figures(self.masks),
+            "criterion": self.cfg.criterion,
+            "gqa_policy": self.cfg.gqa_policy,
+            "prunable_layers": sorted(self.masks),
+            "kept_heads_per_layer": kept_heads,
+            "kept_kv_heads_per_layer": kept_kv,
+            "kept_channels_per_layer": kept_channels,
+        }
+
+    def export(self, model: nn.Module, tokenizer: Any, out_dir: Path, base_model_id: str) -> dict[str, Any]:
+        return export_loraprune(model, tokenizer, out_dir)

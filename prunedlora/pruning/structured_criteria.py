@@ -1,0 +1,216 @@
+"""LoRAPrune's group importance (methods.md §5.2): weight-level scores, grouped, normalised, averaged.
+
+Per projection, a weight-level importance ``I`` (d_out x d_in) from one of three criteria, all
+multiplied against the effective weight ``W~ = W0 + s*BA``:
+
+- ``lora_guided`` (default, the paper's): ``|G^ ⊙ W~|`` with the LoRA-guided gradient estimate
+  ``G^ = G_B A + B G_A - G_B G_A``, minus one SGD step's change of ``BA`` at step size 1:
+  ``B'A' - BA = -(G_B A + B G_A) + G_B G_A`` for ``B' = B - G_B``, ``A' = A - G_A``. Only LoRA weights
+  and LoRA gradients are needed: the frozen ``W0`` never gets a gradient. ``G^`` is not multiplied by
+  ``s`` (as the authors' code; methods.md §8 item 14: it cannot change rankings after the per-module
+  normalisation).
+- ``magnitude``: ``|W~|``.
+- ``true_gradient`` (LLM-Pruner style, the memory baseline): ``|dL/dW0 ⊙ W~|``. It needs the base
+  weights' gradients, so the targeted base weights get ``requires_grad`` (kept out of the optimizer):
+  autograd then computes and keeps a full ``d_out x d_in`` gradient for each of them, i.e. one more
+  copy of every prunable projection (fp32: 4 bytes per parameter, ~0.37 GB for SmolLM2-135M's 26
+  prunable layers, ~23 GB for LLaMA-7B's 28; half that in bf16), plus the weight-gradient GEMMs in the
+  backward pass. Checkpoints of such runs also hold those base weights (they look trainable).
+
+``score_power`` 2 squares ``I`` (the paper's Taylor form) instead of taking the absolute value (the
+code's). Then, per decoder layer (steps of §5.2):
+
+1. row sums of ``I`` for q/k/v/gate/up, column sums for o/down;
+2. sums within each head (``head_dim`` consecutive features);
+3. L2 normalisation of each module's group vector (``eps = 1e-8``);
+4. head score = q + o of the query head + (k + v) of its KV head (``gqa_policy=query_head``), or
+   per KV group the sum of its query heads' q + o plus its k + v (``kv_group``); channel score =
+   gate + up + down.
+
+``G^`` and ``W~`` are formed per module and dropped at once, so the extra peak memory of
+``lora_guided`` scoring is a few ``d_out x d_in`` float32 matrices, one module at a time.
+
+All gradients are the ones the loop hands ``on_before_optimizer_step``: of the mean loss, averaged over
+accumulation, unscaled and unclipped (``G_B G_A`` is quadratic in the loss scale, so scaled fp16
+gradients would change the balance of the terms).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from prunedlora.adapters.lora import LoRALinear
+from prunedlora.config import LORAPRUNE_CRITERIA
+from prunedlora.distributed import full_grad
+from prunedlora.pruning.structure import AttentionShape
+
+NORM_EPS = 1e-8
+
+
+# ---------------------------------------------------------------------------------- weights, grads
+def base_linear(module: nn.Module) -> nn.Module:
+    """The frozen base linear of a projection (the module itself when it has no adapter)."""
+    return module.base_layer if isinstance(module, LoRALinear) else module
+
+
+def dense_weight(linear: nn.Module) -> torch.Tensor:
+    """A float32 copy of ``W0`` (d_out, d_in); bitsandbytes 4/8-bit weights are dequantized."""
+    weight = linear.weight
+    kind = type(weight).__name__  # name check: no bitsandbytes import unless the base is quantized
+    if kind == "Params4bit":
+        import bitsandbytes.functional as bnbf
+
+        if getattr(weight.quant_state, "packing_format_for_cpu", False):
+            # bitsandbytes 0.50 repacks 4-bit weights for its AVX512-bf16 CPU kernel at the first eval-mode
+            # forward without gradients; dequantize_4bit cannot read that layout. Its state_dict() restores the
+            # standard packing in place (as before any save), but lossily (max weight error ~0.03 measured on
+            # the tiny model). Training forwards never repack, so scores and exports after training are exact.
+            linear.state_dict()
+            weight = linear.weight
+        return bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
+    if kind == "Int8Params":
+        from peft.utils.integrations import dequantize_bnb_weight
+
+        # after the first forward the row scales live in the layer's matmul state, not on the weight
+        return dequantize_bnb_weight(weight, state=linear.state).float()
+    return weight.detach().to(torch.float32, copy=True)  # a copy: callers modify it in place
+
+
+def effective_weight(module: nn.Module) -> torch.Tensor:
+    """``W~ = W0 + s*BA`` (float32, (d_out, d_in)); ``W0`` for a projection without an adapter."""
+    weight = dense_weight(base_linear(module))
+    if isinstance(module, LoRALinear) and not module.merged:
+        weight = weight + module.delta_weight().detach()
+    return weight
+
+
+def lora_guided_gradient(module: LoRALinear) -> torch.Tensor | None:
+    """``G^ = G_B A + B G_A - G_B G_A`` (float32, (d_out, d_in)); None before any backward."""
+    # full_grad: under DeepSpeed ZeRO >= 1 `.grad` is None and the gradient lives in DeepSpeed's partitions.
+    g_a, g_b = full_grad(module.lora_A.weight), full_grad(module.lora_B.weight)
+    if g_a is None or g_b is None:
+        return None
+    a = module.lora_A.weight.detach().float()  # (r, d_in)
+    b = module.lora_B.weight.detach().float()  # (d_out, r)
+    g_a, g_b = g_a.float(), g_b.float()
+    # G_B A + B G_A - G_B G_A == G_B (A - G_A) + B G_A: two GEMMs instead of three.
+    return g_b @ (a - g_a) + b @ g_a
+
+
+def _lora_guided(module: nn.Module) -> torch.Tensor | None:
+    if not isinstance(module, LoRALinear):
+        return None
+    g_hat = lora_guided_gradient(module)
+    return None if g_hat is None else g_hat.mul_(effective_weight(module))
+
+
+def _magnitude(module: nn.Module) -> torch.Tensor | None:
+    return effective_weight(module)
+
+
+def _true_gradient(module: nn.Module) -> torch.Tensor | None:
+    grad = full_grad(base_linear(module).weight)
+    return None if grad is None else grad.float() * effective_weight(module)
+
+
+WEIGHT_SCORES: dict[str, Callable[[nn.Module], torch.Tensor | None]] = {
+    "lora_guided": _lora_guided,
+    "magnitude": _magnitude,
+    "true_gradient": _true_gradient,
+}
+"""criterion -> signed weight-level product (``G ⊙ W~`` or ``W~``); None when its inputs are missing."""
+assert tuple(WEIGHT_SCORES) == LORAPRUNE_CRITERIA
+
+
+def weight_importance(module: nn.Module, criterion: str, power: int = 1) -> torch.Tensor | None:
+    """``I = |score|`` (power 1) or ``score**2`` (power 2), float32 (d_out, d_in); None if unavailable."""
+    score = WEIGHT_SCORES[criterion](module)
+    if score is None:
+        return None
+    score = score.abs_()
+    return score if power == 1 else score.pow_(power)
+
+
+def feature_importance(module: nn.Module, criterion: str, power: int, dim: int) -> torch.Tensor | None:
+    """Row sums (``dim=0``: per output feature) or column sums (``dim=1``: per input feature) of ``I``."""
+    importance = weight_importance(module, criterion, power)
+    if importance is None:
+        return None
+    return importance.sum(dim=1 - dim)  # (d_out,) or (d_in,)
+
+
+# ------------------------------------------------------------------------------------------ groups
+def group_sum(features: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(n * g,) -> (n,): sum consecutive features of one head."""
+    return features.view(-1, group_size).sum(dim=1)
+
+
+def l2_normalise(vector: torch.Tensor, eps: float = NORM_EPS) -> torch.Tensor:
+    return vector / (vector.norm() + eps)
+
+
+def head_scores(attn: nn.Module, shape: AttentionShape, criterion: str, power: int, policy: str) -> torch.Tensor | None:
+    """Importance of each pruning unit of one attention module: query heads, or KV groups for ``kv_group``.
+
+    Returns (n_q,) or (n_kv,); None when a criterion input is missing (e.g. no gradient yet).
+    """
+    d, g = shape.head_dim, shape.group_size
+    parts = {}
+    for name, dim in (("q_proj", 0), ("k_proj", 0), ("v_proj", 0), ("o_proj", 1)):
+        features = feature_importance(getattr(attn, name), criterion, power, dim)
+        if features is None:
+            return None
+        parts[name] = l2_normalise(group_sum(features, d))  # (n_q,) for q/o, (n_kv,) for k/v
+    per_query = parts["q_proj"] + parts["o_proj"]  # (n_q,)
+    per_kv = parts["k_proj"] + parts["v_proj"]  # (n_kv,)
+    if policy == "kv_group":
+        return per_query.view(shape.num_kv_heads, g).sum(dim=1) + per_kv
+    return per_query + per_kv.repeat_interleave(g)
+
+
+def channel_scores(mlp: nn.Module, criterion: str, power: int) -> torch.Tensor | None:
+    """Importance of each MLP intermediate channel, (m,): normalised gate + up + down."""
+    total = None
+    for name, dim in (("gate_proj", 0), ("up_proj", 0), ("down_proj", 1)):
+        features = feature_importance(getattr(mlp, name), criterion, power, dim)
+        if features is None:
+            return None
+        total = l2_normalise(features) if total is None else total + l2_normalise(features)
+    return total
+
+
+
+# --------------------------------------------------------------------------------------------- EMA
+class GroupEma:
+    """Moving average ``S_t = lambda S_{t-1} + (1 - lambda) s_t`` per named group vector, from zero.
+
+    A vector with a NaN or inf entry is not averaged in (that step is skipped for that vector), as the
+    authors' code does for NaN.
+    """
+
+    def __init__(self, decay: float) -> None:
+        self.decay = decay
+        self.values: dict[str, torch.Tensor] = {}
+
+    def update(self, key: str, score: torch.Tensor) -> bool:
+        """Average ``score`` into ``key``; returns False (and changes nothing) when it is not finite."""
+        if not bool(torch.isfinite(score).all()):  # host sync, once per group vector per step
+            return False
+        previous = self.values.get(key)
+        base = torch.zeros_like(score) if previous is None else previous
+        self.values[key] = self.decay * base + (1.0 - self.decay) * score.detach()
+        return True
+
+    def get(self, key: str, like: torch.Tensor) -> torch.Tensor:
+        """The average for ``key``, zeros shaped like ``like`` if it was never updated."""
+        value = self.values.get(key)
+        return torch.zeros_like(like, dtype=torch.float32) if value is None else value
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.values.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], device: torch.device | None = None) -> None:
+        self.values = {k: v.to(device) if device is not None else v.clone() for k, v in state.items()}
