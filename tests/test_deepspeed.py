@@ -57,7 +57,7 @@ def test_zero2_resume_from_its_own_checkpoint(tmp_path: Path, data_root: Path) -
 def test_torchrun_two_ranks_zero2(tmp_path: Path, data_root: Path) -> None:
     run_dir = tmp_path / "ddp"
     proc = subprocess.run(
-        [str(BIN / "torchrun"), "--nproc_per_node=2", "--master_port=0", str(BIN / "prunedlora-train"), *ARGS,
+        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(BIN / "prunedlora-train"), *ARGS,
          "distributed=deepspeed_zero2", f"hydra.run.dir={run_dir}"],
         env=cli_env(data_root), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
