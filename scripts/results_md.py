@@ -24,7 +24,8 @@ def machine_description() -> str:
                                 check=False).stdout.strip()
     except OSError:
         commit = "unknown"
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
+    cpu = f"CPU ({platform.processor() or platform.machine()})"
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else cpu
     return (f"{device}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
             f"Python {platform.python_version()}, commit {commit or 'unknown'}")
 

@@ -290,46 +290,19 @@ def test_cli_run_end_to_end(tmp_path: Path, data_root: Path) -> None:
 
 
 # ----------------------------------------------------------------------------------- recipe resume
-class Interrupted(Exception):
-    pass
-
-
 @pytest.mark.slow  # three tiny runs through the recipe (data, export): seconds
 def test_recipe_resume_mid_budget_equals_an_uninterrupted_run(data_root: Path, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Crash in step 6 (after a checkpoint at 5, with EMAs and a rank pattern), resume: same losses and ranks."""
-    from hydra import compose, initialize_config_module
-    from omegaconf import OmegaConf
+    from recipe_helpers import TINY_OVERRIDES, compose_root, crash_then_resume, metric_records
 
-    from prunedlora.config import register_configs
-    from prunedlora.data import batching
     from prunedlora.train.recipe import run
 
-    register_configs()
-    overrides = ["model=tiny", "method=adalora", "method.init_rank=8", "method.delta_t=2", "task=gsm8k",
-                 "train.max_steps=12", "train.save_every=5", "train.grad_accum=2", "train.batch_size=2",
-                 "train.seq_len=512", "task.max_samples=64", "eval.enabled=false", "logging.progress=false",
-                 f"data.root={data_root}", "data.hub=false"]
-    with initialize_config_module(version_base="1.3", config_module="prunedlora.configs"):
-        cfg = OmegaConf.to_object(compose("config", overrides=overrides))
+    cfg = compose_root([*TINY_OVERRIDES, "method=adalora", "method.init_rank=8", "method.delta_t=2",
+                        "train.max_steps=12", "train.save_every=5", "train.grad_accum=2"], data_root)
     full = run(cfg, tmp_path / "full")
-
-    original, calls = batching.ResumableBatches.next_batch, {"n": 0}
-
-    def crash_in_step_six(self):
-        calls["n"] += 1
-        if calls["n"] > 5 * 2 + 1:
-            raise Interrupted
-        return original(self)
-
-    monkeypatch.setattr(batching.ResumableBatches, "next_batch", crash_in_step_six)
-    with pytest.raises(Interrupted):
-        run(cfg, tmp_path / "resumed")
-    monkeypatch.setattr(batching.ResumableBatches, "next_batch", original)
-    resumed = run(cfg, tmp_path / "resumed")
-
-    def records(name: str) -> list[dict]:
-        return [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    resumed = crash_then_resume(cfg, tmp_path / "resumed", 5 * 2 + 1, monkeypatch)
+    records = lambda name: metric_records(tmp_path / name)  # noqa: E731
 
     assert [r["loss"] for r in records("resumed")] == pytest.approx([r["loss"] for r in records("full")], abs=1e-6)
     assert [r["active_rank"] for r in records("resumed")] == [r["active_rank"] for r in records("full")]

@@ -76,8 +76,8 @@ def test_sigterm_checkpoints_and_the_restart_resumes_to_the_same_loss(tmp_path: 
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     straight = run_cli(["prunedlora-train", *args, f"hydra.run.dir={tmp_path / 'straight'}"], data_root)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    loss = lambda d: json.loads((d / "summary.json").read_text())["final_loss"]
-    assert loss(victim_dir) == pytest.approx(loss(tmp_path / "straight"), abs=1e-6)
+    final = [json.loads((d / "summary.json").read_text())["final_loss"] for d in (victim_dir, tmp_path / "straight")]
+    assert final[0] == pytest.approx(final[1], abs=1e-6)
 
 
 

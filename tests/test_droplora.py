@@ -300,48 +300,20 @@ def test_config_validation_and_mask_modules() -> None:
     assert layer(z) is z  # p = 0: plain LoRA
 
 
-class Interrupted(Exception):
-    pass
-
-
 @pytest.mark.slow  # three tiny runs through the recipe (data, export): seconds
 def test_recipe_resume_in_rank_mode_equals_an_uninterrupted_run(data_root: Path, tmp_path: Path,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Crash in step 4 after a checkpoint at 3, resume: the same masks, so the same losses (rank mode, accum 2)."""
-    from hydra import compose, initialize_config_module
-    from omegaconf import OmegaConf
+    from recipe_helpers import TINY_OVERRIDES, compose_root, crash_then_resume, metric_records
 
-    from prunedlora.config import register_configs
-    from prunedlora.data import batching
     from prunedlora.train.recipe import run
 
-    register_configs()
-    overrides = ["model=tiny", "method=droplora", "method.mask_mode=rank", "method.dropout=0.0", "task=gsm8k",
-                 "train.max_steps=6", "train.save_every=3", "train.grad_accum=2", "train.batch_size=2",
-                 "train.seq_len=512", "task.max_samples=64", "eval.enabled=false", "logging.progress=false",
-                 f"data.root={data_root}", "data.hub=false"]
-    with initialize_config_module(version_base="1.3", config_module="prunedlora.configs"):
-        cfg = OmegaConf.to_object(compose("config", overrides=overrides))
+    cfg = compose_root([*TINY_OVERRIDES, "method=droplora", "method.mask_mode=rank", "method.dropout=0.0",
+                        "train.max_steps=6", "train.save_every=3", "train.grad_accum=2"], data_root)
     run(cfg, tmp_path / "full")
-
-    original, calls = batching.ResumableBatches.next_batch, {"n": 0}
-
-    def crash_in_step_four(self):
-        calls["n"] += 1
-        if calls["n"] > 3 * 2 + 1:
-            raise Interrupted
-        return original(self)
-
-    monkeypatch.setattr(batching.ResumableBatches, "next_batch", crash_in_step_four)
-    with pytest.raises(Interrupted):
-        run(cfg, tmp_path / "resumed")
-    monkeypatch.setattr(batching.ResumableBatches, "next_batch", original)
-    run(cfg, tmp_path / "resumed")
-
-    def losses(name: str) -> list[float]:
-        return [json.loads(x)["loss"] for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-
-    assert losses("resumed") == pytest.approx(losses("full"), abs=1e-6)
+    crash_then_resume(cfg, tmp_path / "resumed", 3 * 2 + 1, monkeypatch)
+    losses = [[r["loss"] for r in metric_records(tmp_path / d)] for d in ("resumed", "full")]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- e2e

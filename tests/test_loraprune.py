@@ -356,44 +356,17 @@ def test_masks_and_ema_resume_from_a_checkpoint() -> None:
         assert torch.equal(fresh_method.masks[i].head_mask, method.masks[i].head_mask)
 
 
-class Interrupted(Exception):
-    pass
-
-
 def test_recipe_resume_restores_masks_and_ema(data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Crash in step 5 after a checkpoint at 4 (events every 2 steps), resume: same losses, masks, export."""
-    from hydra import compose, initialize_config_module
-    from omegaconf import OmegaConf
+    from recipe_helpers import TINY_OVERRIDES, compose_root, crash_then_resume, metric_records
 
-    from prunedlora.config import register_configs
-    from prunedlora.data import batching
     from prunedlora.train.recipe import run
 
-    register_configs()
-    overrides = ["model=tiny", "model.tiny.num_hidden_layers=3", "method=loraprune", "task=gsm8k",
-                 "train.max_steps=8", "train.save_every=4", "train.batch_size=2", "train.seq_len=512",
-                 "train.num_threads=1", "task.max_samples=32", "sparsity.every=2", "eval.enabled=false",
-                 "logging.progress=false", f"data.root={data_root}", "data.hub=false"]
-    with initialize_config_module(version_base="1.3", config_module="prunedlora.configs"):
-        cfg = OmegaConf.to_object(compose("config", overrides=overrides))
+    cfg = compose_root([*TINY_OVERRIDES, "model.tiny.num_hidden_layers=3", "method=loraprune", "train.max_steps=8",
+                        "train.save_every=4", "task.max_samples=32", "sparsity.every=2"], data_root)
     full = run(cfg, tmp_path / "full")
-
-    original, calls = batching.ResumableBatches.next_batch, {"n": 0}
-
-    def crash_in_step_five(self):
-        calls["n"] += 1
-        if calls["n"] > 4:  # grad_accum 1: the fifth batch is step 5
-            raise Interrupted
-        return original(self)
-
-    monkeypatch.setattr(batching.ResumableBatches, "next_batch", crash_in_step_five)
-    with pytest.raises(Interrupted):
-        run(cfg, tmp_path / "resumed")
-    monkeypatch.setattr(batching.ResumableBatches, "next_batch", original)
-    resumed = run(cfg, tmp_path / "resumed")
-
-    def records(name: str) -> list[dict]:
-        return [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    resumed = crash_then_resume(cfg, tmp_path / "resumed", 4, monkeypatch)  # the fifth batch is step 5
+    records = lambda name: metric_records(tmp_path / name)  # noqa: E731
 
     for a, b in zip(records("full"), records("resumed"), strict=True):
         assert (a["loss"], a["sparsity"]) == pytest.approx((b["loss"], b["sparsity"]), abs=1e-6)

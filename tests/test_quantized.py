@@ -6,7 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from test_train import TINY_OVERRIDES, compose_root
+from recipe_helpers import TINY_OVERRIDES, compose_root
 
 from prunedlora.config import ConfigError, RootConfig
 from prunedlora.methods import METHODS
@@ -18,8 +18,8 @@ REFUSES_QUANTIZED = {"salr"}
 
 
 def _cfg(method: str, data_root: Path) -> RootConfig:
-    cfg = compose_root([*TINY_OVERRIDES, f"method={method}", "model.quantization=nf4", "train.optimizer=adamw8bit"])
-    cfg.data.root, cfg.data.hub = str(data_root), False
+    cfg = compose_root([*TINY_OVERRIDES, f"method={method}", "model.quantization=nf4", "train.optimizer=adamw8bit"],
+                       data_root)
     extra = {"adalora": 40, "prunedlora": 20, "loraprune": 20}.get(method, 3)
     return replace(cfg, train=replace(cfg.train, max_steps=extra, save_every=1000))
 

@@ -8,34 +8,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_module
-from omegaconf import OmegaConf
+from recipe_helpers import TINY_OVERRIDES, compose_root, crash_then_resume, metric_records
 
-from prunedlora.config import ConfigError, RootConfig, TrainConfig, register_configs
+from prunedlora.config import ConfigError, RootConfig, TrainConfig
 from prunedlora.methods.base import Callback
 from prunedlora.train.engine import TorchEngine
 from prunedlora.train.loop import MetricsWriter, train_loop
 from prunedlora.train.optim import build_scheduler
 from prunedlora.train.recipe import run
 
-TINY_OVERRIDES = [
-    "model=tiny", "method=lora", "task=gsm8k", "train.batch_size=2", "train.seq_len=512",
-    "task.max_samples=64", "eval.enabled=false", "logging.progress=false",
-]
-
-
-def compose_root(overrides: list[str]) -> RootConfig:
-    register_configs()
-    with initialize_config_module(version_base="1.3", config_module="prunedlora.configs"):
-        return OmegaConf.to_object(compose("config", overrides=overrides))
-
 
 @pytest.fixture
 def tiny_cfg(data_root: Path) -> RootConfig:
-    cfg = compose_root(TINY_OVERRIDES)
-    cfg.data.root = str(data_root)
-    cfg.data.hub = False
-    return cfg
+    return compose_root(TINY_OVERRIDES, data_root)
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -144,38 +129,18 @@ def test_callbacks_fire_once_per_optimizer_step_under_accumulation(tmp_path: Pat
 
 
 # ---------------------------------------------------------------------------------------- resume
-class Interrupted(Exception):
-    pass
-
-
 def test_resume_gives_the_same_final_loss_as_an_uninterrupted_run(tiny_cfg: RootConfig, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """3 steps + crash + resume + 3 steps == 6 uninterrupted steps (fp32, within 1e-6)."""
     cfg = replace(tiny_cfg, train=replace(tiny_cfg.train, max_steps=6, save_every=3, grad_accum=2),
                   method=replace(tiny_cfg.method, dropout=0.1))  # dropout: the RNG state must resume too
     full = run(cfg, tmp_path / "full")
-
-    from prunedlora.data import batching
-
-    original = batching.ResumableBatches.next_batch
-    calls = {"n": 0}
-
-    def crash_after_three_steps(self):
-        calls["n"] += 1
-        if calls["n"] > 3 * cfg.train.grad_accum + 1:  # mid-way through step 4
-            raise Interrupted
-        return original(self)
-
-    monkeypatch.setattr(batching.ResumableBatches, "next_batch", crash_after_three_steps)
-    with pytest.raises(Interrupted):
-        run(cfg, tmp_path / "resumed")
-    monkeypatch.setattr(batching.ResumableBatches, "next_batch", original)
-    assert (tmp_path / "resumed" / "checkpoints" / "step_0000003").is_dir()
-    resumed = run(cfg, tmp_path / "resumed")
+    # Crash mid-way through step 4 (checkpoint at 3), then rerun the same config in the same directory.
+    resumed = crash_then_resume(cfg, tmp_path / "resumed", 3 * cfg.train.grad_accum + 1, monkeypatch)
 
     assert resumed["final_loss"] == pytest.approx(full["final_loss"], abs=1e-6)
-    losses = lambda d: [json.loads(x)["loss"] for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
-    assert losses("resumed") == pytest.approx(losses("full"), abs=1e-6)
+    losses = [[r["loss"] for r in metric_records(tmp_path / d)] for d in ("resumed", "full")]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
 
 
 def test_run_dir_with_a_different_config_is_refused(tiny_cfg: RootConfig, tmp_path: Path) -> None:

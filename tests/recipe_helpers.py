@@ -1,0 +1,58 @@
+"""Helpers for tests that drive the training recipe in-process: compose a config, crash and resume a run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from prunedlora.config import RootConfig, register_configs
+from prunedlora.data import batching
+from prunedlora.train.recipe import run
+
+# The tiny model on real GSM8K (512 byte-tokens fit a question and its answer), no evaluation.
+TINY_OVERRIDES = [
+    "model=tiny", "method=lora", "task=gsm8k", "train.batch_size=2", "train.seq_len=512",
+    "task.max_samples=64", "eval.enabled=false", "logging.progress=false",
+]
+
+
+def compose_root(overrides: list[str], data_root: Path | None = None) -> RootConfig:
+    """The typed config for ``overrides`` (reading the local mirror ``data_root`` only, when given)."""
+    register_configs()
+    with initialize_config_module(version_base="1.3", config_module="prunedlora.configs"):
+        cfg = OmegaConf.to_object(compose("config", overrides=overrides))
+    if data_root is not None:
+        cfg.data.root, cfg.data.hub = str(data_root), False
+    return cfg
+
+
+class Interrupted(Exception):
+    """Stands in for a crash or a kill in the middle of training."""
+
+
+def crash_then_resume(cfg: RootConfig, run_dir: Path, crash_after_batches: int,
+                      monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Run until micro-batch ``crash_after_batches + 1`` is drawn (it raises), then run again to the end."""
+    original, drawn = batching.ResumableBatches.next_batch, {"n": 0}
+
+    def crashing_next_batch(self):
+        drawn["n"] += 1
+        if drawn["n"] > crash_after_batches:
+            raise Interrupted
+        return original(self)
+
+    monkeypatch.setattr(batching.ResumableBatches, "next_batch", crashing_next_batch)
+    with pytest.raises(Interrupted):
+        run(cfg, run_dir)
+    monkeypatch.setattr(batching.ResumableBatches, "next_batch", original)
+    return run(cfg, run_dir)
+
+
+def metric_records(run_dir: Path) -> list[dict[str, Any]]:
+    """The parsed lines of ``run_dir/metrics.jsonl``."""
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
