@@ -51,9 +51,11 @@ def _report_errors(fn: Callable[[RootConfig, Path], Any], cfg: DictConfig) -> An
 
 @hydra.main(version_base="1.3", config_path="pkg://prunedlora.configs", config_name="config")
 def _train(cfg: DictConfig) -> float | None:
+    from prunedlora.train.engine import release_between_jobs
     from prunedlora.train.recipe import run  # lazy: keeps `--help` and config errors fast
 
     summary = _report_errors(run, cfg)
+    release_between_jobs()  # the run's model and optimizer are gone now; return their GPU memory
     return summary.get("final_loss") if summary else None  # the value a sweeper optimises
 
 

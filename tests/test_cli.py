@@ -114,3 +114,18 @@ def test_wheel_ships_the_config_tree(tmp_path: Path) -> None:
                    "prunedlora/configs/method/lora.yaml", "prunedlora/configs/experiment/quickstart.yaml",
                    "prunedlora/configs/hydra/launcher/slurm.yaml", "prunedlora/cli.py"):
         assert member in names, member
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_logs_without_network(tmp_path: Path, data_root: Path) -> None:
+    run_dir = tmp_path / "run"
+    env = {**cli_env(data_root), "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_SILENT": "true"}
+    env.pop("WANDB_API_KEY", None)
+    proc = subprocess.run([str(BIN / "prunedlora-train"), *TINY, "method=prunedlora", "method.init_rank=8",
+                           "method.rank=4", "sparsity.every=1", "train.max_steps=3", "eval.tasks=[wikitext2]",
+                           "eval.limit=1", "eval.seqlen=64", "logging.wandb=true", f"hydra.run.dir={run_dir}"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    offline_runs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(offline_runs) == 1 and offline_runs[0].stat().st_size > 0
+    assert (run_dir / "checkpoints" / "wandb_id").is_file()

@@ -54,13 +54,28 @@ def test_zero2_resume_from_its_own_checkpoint(tmp_path: Path, data_root: Path) -
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_zero2(tmp_path: Path, data_root: Path) -> None:
+@pytest.mark.parametrize("method", ["lora", "prunedlora"])
+def test_torchrun_two_ranks_zero2(tmp_path: Path, data_root: Path, method: str) -> None:
     run_dir = tmp_path / "ddp"
+    extra = ["method.init_rank=8", "method.rank=4", "sparsity.every=2", "sparsity.per_event=2"] \
+        if method == "prunedlora" else []
     proc = subprocess.run(
         [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(BIN / "prunedlora-train"), *ARGS,
-         "distributed=deepspeed_zero2", f"hydra.run.dir={run_dir}"],
+         f"method={method}", *extra, "distributed=deepspeed_zero2", f"hydra.run.dir={run_dir}"],
         env=cli_env(data_root), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 4 and len(losses(run_dir)) == 4  # one writer: rank 0
     assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    if method == "prunedlora":  # pruned to the target on both ranks alike, exported once
+        assert set(summary["ranks"].values()) == {4}
+
+
+@pytest.mark.slow
+def test_one_process_multirun_of_deepspeed_jobs(tmp_path: Path, data_root: Path) -> None:
+    """The basic launcher runs sweep jobs one after another in one process: each gets a fresh group and dir."""
+    sweep = tmp_path / "sweep"
+    proc = run_cli(["prunedlora-train", "-m", *ARGS, "train.max_steps=2", "distributed=deepspeed_zero2",
+                    "train.seed=1,2", f"hydra.sweep.dir={sweep}"], data_root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.parent.name for p in sweep.glob("*/summary.json")) == ["0", "1"]

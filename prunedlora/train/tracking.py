@@ -8,6 +8,7 @@ requeued job continues the same wandb run. ``reinit="finish_previous"`` and ``fi
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ def start_wandb(cfg: LoggingConfig, run_dir: Path, config: dict[str, Any], name:
     import wandb  # lazy: optional at run time, slow to import
 
     id_file = run_dir / "checkpoints" / WANDB_ID_FILE
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
     id_file.parent.mkdir(parents=True, exist_ok=True)
     id_file.write_text(run_id + "\n")
     return wandb.init(
