@@ -1,37 +1,23 @@
-"""Evaluation: answer extraction, token-level perplexity math, GSM8K scoring and the runner's files."""
+"""Evaluation: token-level perplexity math and speed path, the runner's files, prunedlora-eval loading, wandb."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
-import re
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from prunedlora.config import ConfigError, DataConfig, EvalConfig, TinyModelConfig
 from prunedlora.eval import runner
-from prunedlora.eval.gsm8k import (
-    answers_match,
-    build_prompt,
-    extract_flexible,
-    extract_strict,
-    gsm8k_exact_match,
-    normalize_number,
-    truncate_at_stop,
-)
 from prunedlora.eval.perplexity import make_windows, token_perplexity, tokenize_text
 from prunedlora.models.tiny import BOS_ID, build_byte_tokenizer, build_tiny_llama
 
 TEXT = ("The quick brown fox jumps over the lazy dog. " * 40).strip()  # 1799 chars -> 1800 tokens with BOS
-RECORDS = [
-    {"question": "What is 2+2?", "answer": "2+2=4\n#### 4"},
-    {"question": "How many apples?", "answer": "She has 1,000 apples.\n#### 1,000"},
-]
 
 
 def _mirror() -> Path:
@@ -68,44 +54,6 @@ class CountingTokenizer:
     def __call__(self, *args, **kwargs):
         self.calls += 1
         return self.tok(*args, **kwargs)
-
-
-# ---------------------------------------------------------------------------------------- extraction
-def test_extract_strict():
-    assert extract_strict("so 1000 + 234 = 1234\n#### 1,234") == "1234"
-    assert extract_strict("#### 5.") == "5"
-    assert extract_strict("#### 12\n\n#### 13") == "12"  # the first one, as lm-eval's take_first
-    assert extract_strict("#### -3") == "-3"
-    assert extract_strict("The answer is 42.") is None
-    assert extract_strict("no numbers here") is None
-
-
-def test_extract_flexible():
-    assert extract_flexible("The answer is 42.") == "42"
-    assert extract_flexible("first 3 then 7, finally $1,250.") == "1250"
-    assert extract_flexible("x = -8") == "-8"
-    assert extract_flexible("no number at all...") is None
-    assert extract_flexible("") is None
-    assert extract_flexible("it is 12...") == "12"  # a trailing ellipsis does not hide the number
-
-
-def test_normalize_and_match():
-    assert normalize_number("1,000") == "1000"
-    assert normalize_number(" $1,000. ") == "1000"
-    assert normalize_number("5.0") == "5"
-    assert normalize_number("0.50") == "0.5"
-    assert normalize_number("-0") == "0"
-    assert normalize_number("Abc") == "abc"
-    assert answers_match("5", "5.00") and answers_match("1000", "1000")
-    assert not answers_match("4", "5") and not answers_match(None, "5")
-    assert answers_match("abc", "ABC")
-
-
-def test_prompt_format_and_stop():
-    p = build_prompt("Q2?", [{"question": "Q1?", "answer": "A1\n#### 1"}])
-    assert p == "Question: Q1?\nAnswer: A1\n#### 1\n\nQuestion: Q2?\nAnswer:"
-    assert truncate_at_stop(" 4\n#### 4\n\nQuestion: x", ("Question:", "\n\n")) == " 4\n#### 4"
-    assert truncate_at_stop("abc", ("Question:",)) == "abc"
 
 
 # ---------------------------------------------------------------------------------------- perplexity
@@ -174,125 +122,267 @@ def test_training_mode_restored(tiny, tok):
     assert not tiny.training
 
 
-# --------------------------------------------------------------------------------------------- gsm8k
-def test_gsm8k_runs_on_tiny_model(tiny, tok):
-    side = tok.padding_side
-    out = gsm8k_exact_match(tiny, tok, RECORDS, fewshot=RECORDS[:1], max_gen_toks=8, batch_size=2,
-                            progress=False)
-    assert out["n"] == 2 and len(out["samples"]) == 2
-    assert 0.0 <= out["exact_match_strict"] <= 1.0 and 0.0 <= out["exact_match_flexible"] <= 1.0
-    assert tok.padding_side == side
-    assert {"question", "gold", "generation", "pred"} <= set(out["samples"][0])
-    assert out["samples"][1]["gold"] == "1000"
+class ScaledLM(torch.nn.Module):
+    """A causal LM whose logits are NOT ``head(decoder(x))``: ``forward`` scales them (as Cohere's logit_scale)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def get_decoder(self):
+        return self.inner.get_decoder()
+
+    def get_output_embeddings(self):
+        return self.inner.get_output_embeddings()
+
+    def forward(self, input_ids, **kwargs):
+        logits = self.inner(input_ids=input_ids, **kwargs).logits
+        return SimpleNamespace(logits=20.0 * logits)
 
 
-def _fake_generate(tok, reply):
-    """A ``generate`` that answers each prompt with ``reply(gold_answer)`` followed by junk past a stop."""
-    gold = {r["question"]: r["answer"] for r in RECORDS}
+def test_split_head_path_equals_full_logits(tiny, tok):
+    from prunedlora.eval import perplexity
 
-    def generate(input_ids, attention_mask=None, max_new_tokens=None, **kwargs):
-        rows = []
-        for row in input_ids.tolist():
-            prompt = tok.decode(row, skip_special_tokens=True)
-            q = re.findall(r"Question: (.*?)\nAnswer:", prompt)[-1]
-            rows.append(tok(" " + reply(gold[q]) + "\n\nQuestion: junk #### 999", add_special_tokens=False)["input_ids"])
-        width = max(map(len, rows))
-        new = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
-        return torch.cat([input_ids, new], dim=1)
-
-    return generate
+    windows = make_windows(tokenize_text(tok, TEXT), 100, 6)
+    with torch.inference_mode():
+        split = perplexity.nll_sum_split(tiny.get_decoder(), tiny.get_output_embeddings(), windows)
+        full = perplexity.nll_sum_full_logits(tiny, windows)
+    assert split == pytest.approx(full, rel=1e-6)
 
 
-@pytest.mark.parametrize(
-    "reply, strict, flexible",
-    [
-        (lambda a: a, 1.0, 1.0),  # the gold text itself, "#### N" included
-        (lambda a: "The answer is " + a.split("#### ")[-1] + ".", 0.0, 1.0),  # no "####": only flexible
-        (lambda a: "#### 7", 0.0, 0.0),
-    ],
-)
-def test_gsm8k_scoring_with_fake_generate(tiny, tok, monkeypatch, reply, strict, flexible):
-    monkeypatch.setattr(tiny, "generate", _fake_generate(tok, reply))
-    out = gsm8k_exact_match(tiny, tok, RECORDS, fewshot=[], max_gen_toks=8, batch_size=2, progress=False)
-    assert out["exact_match_strict"] == strict and out["exact_match_flexible"] == flexible
-    assert all("junk" not in s["generation"] for s in out["samples"])
+def test_chunked_reduction_equals_one_shot(tiny, tok, monkeypatch):
+    from prunedlora.eval import perplexity
+
+    ref = token_perplexity(tiny, tok, TEXT, seqlen=100, limit=4, progress=False)["nll"]
+    monkeypatch.setattr(perplexity, "CHUNK_ELEMENTS", 259 * 7)  # 7 tokens per chunk, ragged last chunk
+    assert token_perplexity(tiny, tok, TEXT, seqlen=100, limit=4, progress=False)["nll"] == pytest.approx(ref, rel=1e-6)
+
+
+def test_model_whose_logits_are_not_head_of_decoder_falls_back(tiny, tok, caplog):
+    scaled = ScaledLM(tiny)
+    ids = tokenize_text(tok, TEXT)
+    with caplog.at_level(logging.WARNING, logger="prunedlora.eval.perplexity"):
+        out = token_perplexity(scaled, tok, TEXT, seqlen=64, limit=3, progress=False)
+    assert out["nll"] == pytest.approx(_reference_nll(scaled, ids, 64, 3), rel=1e-5)
+    assert "not head(decoder(x))" in caplog.text
 
 
 # -------------------------------------------------------------------------------------------- runner
 def _check_results_dir(out_dir: Path, tasks):
     doc = json.loads((out_dir / "eval" / "results.json").read_text())
-    assert doc["model_id"] == "tiny" and doc["timestamp"]
+    assert doc["model_id"] == "tiny" and doc["timestamp"] and doc["model"]["name_or_path"] == "tiny"
     assert set(doc["results"]) == set(tasks) == set(doc["settings"])
     for task in tasks:
         assert all(type(v) is float for v in doc["results"][task].values())
         s = doc["settings"][task]
         assert {"n", "n_shot", "seqlen", "limit", "split"} <= set(s) and type(s["n"]) is int
     md = (out_dir / "eval" / "results.md").read_text()
-    assert "| task | metric | value | n |" in md
+    assert "| task | metric | value | stderr | n | shots |" in md
     return doc
 
 
-def test_runner_writes_files(tiny, tok, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(runner, "_load_records", lambda ds, split, data, path=None: list(RECORDS))
+def test_runner_writes_files_and_keeps_earlier_ones(tiny, tok, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(runner, "_load_lm_text", lambda ds, split, data, path=None: TEXT)
-    cfg = EvalConfig(limit=2, seqlen=64, batch_size=2, num_fewshot=1, max_gen_toks=4)
-    res = runner.evaluate(tiny, tok, ["wikitext2", "gsm8k"], cfg, DataConfig(), tmp_path, model_id="tiny",
-                          progress=False)
-    assert set(res) == {"wikitext2", "gsm8k"} and set(res["wikitext2"]) == {"ppl", "nll"}
-    doc = _check_results_dir(tmp_path, ["wikitext2", "gsm8k"])
-    assert doc["settings"]["wikitext2"]["n"] == 2 and doc["settings"]["gsm8k"]["n_shot"] == 1
-    lines = (tmp_path / "eval" / "samples_gsm8k.jsonl").read_text().splitlines()
-    assert len(lines) == 2 and "generation" in json.loads(lines[0])
-    assert "samples" not in json.dumps(doc)
+    cfg = EvalConfig(limit=2, seqlen=64, batch_size=2)
+    res = runner.evaluate(tiny, tok, ["wikitext2", "ptb"], cfg, DataConfig(), tmp_path, model_id="tiny",
+                          identity={"adapter": None, "method": "lora"}, progress=False)
+    assert set(res) == {"wikitext2", "ptb"} and set(res["wikitext2"]) == {"ppl", "nll"}
+    doc = _check_results_dir(tmp_path, ["wikitext2", "ptb"])
+    assert doc["settings"]["wikitext2"]["n"] == 2 and doc["settings"]["ptb"]["seqlen"] == 64
+    assert doc["model"] == {"name_or_path": "tiny", "adapter": None, "method": "lora"}
     assert "| wikitext2 | ppl |" in capsys.readouterr().out
-    # a second evaluation keeps the first results instead of overwriting them
+    # a second evaluation keeps the first results (and task folder) instead of overwriting them
     runner.evaluate(tiny, tok, ["ptb"], cfg, DataConfig(), tmp_path, model_id="tiny", progress=False)
     assert len(list((tmp_path / "eval").glob("results.prev-*.json"))) == 1
+    assert len(list((tmp_path / "eval").glob("results.prev-*.md"))) == 1
+    assert len(list((tmp_path / "eval").glob("tasks.prev-*"))) == 1
 
 
-def test_runner_unknown_and_planned_tasks(tiny, tok, tmp_path):
+def test_runner_unknown_tasks(tiny, tok, tmp_path):
     cfg = EvalConfig()
-    with pytest.raises(ConfigError, match=r"unknown task 'nope'.*gsm8k.*ptb.*wikitext2"):
+    with pytest.raises(ConfigError, match=r"unknown task 'nope'.*gsm8k.*humaneval.*mmlu.*ptb.*wikitext2"):
         runner.evaluate(tiny, tok, ["wikitext2", "nope"], cfg, DataConfig(), tmp_path, model_id="tiny")
-    with pytest.raises(ConfigError, match=r"mmlu"):
-        runner.evaluate(tiny, tok, ["mmlu"], cfg, DataConfig(), tmp_path, model_id="tiny")
     assert runner.evaluate(tiny, tok, [], cfg, DataConfig(), tmp_path, model_id="tiny") == {}
     assert not (tmp_path / "eval").exists()  # nothing ran, nothing written
 
 
 def test_format_results_table():
-    table = runner.format_results_table({"results": {"ptb": {"ppl": 12.3456789}}, "settings": {"ptb": {"n": 3}}})
-    assert table.splitlines()[2] == "| ptb | ppl | 12.3457 | 3 |"
-    assert "| gsm8k | exact_match_strict | 0.5000 |  |" in runner.format_results_table(
+    doc = {"results": {"ptb": {"ppl": 12.3456789}, "gsm8k": {"exact_match_strict": 0.25}},
+           "stderr": {"gsm8k": {"exact_match_strict": 0.125}},
+           "settings": {"ptb": {"n": 3, "n_shot": 0}, "gsm8k": {"n": 8, "n_shot": 5}},
+           "skipped": {"humaneval": "skipped: needs eval.allow_code_execution=true"}}
+    lines = runner.format_results_table(doc).splitlines()
+    assert lines[2] == "| ptb | ppl | 12.3457 |  | 3 | 0 |"
+    assert lines[3] == "| gsm8k | exact_match_strict | 0.2500 | 0.1250 | 8 | 5 |"
+    assert lines[4].startswith("| humaneval | – | skipped |")
+    assert "| gsm8k | exact_match_strict | 0.5000 |  |  |  |" in runner.format_results_table(
         {"gsm8k": {"exact_match_strict": 0.5}}
     )
 
 
-@pytest.mark.skipif(not _mirror().is_dir(), reason="local data mirror not present")
-def test_runner_on_mirror_data(tiny, tok, tmp_path):
-    cfg = EvalConfig(limit=2, seqlen=128, batch_size=2, num_fewshot=1, max_gen_toks=4)
-    data = DataConfig(root=str(_mirror()), hub=False)
-    res = runner.evaluate(tiny, tok, ["wikitext2", "ptb", "gsm8k"], cfg, data, tmp_path, model_id="tiny",
-                          progress=False)
-    doc = _check_results_dir(tmp_path, ["wikitext2", "ptb", "gsm8k"])
-    assert doc["settings"]["ptb"]["n"] == 2 and doc["settings"]["gsm8k"]["n"] == 2
-    assert res["wikitext2"]["ppl"] > 1.0 and math.isfinite(res["ptb"]["ppl"])
+def test_limited_run_tokenizes_a_prefix_with_the_same_windows(tok, monkeypatch):
+    from prunedlora.eval import perplexity
+
+    text = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(3000))
+    full = make_windows(tokenize_text(tok, text), 100, 5)
+    counting = CountingTokenizer(tok)
+    ids = perplexity.tokenize_for_windows(counting, text, 5 * 100)
+    assert counting.calls == 1 and ids.numel() < len(text) // 10  # a prefix, tokenized in one call
+    assert torch.equal(make_windows(ids, 100, 5), full)
+    assert perplexity.tokenize_for_windows(tok, text[:300], 5 * 100).numel() == 301  # short text: all of it
 
 
-def test_gsm8k_generation_stops_at_stop_string(tok):
-    """A model that always emits "\\n" stops after "\\n\\n" instead of running to max_gen_toks."""
+# ----------------------------------------------------------------------------------- prunedlora-eval
+def _compose(overrides):
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    from prunedlora.config import register_configs
+
+    register_configs()
+    with initialize_config_module(version_base="1.3", config_module="prunedlora.configs"):
+        return OmegaConf.to_object(compose("config", overrides=overrides))
+
+
+def _fake_run_dir(run_dir: Path, tok) -> None:
+    """A finished lora run on the tiny model: adapter/ (PEFT), merged model/, .hydra/config.yaml, summary."""
+    from omegaconf import OmegaConf
+
+    from prunedlora.adapters.lora import inject_lora
+    from prunedlora.methods.lora import export_lora
+
     model = build_tiny_llama(TinyModelConfig(), vocab_size=len(tok))
-    newline = tok("\n", add_special_tokens=False)["input_ids"][0]
-    model.lm_head.register_forward_hook(lambda mod, args, out: out + 100.0 * F.one_hot(
-        torch.tensor(newline), out.shape[-1]).to(out.dtype))
-    shapes = []
-    real = model.generate
+    inject_lora(model, ["q_proj", "v_proj"], rank=4, alpha=8.0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # a trained-looking adapter: B is zero only at initialisation
+                p.normal_(0.0, 0.2)
+    export_lora(model, tok, run_dir, "tiny")
+    (run_dir / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create({"model": {"name": "tiny", "name_or_path": "tiny"}}),
+                   run_dir / ".hydra" / "config.yaml")
+    (run_dir / "summary.json").write_text(json.dumps({"method": "lora", "eval": {"ptb": {"ppl": 1.0}}}))
 
-    def spy(input_ids, **kwargs):
-        out = real(input_ids=input_ids, **kwargs)
-        shapes.append(out.shape[1] - input_ids.shape[1])
-        return out
 
-    model.generate = spy
-    out = gsm8k_exact_match(model, tok, RECORDS, fewshot=[], max_gen_toks=50, batch_size=2, progress=False)
-    assert shapes == [2] and out["samples"][0]["generation"] == ""
+def test_prunedlora_eval_run_dir_merged_and_adapter_agree(tmp_path, data_root, tok):
+    from prunedlora.eval.standalone import run_eval
+
+    run_dir = tmp_path / "run"
+    _fake_run_dir(run_dir, tok)
+    out = {}
+    for weights in ("merged", "adapter"):
+        cfg = _compose([f"run_dir={run_dir}", "eval.limit=2", "eval.seqlen=64", f"eval.weights={weights}",
+                        "logging.progress=false", f"data.root={data_root}", "data.hub=false"])
+        out[weights] = run_eval(cfg, tmp_path / weights)
+        doc = json.loads((tmp_path / weights / "eval" / "results.json").read_text())
+        assert set(doc["results"]) == {"ptb"}  # the tasks of the run's summary.json
+        assert doc["model"]["method"] == "lora" and doc["model"]["weights"] == weights
+    assert doc["model"]["adapter"] == str((run_dir / "adapter").resolve())
+    assert out["adapter"]["ptb"]["ppl"] == pytest.approx(out["merged"]["ptb"]["ppl"], rel=1e-4)
+    base = _compose(["model=tiny", "eval.tasks=[ptb]", "eval.limit=2", "eval.seqlen=64", "logging.progress=false",
+                     f"data.root={data_root}", "data.hub=false"])
+    plain = run_eval(base, tmp_path / "base")["ptb"]["ppl"]
+    assert plain != pytest.approx(out["merged"]["ptb"]["ppl"], rel=1e-4)  # the adapter does change the model
+
+
+def test_prunedlora_eval_model_dir_with_embedded_adapter(tmp_path, data_root, tok):
+    """A salr-style model/: base weights and a PEFT adapter in one folder evaluate as base + adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    from prunedlora.eval.perplexity import token_perplexity as ppl
+    from prunedlora.eval.standalone import run_eval
+
+    model_dir = tmp_path / "model"
+    base = build_tiny_llama(TinyModelConfig(), vocab_size=len(tok))
+    base.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model.save_pretrained(model_dir)
+    cfg = _compose(["model=hf", f"model.name_or_path={model_dir}", "eval.tasks=[ptb]", "eval.limit=2",
+                    "eval.seqlen=64", "logging.progress=false", f"data.root={data_root}", "data.hub=false"])
+    got = run_eval(cfg, tmp_path / "out")["ptb"]["ppl"]
+    from prunedlora.data.datasets import load_lm_text
+
+    want = ppl(peft_model, tok, load_lm_text("ptb", "test", cfg.data), seqlen=64, limit=2, progress=False)["ppl"]
+    assert got == pytest.approx(want, rel=1e-4)
+    doc = json.loads((tmp_path / "out" / "eval" / "results.json").read_text())
+    assert doc["model"]["adapter"] == str(model_dir.resolve())
+
+
+def test_prunedlora_eval_custom_code_needs_trust(tmp_path, tok):
+    from prunedlora.eval.standalone import run_eval
+
+    model_dir = tmp_path / "pruned"
+    build_tiny_llama(TinyModelConfig(), vocab_size=len(tok)).save_pretrained(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoConfig": "x.Y"}}))
+    cfg = _compose(["model=hf", f"model.name_or_path={model_dir}", "eval.tasks=[ptb]"])
+    with pytest.raises(ConfigError, match="model.trust_remote_code=true"):
+        run_eval(cfg, tmp_path / "out")
+    cfg = _compose([f"run_dir={tmp_path}", "eval.tasks=[ptb]", "eval.weights=adapter"])
+    with pytest.raises(ConfigError, match="no adapter/adapter_config.json"):
+        run_eval(cfg, tmp_path / "out")
+
+
+# -------------------------------------------------------------------------------------------- wandb
+class FakeWandb:
+    """Records what ``log_eval_run`` sends (the real client starts a service process: seconds)."""
+
+    def __init__(self):
+        self.calls, self.runs = [], []
+
+    def init(self, **kwargs):
+        run = SimpleNamespace(logged=[], summary={}, finished=False, kwargs=kwargs)
+        run.log = lambda data, **kw: run.logged.append(data)
+        run.finish = lambda: setattr(run, "finished", True)
+        self.runs.append(run)
+        return run
+
+    def Table(self, columns, data):  # noqa: N802 - wandb's name
+        return SimpleNamespace(columns=columns, data=data)
+
+
+def _eval_tiny(tiny, tok, tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "_load_lm_text", lambda ds, split, data, path=None: TEXT)
+    return runner.evaluate(tiny, tok, ["ptb"], EvalConfig(limit=1, seqlen=64), DataConfig(), tmp_path,
+                           model_id="tiny", progress=False)
+
+
+def test_standalone_eval_logs_metrics_and_table_to_wandb(tmp_path, monkeypatch, tiny, tok):
+    import sys
+
+    from prunedlora.config import LoggingConfig
+    from prunedlora.eval.wandb_log import log_eval_run
+
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    results = _eval_tiny(tiny, tok, tmp_path, monkeypatch)
+    log_eval_run(LoggingConfig(wandb=False), tmp_path, results, name="off")
+    assert fake.runs == []  # off unless logging.wandb=true
+    log_eval_run(LoggingConfig(wandb=True, project="p", mode="offline"), tmp_path, results, name="eval-tiny",
+                 config={"model": {"name_or_path": "tiny"}})
+    (run,) = fake.runs
+    assert run.finished and run.kwargs["reinit"] == "finish_previous" and run.kwargs["mode"] == "offline"
+    assert run.kwargs["dir"] == str(tmp_path) and run.kwargs["job_type"] == "eval"
+    assert run.logged[0] == {"eval/ptb/ppl": results["ptb"]["ppl"], "eval/ptb/nll": results["ptb"]["nll"]}
+    table = run.logged[1]["eval/results"]
+    assert table.columns == ["task", "metric", "value", "stderr", "n", "shots"]
+    assert table.data[0] == ["ptb", "ppl", results["ptb"]["ppl"], None, 1, 0]
+    assert "| ptb | ppl |" in run.summary["eval/results_md"]
+
+
+@pytest.mark.slow
+def test_standalone_eval_logs_to_wandb_offline(tmp_path, monkeypatch, tiny, tok):
+    """The real client in offline mode: a run file appears, no network, the run is finished."""
+    import wandb
+
+    from prunedlora.config import LoggingConfig
+    from prunedlora.eval.wandb_log import log_eval_run
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    results = _eval_tiny(tiny, tok, tmp_path, monkeypatch)
+    log_eval_run(LoggingConfig(wandb=True, project="prunedlora-test"), tmp_path, results, name="eval-tiny")
+    assert wandb.run is None  # finished
+    runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1 and runs[0].stat().st_size > 0

@@ -1,6 +1,10 @@
-"""Evaluation: token-level perplexity, GSM8K exact match and the task registry (``runner.EVALUATORS``)."""
+"""Evaluation: lm-eval tasks (GSM8K, MMLU, HumanEval), token-level perplexity, the task registry and reports.
 
-from .gsm8k import extract_flexible, extract_strict, gsm8k_exact_match, normalize_number
+``runner.evaluate`` is the entry point used by ``prunedlora-train`` and ``prunedlora-eval``; lm-eval and
+wandb are imported lazily inside the functions that need them.
+"""
+
+from .humaneval import pass_at_k_estimate, run_program
 from .perplexity import token_perplexity
 from .runner import EVALUATORS, TaskResult, evaluate, format_results_table
 
@@ -8,10 +12,8 @@ __all__ = [
     "EVALUATORS",
     "TaskResult",
     "evaluate",
-    "extract_flexible",
-    "extract_strict",
     "format_results_table",
-    "gsm8k_exact_match",
-    "normalize_number",
+    "pass_at_k_estimate",
+    "run_program",
     "token_perplexity",
 ]

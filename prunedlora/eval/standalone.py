@@ -1,8 +1,23 @@
 """``prunedlora-eval``: evaluate a saved run or any Hugging Face causal LM on ``eval.tasks``.
 
-``run_dir=<dir>`` evaluates the exported ``<dir>/model``; otherwise ``model.*`` names the model exactly as
-for training (hub id, local directory, ``tiny``, ``smollm2_135m``). Results go to this command's own
-output directory (Hydra's run dir), so an evaluation never overwrites what a training run wrote.
+What gets loaded:
+
+* ``run_dir=<dir>`` (a ``prunedlora-train`` run directory), ``eval.weights=merged`` (default): the exported
+  ``<dir>/model``. That covers every method: merged LoRA-family models; loraprune's physically pruned
+  model, whose ``config.json`` names its own modelling code (``auto_map``), loaded with
+  ``trust_remote_code=True`` because that code is prunedlora's own ``modeling_pruned_llama.py`` written by
+  the run; salr's sparse base with its adapter embedded in the same folder (``adapter_config.json`` next
+  to ``config.json``), which transformers' PEFT integration attaches on load.
+* ``run_dir=<dir> eval.weights=adapter``: the run's base model (its ``.hydra/config.yaml`` ``model``
+  section) with ``<dir>/adapter`` on top through ``peft.PeftModel``, unmerged.
+* ``model.name_or_path=<dir or hub id>``: any causal LM (a hub id resolves as for training, offline
+  fallbacks included); a folder holding only a PEFT adapter (``adapter_config.json``, no ``config.json``)
+  is loaded on its ``base_model_name_or_path`` through ``PeftModel``. Custom modelling code needs
+  ``model.trust_remote_code=true``.
+
+Results go to this command's own output directory (Hydra's run dir), so an evaluation never overwrites what
+a training run wrote. The defaults of ``eval.tasks`` come from the run's ``summary.json`` (the tasks it was
+evaluated on), else from ``task.eval_tasks``.
 """
 
 from __future__ import annotations
@@ -14,12 +29,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
-from prunedlora.config import ConfigError, RootConfig, validate
+from prunedlora.config import ConfigError, ModelConfig, RootConfig, validate
 from prunedlora.eval.runner import evaluate
+from prunedlora.eval.wandb_log import log_eval_run
 from prunedlora.models.load import load_model
 
 log = logging.getLogger(__name__)
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _exported_model_dir(run_dir: Path) -> Path:
@@ -32,21 +55,104 @@ def _exported_model_dir(run_dir: Path) -> Path:
     return model_dir
 
 
+def _has_custom_code(model_dir: Path) -> bool:
+    return bool(_read_json(model_dir / "config.json").get("auto_map"))
+
+
+def run_model_config(run_dir: Path, fallback: ModelConfig) -> ModelConfig:
+    """The ``model`` section a run was trained with (its ``.hydra/config.yaml``), else ``fallback``."""
+    path = run_dir / ".hydra" / "config.yaml"
+    if not path.is_file():
+        return fallback
+    section = OmegaConf.load(path).get("model")
+    if section is None:
+        return fallback
+    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), section)
+    return OmegaConf.to_object(merged)
+
+
+def _peft_on(base, adapter_dir: Path):
+    from peft import PeftModel  # lazy: ~4 s import
+
+    return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+
+
+def _load_run(cfg: RootConfig, run_dir: Path, device: torch.device) -> tuple[Any, Any, dict[str, Any]]:
+    summary_path = run_dir / "summary.json"
+    method = _read_json(summary_path).get("method") if summary_path.is_file() else None
+    identity: dict[str, Any] = {"run_dir": str(run_dir.resolve()), "method": method, "weights": cfg.eval.weights}
+    if cfg.eval.weights == "adapter":
+        adapter_dir = run_dir / "adapter"
+        if not (adapter_dir / ADAPTER_CONFIG).is_file():
+            raise ConfigError(f"eval.weights=adapter, but run_dir={run_dir} has no adapter/{ADAPTER_CONFIG} (methods "
+                              "such as loraprune export only the pruned model/). Use eval.weights=merged.")
+        if (run_dir / "model" / ADAPTER_CONFIG).is_file():
+            raise ConfigError(f"run_dir={run_dir}: model/ already carries the adapter unmerged (salr: sparse base + "
+                              "adapter), so eval.weights=merged evaluates exactly base + adapter; use it.")
+        base_cfg = run_model_config(run_dir, cfg.model)
+        base, tokenizer = load_model(base_cfg, device)
+        identity |= {"base_model": base_cfg.name_or_path, "adapter": str(adapter_dir.resolve())}
+        return _peft_on(base, adapter_dir), tokenizer, identity
+    model_dir = _exported_model_dir(run_dir)
+    trust = _has_custom_code(model_dir)
+    if trust:
+        log.info("%s names its own modelling code (auto_map): loading with trust_remote_code=True", model_dir)
+    model_cfg = replace(cfg.model, name=run_dir.name, name_or_path=str(model_dir), fallback=None,
+                        trust_remote_code=trust or cfg.model.trust_remote_code)
+    model, tokenizer = load_model(model_cfg, device)
+    embedded = (model_dir / ADAPTER_CONFIG).is_file()
+    identity |= {"model_dir": str(model_dir.resolve()), "adapter": str(model_dir.resolve()) if embedded else None,
+                 "trust_remote_code": model_cfg.trust_remote_code}
+    return model, tokenizer, identity
+
+
+def _load_named(cfg: RootConfig, device: torch.device) -> tuple[Any, Any, dict[str, Any]]:
+    path = Path(cfg.model.name_or_path).expanduser()
+    if path.is_dir() and (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file():
+        base_id = _read_json(path / ADAPTER_CONFIG).get("base_model_name_or_path")
+        if not base_id:
+            raise ConfigError(f"model.name_or_path={path} is a PEFT adapter without base_model_name_or_path in "
+                              f"{ADAPTER_CONFIG}; give the base with model.name_or_path and evaluate it merged.")
+        base, tokenizer = load_model(replace(cfg.model, name_or_path=base_id), device)
+        return _peft_on(base, path), tokenizer, {"base_model": base_id, "adapter": str(path.resolve())}
+    custom_code = path.is_dir() and (path / "config.json").is_file() and _has_custom_code(path)
+    if custom_code and not cfg.model.trust_remote_code:
+        raise ConfigError(f"model.name_or_path={path} names its own modelling code (auto_map in config.json). If "
+                          "you trust that code, add model.trust_remote_code=true.")
+    model, tokenizer = load_model(cfg.model, device)
+    embedded = path.is_dir() and (path / ADAPTER_CONFIG).is_file()
+    return model, tokenizer, {"adapter": str(path.resolve()) if embedded else None,
+                              "trust_remote_code": cfg.model.trust_remote_code}
+
+
+def _default_tasks(cfg: RootConfig) -> list[str]:
+    if cfg.eval.tasks is not None:
+        return list(cfg.eval.tasks)
+    if cfg.run_dir is not None:
+        summary = Path(cfg.run_dir).expanduser() / "summary.json"
+        if summary.is_file():
+            tasks = list(_read_json(summary).get("eval", {}))
+            if tasks:
+                return tasks
+    return list(cfg.task.eval_tasks)
+
+
 def run_eval(cfg: RootConfig, out_dir: Path) -> dict[str, Any]:
     """Load the model named by ``run_dir`` or ``model``, evaluate it and return ``{task: {metric: value}}``."""
     validate(cfg)
-    model_cfg = cfg.model
-    tasks = cfg.eval.tasks if cfg.eval.tasks is not None else cfg.task.eval_tasks
-    if cfg.run_dir is not None:
-        run_dir = Path(cfg.run_dir).expanduser()
-        model_cfg = replace(cfg.model, name=run_dir.name, name_or_path=str(_exported_model_dir(run_dir)),
-                            fallback=None)
-        summary = run_dir / "summary.json"
-        if cfg.eval.tasks is None and summary.exists():
-            tasks = list(json.loads(summary.read_text()).get("eval", {})) or tasks
+    tasks = _default_tasks(cfg)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model(model_cfg, device)
+    if cfg.run_dir is not None:
+        model, tokenizer, identity = _load_run(cfg, Path(cfg.run_dir).expanduser(), device)
+        model_id = identity.get("model_dir") or identity.get("adapter") or str(cfg.run_dir)
+    else:
+        model, tokenizer, identity = _load_named(cfg, device)
+        model_id = cfg.model.name_or_path
     model.eval()
-    log.info("evaluating %s on %s", model_cfg.name_or_path, ", ".join(tasks))
-    return evaluate(model, tokenizer, tasks, cfg.eval, cfg.data, out_dir, model_id=model_cfg.name_or_path,
-                    autocast_dtype=torch.bfloat16 if cfg.train.bf16 else None, progress=cfg.logging.progress)
+    log.info("evaluating %s on %s", model_id, ", ".join(tasks))
+    results = evaluate(model, tokenizer, tasks, cfg.eval, cfg.data, out_dir, model_id=model_id, identity=identity,
+                       autocast_dtype=torch.bfloat16 if cfg.train.bf16 else None, progress=cfg.logging.progress)
+    log_eval_run(cfg.logging, out_dir, results, name=f"eval-{Path(model_id).name}",
+                 config={"model": identity | {"name_or_path": model_id}, "eval": OmegaConf.to_container(
+                     OmegaConf.structured(cfg.eval))})
+    return results

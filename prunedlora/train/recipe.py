@@ -148,11 +148,14 @@ def _finish(cfg: RootConfig, run_dir: Path, model: nn.Module, tokenizer: Any, me
     exported = method.export(model, tokenizer, run_dir, cfg.model.name_or_path)
 
     # ---------------------------------------------------------------- evaluate
+    model.config.use_cache = True  # loaded for training without a KV cache; generation needs it
     eval_results: dict[str, dict[str, float]] = {}
     if cfg.eval.enabled:
         tasks = cfg.eval.tasks if cfg.eval.tasks is not None else cfg.task.eval_tasks
         eval_results = evaluate(model, tokenizer, tasks, cfg.eval, cfg.data, run_dir,
                                 model_id=str(run_dir / "model"),
+                                identity={"run_dir": str(run_dir.resolve()), "method": method.name,
+                                          "base_model": cfg.model.name_or_path, "weights": "in-memory"},
                                 autocast_dtype=torch.bfloat16 if cfg.train.bf16 else None,
                                 progress=cfg.logging.progress)
         log_eval(wandb_run, eval_results, step=cfg.train.max_steps)
@@ -210,7 +213,8 @@ def _maybe_resume(run_dir: Path, model: nn.Module, engine: TorchEngine | DeepSpe
     return step
 
 
-def _rebuild_on_rank0(cfg: RootConfig, adapter: dict[str, torch.Tensor], device: torch.device) -> tuple[nn.Module, Method]:
+def _rebuild_on_rank0(cfg: RootConfig, adapter: dict[str, torch.Tensor],
+                      device: torch.device) -> tuple[nn.Module, Method]:
     """A fresh model with the trained adapter state, outside DeepSpeed, for export and evaluation."""
     model, _ = load_model(cfg.model, device)
     method = build_method(cfg.method, cfg.sparsity)

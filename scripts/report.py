@@ -1,0 +1,8 @@
+"""Thin wrapper: ``python scripts/report.py <multirun dir> [--out DIR]`` = ``prunedlora-report``."""
+
+import sys
+
+from prunedlora.eval.report import main
+
+if __name__ == "__main__":
+    sys.exit(main())
