@@ -5,7 +5,8 @@
 Every run under the directory (any folder with a ``summary.json`` or an ``eval/results.json``) becomes one
 row: its path, Hydra overrides, method, sparsity (the configured ``sparsity.final`` from
 ``.hydra/config.yaml``; the achieved fraction from ``summary.json`` as ``sparsity_achieved``), final rank
-summary, parameter counts, final loss and every evaluation metric as ``<task>/<metric>`` (from
+summary, parameter counts, final loss, peak memory, median training tokens/s (``metrics.jsonl``, first step
+left out) and every evaluation metric as ``<task>/<metric>`` (from
 ``eval/results.json``, else ``summary.json``'s ``eval``). Then, for each metric, a PNG of the metric against
 sparsity with one line per method (runs sharing method and sparsity, e.g. seeds, are averaged).
 
@@ -21,6 +22,7 @@ import csv
 import json
 import math
 import re
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,8 @@ from typing import Any
 import yaml
 
 FIXED_COLUMNS = ["run", "method", "sparsity", "sparsity_achieved", "ranks", "rank_mean", "params_total",
-                 "params_trainable", "params_after_export", "final_loss", "overrides"]
+                 "params_trainable", "params_after_export", "final_loss", "peak_memory_mb", "tokens_per_s",
+                 "wall_time_s", "overrides"]
 REPORT_DIR = "report"
 
 
@@ -73,6 +76,23 @@ def _override_value(overrides: list[str], key: str) -> str | None:
     return None
 
 
+def median_tokens_per_s(metrics_file: Path) -> float | None:
+    """Median training throughput over the logged steps after the first (which pays one-off warm-up)."""
+    try:
+        lines = metrics_file.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None
+    values = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("step", 0) > 1 and _number(record.get("tokens_per_s")) is not None:
+            values.append(float(record["tokens_per_s"]))
+    return statistics.median(values) if values else None
+
+
 def summarize_ranks(ranks: Any) -> tuple[str, float | None]:
     """``("8", 8.0)`` when every module has rank 8, ``("mean 6.5 (4-8)", 6.5)`` otherwise; ``("", None)`` if none."""
     values = [v for v in (ranks.values() if isinstance(ranks, dict) else []) if _number(v) is not None]
@@ -108,6 +128,9 @@ def collect_run(run_dir: Path, root: Path) -> dict[str, Any]:
         "rank_mean": rank_mean,
         **{k: summary.get(k) for k in ("params_total", "params_trainable", "params_after_export")},
         "final_loss": _number(summary.get("final_loss")),
+        "peak_memory_mb": _number(summary.get("peak_memory_mb")),
+        "tokens_per_s": median_tokens_per_s(run_dir / "metrics.jsonl"),
+        "wall_time_s": _number(summary.get("wall_time_s")),
         "overrides": " ".join(str(o) for o in overrides),
     }
     metrics = results.get("results") if isinstance(results.get("results"), dict) else summary.get("eval") or {}

@@ -1,0 +1,185 @@
+"""Every method on one model, one data set, one budget and one seed: tables and plots in ``docs/RESULTS.md``.
+
+    python scripts/compare.py --suite methods      # lora, droplora, prunedlora, adalora, loraprune, salr
+    python scripts/compare.py --suite sweep        # prunedlora, loraprune, salr at sparsity 0.25 / 0.5 / 0.75
+    python scripts/compare.py --suite quality      # LoRAPrune and SALR at 50% on PTB: WikiText-2 / PTB PPL
+    options: [--jobs 2] [--threads 1] [--out runs/compare] [--budget cpu|gpu] [--dry-run] [--no-write]
+
+Every row is a real run: a ``prunedlora-train`` subprocess (``prunedlora-eval`` for the untouched base
+model) with its own run directory ``<out>/<budget>-<data>/<run label>``. Runs whose configs coincide across suites
+share that directory (the sweep reuses the comparison's 50% and 75% runs), a finished run is never repeated
+(the run-dir guard hands back its summary) and an interrupted one resumes from its last checkpoint. ``--jobs``
+runs go side by side, each pinned to ``--threads`` torch threads (on a 2-core machine, two 1-thread jobs beat
+one 2-thread job; tokens/s are then per job, measured while the other job runs).
+
+The rows come from :func:`prunedlora.eval.report.collect_run` (the same reader as ``prunedlora-report``);
+each suite then writes its section of ``docs/RESULTS.md`` (command line, machine, settings, table, the papers'
+numbers, and the claimed orderings checked against ours) and its plots under ``docs/figures/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from compare_suites import BUDGETS, SUITES, Run, Suite  # noqa: E402
+from results_md import RESULTS, command_line, machine_description, update_section  # noqa: E402
+
+from prunedlora.eval.report import collect_run, plot_metric  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+FIGURES = RESULTS.parent / "figures"
+
+
+@dataclass
+class Outcome:
+    run: Run
+    run_dir: Path
+    returncode: int
+    seconds: float
+
+
+def _command(run: Run, run_dir: Path, threads: int, budget_overrides: list[str]) -> list[str]:
+    exe = Path(sys.executable).parent / ("prunedlora-train" if run.train else "prunedlora-eval")
+    threads_override = [f"train.num_threads={threads}"] if run.train else []
+    return [str(exe), *budget_overrides, *run.overrides, *threads_override, f"hydra.run.dir={run_dir}"]
+
+
+def _finished(run: Run, run_dir: Path) -> bool:
+    return (run_dir / ("summary.json" if run.train else "eval/results.json")).is_file()
+
+
+def execute(run: Run, run_dir: Path, threads: int, budget_overrides: list[str]) -> Outcome:
+    """Run one job (unless finished), its output in ``<run_dir>.log``; never raises on a failed job."""
+    if _finished(run, run_dir):
+        return Outcome(run, run_dir, 0, 0.0)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
+    command = _command(run, run_dir, threads, budget_overrides)
+    start = time.perf_counter()
+    with open(run_dir.with_name(run_dir.name + ".log"), "a", encoding="utf-8") as log:
+        log.write(" ".join(command) + "\n")
+        log.flush()
+        code = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+    seconds = time.perf_counter() - start
+    print(f"[{'ok' if code == 0 else f'FAILED rc={code}'}] {run.label} in {seconds / 60:.1f} min -> {run_dir}",
+          flush=True)
+    return Outcome(run, run_dir, code, seconds)
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _fmt(value: object, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _millions(value: object) -> str:
+    return "–" if value is None else f"{float(value) / 1e6:.2f}M"
+
+
+def table(suite: Suite, rows: dict[str, dict]) -> str:
+    metric_headers = [header for _, header in suite.metrics]
+    head = ["run", "method", "sparsity", "final rank / structure", "trainable", "params after export",
+            "peak mem (MB)", "train tok/s", *metric_headers]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
+    for run in suite.runs:
+        row = rows.get(run.label)
+        if row is None:
+            lines.append(f"| {run.label} | " + " | ".join(["missing (run failed)"] + [""] * (len(head) - 2)) + " |")
+            continue
+        cells = [run.label, row.get("method") or "base", _fmt(run.sparsity), row.get("ranks") or run.structure,
+                 _millions(row.get("params_trainable")), _millions(row.get("params_after_export")),
+                 _fmt(row.get("peak_memory_mb"), 5), _fmt(row.get("tokens_per_s"), 3)]
+        cells += [_fmt(row.get(key)) for key, _ in suite.metrics]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plots(suite: Suite, rows: dict[str, dict], budget: str) -> list[Path]:
+    """Metric vs sparsity, one line per method (the dense LoRA run drawn at sparsity 0 as the reference)."""
+    points = []
+    for run in suite.runs:
+        row = rows.get(run.label)
+        if row is not None and run.sparsity is not None:
+            points.append({**row, "sparsity": run.sparsity, "method": run.series or row.get("method")})
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    out = []
+    for key, _ in suite.plot_metrics:
+        path = FIGURES / f"{suite.name}_{budget}_{key.replace('/', '_')}.png"
+        if plot_metric(points, key, path) is not None:
+            out.append(path)
+    return out
+
+
+def write_section(suite: Suite, budget: str, rows: dict[str, dict], outcomes: list[Outcome], *, jobs: int,
+                  threads: int, write: bool) -> str:
+    figures = plots(suite, rows, budget) if suite.plot_metrics else []
+    ran = sum(o.seconds for o in outcomes)
+    parts = [
+        f"## {suite.title} ({budget} budget)",
+        f"`{command_line()}`",
+        f"Machine: {machine_description()} (per job: {threads} torch thread(s), {jobs} job(s) side by side). "
+        f"Date: {time.strftime('%Y-%m-%d')}. Job time summed over the runs done by this invocation: "
+        f"{ran / 60:.0f} min.",
+        suite.setup(budget),
+        table(suite, rows),
+    ]
+    parts += [f"![{p.stem}](figures/{p.name})" for p in figures]
+    if suite.papers:
+        parts.append(suite.papers)
+    verdicts = suite.verdicts(rows) if len(rows) == len(suite.runs) else ["Some runs failed: no verdicts."]
+    parts.append("What the papers claim, checked at this scale:\n\n" + "\n".join(f"- {v}" for v in verdicts))
+    markdown = "\n\n".join(parts)
+    if write:
+        update_section(f"compare_{suite.name}_{budget}", markdown)
+    return markdown
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--suite", choices=sorted(SUITES), required=True)
+    parser.add_argument("--budget", choices=sorted(BUDGETS), default="cpu")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "compare")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands and stop")
+    parser.add_argument("--no-write", action="store_true", help="print the section instead of writing RESULTS.md")
+    args = parser.parse_args(argv)
+    suite = SUITES[args.suite]
+    budget_overrides = BUDGETS[args.budget][suite.data]
+    folder = args.out / f"{args.budget}-{suite.data}"
+    run_dirs = {run.label: folder / run.label for run in suite.runs}
+    if args.dry_run:
+        for run in suite.runs:
+            print(" ".join(_command(run, run_dirs[run.label], args.threads, budget_overrides)))
+        return 0
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        outcomes = list(pool.map(lambda r: execute(r, run_dirs[r.label], args.threads, budget_overrides),
+                                 suite.runs))
+    rows = {o.run.label: collect_run(o.run_dir, o.run_dir.parent) for o in outcomes
+            if o.returncode == 0 and _finished(o.run, o.run_dir)}
+    markdown = write_section(suite, args.budget, rows, outcomes, jobs=args.jobs, threads=args.threads,
+                             write=not args.no_write)
+    print(markdown)
+    failed = [o.run.label for o in outcomes if o.returncode != 0]
+    if failed:
+        print(f"failed runs (logs beside their run dirs in {folder}): {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

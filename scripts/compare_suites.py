@@ -1,0 +1,211 @@
+"""What ``scripts/compare.py`` runs: the suites (runs, metrics, the papers' claims) and the budgets.
+
+A suite's runs differ only in their method overrides; model, data, seed, steps, batch and evaluation come from
+the budget, identical for every run of a suite. The papers' numbers quoted here are those collected in
+``../shared/docs/methods.md`` (sections 3.6, 4.4, 5.5, 6.5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+ALL_LINEARS = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
+"""Every method adapts the same seven projections (LoRAPrune's and SALR's own setting), so the adapters sit in
+the same places and only the method differs."""
+
+
+@dataclass(frozen=True)
+class Run:
+    label: str
+    """Run-directory name; two suites naming the same label must give it the same overrides."""
+    overrides: tuple[str, ...]
+    sparsity: float | None = None
+    """Where the run sits on a sweep plot (None: not plotted)."""
+    series: str | None = None
+    """Line of the sweep plot (default: the method name)."""
+    structure: str = ""
+    """Shown when the run has no ranks to report (the untouched base)."""
+    train: bool = True
+    """False: evaluate the base model only (``prunedlora-eval``)."""
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    title: str
+    runs: tuple[Run, ...]
+    data: str
+    """Training data of every run ("gsm8k" or "ptb"): picks the budget's overrides and the run folder."""
+    metrics: tuple[tuple[str, str], ...]
+    """(``<task>/<metric>`` key of the report row, column header)."""
+    setup: Callable[[str], str]
+    """Budget name -> a paragraph saying what every run shared."""
+    verdicts: Callable[[dict[str, dict]], list[str]]
+    plot_metrics: tuple[tuple[str, str], ...] = ()
+    papers: str = ""
+
+
+# ------------------------------------------------------------------------------------------------ budgets
+_COMMON = ["model=smollm2_135m", f"method.target_modules={ALL_LINEARS}", "train.seed=42", "train.bf16=true",
+           "train.lr=5e-4", "train.warmup_ratio=0.05", "train.save_every=25", "eval.seqlen=512",
+           "eval.num_fewshot=0"]
+BUDGETS: dict[str, dict[str, list[str]]] = {
+    # budget -> training data -> overrides shared by every run (model, data, seed, steps, batch, evaluation).
+    # 2 CPU cores, two 1-thread jobs side by side: the comparison and the sweep in about 45 minutes.
+    "cpu": {
+        "gsm8k": [*_COMMON, "task=gsm8k", "train.max_steps=60", "train.batch_size=2", "train.seq_len=256",
+                  "eval.tasks=[gsm8k_loss,gsm8k,wikitext2,ptb,mmlu]", "eval.max_gen_toks=128",
+                  "eval.task_limits={gsm8k_loss:64,gsm8k:16,wikitext2:16,ptb:16,mmlu:57}"],
+        "ptb": [*_COMMON, "task=ptb", "train.max_steps=200", "train.batch_size=2", "train.seq_len=256",
+                "eval.tasks=[wikitext2,ptb]", "eval.limit=40"],
+    },
+    # One GPU: ten times the tokens, the full perplexity test sets and larger evaluation subsets.
+    "gpu": {
+        "gsm8k": [*_COMMON, "task=gsm8k", "train.max_steps=600", "train.batch_size=8", "train.seq_len=512",
+                  "eval.tasks=[gsm8k_loss,gsm8k,wikitext2,ptb,mmlu]", "eval.max_gen_toks=256",
+                  "eval.task_limits={gsm8k_loss:512,gsm8k:250,mmlu:570}"],
+        "ptb": [*_COMMON, "task=ptb", "train.max_steps=1000", "train.batch_size=8", "train.seq_len=512",
+                "eval.tasks=[wikitext2,ptb]"],
+    },
+}
+
+
+def _budget_text(data: str, budget: str) -> str:
+    return " ".join(f"`{o}`" for o in BUDGETS[budget][data])
+
+
+# ------------------------------------------------------------------------------------------------ runs
+def _prunedlora(s: float) -> Run:
+    """r0 = 32 pruned 4 components per module every 5 steps down to 32 (1 - s) (0.75: rank 8)."""
+    return Run(f"prunedlora-s{s:.2f}", ("method=prunedlora", "method.init_rank=32", "sparsity=constant",
+                                        f"sparsity.final={s}", "sparsity.every=5", "sparsity.per_event=4"), s)
+
+
+def _loraprune(s: float, criterion: str = "lora_guided") -> Run:
+    suffix = "" if criterion == "lora_guided" else f"-{criterion}"
+    return Run(f"loraprune{suffix}-s{s:.2f}", ("method=loraprune", f"method.criterion={criterion}",
+                                               f"sparsity.final={s}", "sparsity.every=5"), s,
+               series=f"loraprune ({criterion})" if suffix else None)
+
+
+def _salr(s: float) -> Run:
+    return Run(f"salr-s{s:.2f}", ("method=salr", f"sparsity.final={s}"), s)
+
+
+LORA = Run("lora-r8", ("method=lora",), 0.0, series="lora (dense, r=8)")
+DROPLORA = Run("droplora-r8-p0.5", ("method=droplora", "method.p=0.5"))
+ADALORA = Run("adalora-s0.75", ("method=adalora", "method.init_rank=32", "sparsity.final=0.75"))
+BASE = Run("base", ("model=smollm2_135m",), structure="untouched", train=False)
+
+
+def _value(rows: dict[str, dict], label: str, key: str) -> float | None:
+    v = rows.get(label, {}).get(key)
+    return float(v) if v is not None else None
+
+
+def _compare(rows: dict[str, dict], a: str, b: str, key: str, what: str, lower_is_better: bool = True) -> str:
+    va, vb = _value(rows, a, key), _value(rows, b, key)
+    if va is None or vb is None:
+        return f"{what}: not measured ({key} missing)."
+    better = va < vb if lower_is_better else va > vb
+    return f"{what}: {'yes' if better else 'no'} ({a} {va:.4g} vs {b} {vb:.4g}, {key})."
+
+
+# ------------------------------------------------------------------------------------------------ suites
+def _methods_setup(budget: str) -> str:
+    return (f"Every run: SmolLM2-135M-Instruct, GSM8K train, the same seed, steps, batch and tokens, adapters on "
+            f"all seven projections, bf16 autocast. Overrides shared by every run: {_budget_text('gsm8k', budget)}. "
+            "Held-out loss = mean answer-token NLL on the first GSM8K test examples (the training format); exact "
+            "match 0-shot, greedy; perplexities on the first windows of 512 tokens; MMLU 0-shot, one question "
+            "per subject at limit 57. Small subsets: differences below the stderr in `eval/results.json` are "
+            "noise. Peak memory is the process's peak resident set (CPU) or the CUDA peak (GPU).")
+
+
+def _methods_verdicts(rows: dict[str, dict]) -> list[str]:
+    loss, ppl = "gsm8k_loss/loss", "wikitext2/ppl"
+    return [
+        _compare(rows, "prunedlora-s0.75", "lora-r8", loss,
+                 "PrunedLoRA (r0 = 32 pruned to 8) beats LoRA trained at r = 8 on held-out loss (paper: beats "
+                 "LoRA at equal final rank, Llama-3-8B on GSM8K/HumanEval; no numeric tables available)"),
+        _compare(rows, "prunedlora-s0.75", "adalora-s0.75", loss,
+                 "PrunedLoRA beats AdaLoRA at the same r0 and final rank (paper: yes)"),
+        _compare(rows, "droplora-r8-p0.5", "lora-r8", loss,
+                 "DropLoRA beats LoRA at the same rank (paper: consistently, LLaMA-2-7B / LLaMA-3-8B)"),
+        _compare(rows, "salr-s0.50", "lora-r8", loss,
+                 "SALR at 50% base sparsity matches or beats dense LoRA (paper: matches or slightly exceeds it "
+                 "on GSM8K and MMLU at 7B/8B)"),
+        _compare(rows, "loraprune-s0.50", "salr-s0.50", ppl,
+                 "Structured pruning (LoRAPrune, heads and channels) costs more perplexity than unstructured "
+                 "(SALR) at the same 50% (expected: structured removes whole groups)"),
+    ]
+
+
+def _sweep_verdicts(rows: dict[str, dict]) -> list[str]:
+    out = []
+    for method in ("prunedlora", "loraprune", "salr"):
+        values = [_value(rows, f"{method}-s{s:.2f}", "gsm8k_loss/loss") for s in (0.25, 0.5, 0.75)]
+        if None in values:
+            out.append(f"{method}: incomplete sweep.")
+            continue
+        monotone = values[0] <= values[1] <= values[2]
+        out.append(f"{method}: held-out loss {'rises monotonically' if monotone else 'is not monotone'} with "
+                   f"sparsity ({', '.join(f'{v:.4g}' for v in values)} at 0.25/0.5/0.75).")
+    out.append("SALR paper: GSM8K accuracy holds up to 50% sparsity, 30% slightly better than dense "
+               "(regularisation); PrunedLoRA paper: the more is pruned from a larger r0, the better (best at "
+               "r0 = 512 to 64), which a sweep over the final rank at fixed r0 does not test.")
+    return out
+
+
+def _quality_setup(budget: str) -> str:
+    return (f"SmolLM2-135M-Instruct fine-tuned on the PTB train split (the mirror has no raw WikiText-2 train "
+            f"split), then token perplexity on the first windows of 512 tokens of the WikiText-2 and PTB test "
+            f"splits. `base` is the model with no fine-tuning; `lora-r8` the dense LoRA fine-tune with the same "
+            f"adapter as LoRAPrune (r = 8, all seven projections). 50% = half the heads and MLP channels of every "
+            f"prunable layer (first 3 and last layer exempt), or half the weights of every linear (SALR). "
+            f"Overrides shared by every run: {_budget_text('ptb', budget)}.")
+
+
+def _quality_verdicts(rows: dict[str, dict]) -> list[str]:
+    out = []
+    for key, paper in (("wikitext2/ppl", "11.60 vs 16.41"), ("ptb/ppl", "17.39 vs 20.85")):
+        out.append(_compare(rows, "loraprune-s0.50", "loraprune-magnitude-s0.50", key,
+                            f"LoRA-guided criterion beats magnitude at 50% (paper, vs LLM-Pruner: {paper})"))
+    out.append(_compare(rows, "salr-s0.50", "loraprune-s0.50", "wikitext2/ppl",
+                        "Unstructured 50% (SALR) keeps perplexity closer to dense than structured 50% (LoRAPrune)"))
+    return out
+
+
+LORAPRUNE_PAPER = (
+    "LoRAPrune paper, LLaMA-7B at 50% compression (Table 1 as quoted in methods.md §5.5; different model, data "
+    "and protocol, for reference only):\n\n"
+    "| method | WikiText-2 PPL | PTB PPL | memory | mean zero-shot acc. |\n|---|---:|---:|---:|---:|\n"
+    "| LLM-Pruner | 16.41 | 20.85 | 38.6 GB | 51.90% |\n"
+    "| LoRAPrune | 11.60 | 17.39 | 18.3 GB | 54.81% |\n"
+    "| LoRAPrune-8bit | 11.65 | 17.41 | 13.8 GB | 54.55% |"
+)
+
+_COMPARE_METRICS = (("gsm8k_loss/loss", "GSM8K held-out loss"), ("gsm8k/exact_match_flexible", "GSM8K EM (flex)"),
+                    ("gsm8k/exact_match_strict", "GSM8K EM (strict)"), ("wikitext2/ppl", "WikiText-2 PPL"),
+                    ("ptb/ppl", "PTB PPL"), ("mmlu/acc", "MMLU acc"))
+
+SUITES: dict[str, Suite] = {
+    "methods": Suite(
+        "methods", "All methods, one model, one budget",
+        (LORA, DROPLORA, _prunedlora(0.75), ADALORA, _loraprune(0.5), _salr(0.5), BASE),
+        "gsm8k", _COMPARE_METRICS, _methods_setup, _methods_verdicts,
+        papers="The papers' own numbers: PrunedLoRA and DropLoRA publish no numeric tables we could obtain "
+               "(qualitative claims only, methods.md §3.6, §4.4); SALR's per-model numbers are not available "
+               "(§6.5); LoRAPrune's are in the quality section below."),
+    "sweep": Suite(
+        "sweep", "Sparsity sweep",
+        (LORA, *(_prunedlora(s) for s in (0.25, 0.5, 0.75)), *(_loraprune(s) for s in (0.25, 0.5, 0.75)),
+         *(_salr(s) for s in (0.25, 0.5, 0.75))),
+        "gsm8k", _COMPARE_METRICS[:1] + _COMPARE_METRICS[3:5], _methods_setup, _sweep_verdicts,
+        plot_metrics=(("gsm8k_loss/loss", "GSM8K held-out loss"), ("wikitext2/ppl", "WikiText-2 PPL"))),
+    "quality": Suite(
+        "quality", "LoRAPrune and SALR at 50%: perplexity after a short fine-tune",
+        (BASE, LORA, _loraprune(0.5), _loraprune(0.5, "magnitude"), _salr(0.5)),
+        "ptb", (("wikitext2/ppl", "WikiText-2 PPL"), ("ptb/ppl", "PTB PPL")), _quality_setup, _quality_verdicts,
+        papers=LORAPRUNE_PAPER),
+}
