@@ -396,6 +396,10 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------- eval
+EVAL_TASKS = ("gsm8k", "mmlu", "humaneval", "wikitext2", "ptb", "gsm8k_loss")
+"""Tasks with an evaluator (``prunedlora.eval.runner.EVALUATORS``; a test keeps the two in step)."""
+
+
 @dataclass
 class EvalConfig:
     enabled: bool = True
@@ -404,6 +408,10 @@ class EvalConfig:
     limit: int | None = None
     """Items per task, null: all. gsm8k, humaneval: the first ``limit`` test items; mmlu: ``limit`` questions
     in total, spread evenly over the 57 subjects; wikitext2, ptb: the first ``limit`` windows."""
+    task_limits: dict[str, int | None] = field(default_factory=lambda: dict.fromkeys(EVAL_TASKS))
+    """Per-task ``limit`` overriding the one above where set, e.g. ``eval.task_limits.gsm8k=16`` or
+    ``eval.task_limits={gsm8k: 16, mmlu: 57}``; null: the task uses ``limit``. Every task is listed (null) so
+    that Hydra's struct mode accepts the override and rejects a misspelt task name."""
     seqlen: int = 2048
     """Perplexity window (capped at the model's max positions)."""
     batch_size: int = 4
@@ -492,7 +500,6 @@ def register_configs() -> None:
 # ---------------------------------------------------------------------------------------- validation
 SCHEDULES = ("auto", "none", "constant", "linear", "cubic")
 TASK_KINDS = ("qa", "text", "mc", "code")
-EVAL_TASKS = ("gsm8k", "mmlu", "humaneval", "wikitext2", "ptb")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZER_NAMES = ("adamw", "adamw8bit")
 
@@ -540,6 +547,9 @@ def validate(cfg: RootConfig) -> None:
     for task in cfg.eval.tasks or []:
         _one_of(p, "eval.tasks", task, EVAL_TASKS)
     _check(p, cfg.eval.limit is None or cfg.eval.limit >= 1, f"eval.limit={cfg.eval.limit} must be >= 1 or null")
+    for task, limit in cfg.eval.task_limits.items():
+        _one_of(p, "eval.task_limits", task, EVAL_TASKS)
+        _check(p, limit is None or limit >= 1, f"eval.task_limits.{task}={limit} must be >= 1 (null: use eval.limit)")
     _check(p, cfg.eval.seqlen >= 16, f"eval.seqlen={cfg.eval.seqlen} must be >= 16")
     _check(p, cfg.eval.batch_size >= 1, f"eval.batch_size={cfg.eval.batch_size} must be >= 1")
     _check(p, cfg.eval.num_fewshot is None or cfg.eval.num_fewshot >= 0,

@@ -19,7 +19,11 @@ wikitext2  our token-level perplexity (SparseGPT protocol)    the first ``limit`
            (+ lm-eval's word perplexity per article with        (and the first ``limit`` articles)
            ``eval.lm_eval_wikitext=true``)
 ptb        our token-level perplexity                         the first ``limit`` windows of ``seqlen``
+gsm8k_loss held-out answer-token NLL, training format          the first ``limit`` test examples
+           (``heldout.py``)
 ========== ================================================== ==========================================
+
+``eval.task_limits.<task>`` (null by default) overrides ``eval.limit`` for that task.
 
 ``evaluate`` checks every requested name before running anything, runs the tasks in order and writes
 
@@ -40,7 +44,7 @@ import logging
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -48,6 +52,7 @@ from typing import Any
 from prunedlora.config import ConfigError, DataConfig, EvalConfig
 
 from . import harness, lm_tasks
+from .heldout import heldout_loss
 from .perplexity import token_perplexity
 
 log = logging.getLogger(__name__)
@@ -191,12 +196,23 @@ def _perplexity_evaluator(dataset: str) -> Callable[..., TaskResult]:
     return run
 
 
+def eval_gsm8k_loss(model, tokenizer, cfg: EvalConfig, data: DataConfig, *, work_dir: Path, progress=True,
+                    autocast_dtype=None) -> TaskResult:
+    """Held-out GSM8K answer loss in the training format (``heldout.py``)."""
+    out = heldout_loss(model, tokenizer, "gsm8k", data, limit=cfg.limit, seqlen=cfg.seqlen,
+                       batch_size=cfg.batch_size, autocast_dtype=autocast_dtype, progress=progress)
+    settings = {"n": out["n"], "n_shot": 0, "seqlen": cfg.seqlen, "limit": cfg.limit, "split": "test",
+                "n_tokens": out["n_tokens"], "protocol": "answer tokens only, training format"}
+    return TaskResult({"loss": out["loss"], "ppl": out["ppl"]}, settings, {"loss": out["loss_stderr"]})
+
+
 EVALUATORS: dict[str, Callable[..., TaskResult]] = {
     "gsm8k": eval_gsm8k,
     "mmlu": eval_mmlu,
     "humaneval": eval_humaneval,
     "wikitext2": _perplexity_evaluator("wikitext2"),
     "ptb": _perplexity_evaluator("ptb"),
+    "gsm8k_loss": eval_gsm8k_loss,
 }
 
 
@@ -206,6 +222,12 @@ def check_tasks(tasks: list[str]) -> None:
     for t in tasks:
         if t not in EVALUATORS:
             raise ConfigError(f"eval.tasks: unknown task '{t}'. Known tasks: {known}.")
+
+
+def task_config(cfg: EvalConfig, task: str) -> EvalConfig:
+    """``cfg`` with ``limit`` replaced by ``cfg.task_limits[task]`` when the task has its own limit."""
+    own = cfg.task_limits.get(task)
+    return replace(cfg, limit=own) if own is not None else cfg
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -322,7 +344,7 @@ def evaluate(
                            "settings": {}, "details": {}, "skipped": {}, "versions": _versions()}
     for task in tasks:
         log.info("evaluating %s", task)
-        res = EVALUATORS[task](model, tokenizer, cfg, data, work_dir=work_dir, progress=progress,
+        res = EVALUATORS[task](model, tokenizer, task_config(cfg, task), data, work_dir=work_dir, progress=progress,
                                autocast_dtype=autocast_dtype)
         doc["settings"][task] = _plain(res.settings)
         if res.skipped is not None:
