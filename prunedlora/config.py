@@ -349,7 +349,8 @@ class TaskConfig:
     kind: str = "qa"
     """qa (prompt -> answer, loss on the answer), text (plain LM), mc (multiple choice) or code."""
     dataset: str = MISSING
-    """Dataset id known to ``prunedlora.data`` (gsm8k, mmlu, humaneval, wikitext2, ptb, metamath_small)."""
+    """Dataset id known to ``prunedlora.data`` (gsm8k, mmlu, humaneval, wikitext2, ptb, metamath_small,
+    metamathqa, lamini)."""
     path: str | None = None
     """Explicit file; wins over the mirror and the hub."""
     split: str = "train"

