@@ -535,6 +535,12 @@ def validate(cfg: RootConfig) -> None:
     _check(p, s.every >= 1 and s.per_event >= 1, "sparsity.every and sparsity.per_event must be >= 1")
     _check(p, s.warmup_frac + s.cooldown_frac < 1, "sparsity.warmup_frac + sparsity.cooldown_frac must be < 1")
     _one_of(p, "task.kind", cfg.task.kind, TASK_KINDS)
+    zero_stage = (cfg.distributed.deepspeed.get("zero_optimization") or {}).get("stage") \
+        if cfg.distributed.name != "none" else None
+    _check(p, not (getattr(m, "criterion", None) == "true_gradient" and zero_stage == 3),
+           "method.criterion=true_gradient with distributed=deepspeed_zero3: the criterion reads the frozen base "
+           "weights' own gradients, which ZeRO-3 partitions outside any optimizer; use distributed=deepspeed_zero2 "
+           "(or none), or criterion lora_guided / magnitude, which work under ZeRO-3")
     t = cfg.train
     for key in ("max_steps", "batch_size", "grad_accum", "save_every", "log_every"):
         _check(p, getattr(t, key) >= 1, f"train.{key}={getattr(t, key)} must be >= 1")

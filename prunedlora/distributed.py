@@ -9,12 +9,33 @@ pick the right path per parameter: a parameter DeepSpeed manages carries ``_hp_m
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable, Iterator
+
 import torch
 
 
 def is_deepspeed_param(param: torch.Tensor) -> bool:
     """Whether DeepSpeed ZeRO owns this parameter's gradient and optimizer state."""
     return getattr(param, "_hp_mapping", None) is not None or hasattr(param, "ds_id")
+
+
+@contextlib.contextmanager
+def gathered(params: Iterable[torch.Tensor]) -> Iterator[None]:
+    """Inside the block, ZeRO-3 partitioned parameters hold their full values (read-only); a no-op otherwise.
+
+    Under ZeRO-3 a parameter outside its module's forward is an empty placeholder on every rank (above
+    ``stage3_param_persistence_threshold`` elements), so a callback that reads whole weights (LoRAPrune's
+    scores read ``W0 + s BA``) gathers them first, one module at a time to bound the memory.
+    """
+    partitioned = [p for p in params if hasattr(p, "ds_id")]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        yield
 
 
 def full_grad(param: torch.Tensor) -> torch.Tensor | None:

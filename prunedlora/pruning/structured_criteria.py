@@ -44,7 +44,7 @@ from torch import nn
 
 from prunedlora.adapters.lora import LoRALinear
 from prunedlora.config import LORAPRUNE_CRITERIA
-from prunedlora.distributed import full_grad
+from prunedlora.distributed import full_grad, gathered
 from prunedlora.pruning.structure import AttentionShape
 
 NORM_EPS = 1e-8
@@ -136,7 +136,8 @@ def weight_importance(module: nn.Module, criterion: str, power: int = 1) -> torc
 
 def feature_importance(module: nn.Module, criterion: str, power: int, dim: int) -> torch.Tensor | None:
     """Row sums (``dim=0``: per output feature) or column sums (``dim=1``: per input feature) of ``I``."""
-    importance = weight_importance(module, criterion, power)
+    with gathered(module.parameters()):  # ZeRO-3: whole W0, A and B for the duration of the score
+        importance = weight_importance(module, criterion, power)
     if importance is None:
         return None
     return importance.sum(dim=1 - dim)  # (d_out,) or (d_in,)
