@@ -25,6 +25,10 @@ def _fake_run(root: Path, num: int, method: str, sparsity: float, acc: float, pp
                "ranks": ranks, "sparsity": sparsity * 0.98, "final_loss": 1.5,
                "eval": {"gsm8k": {"exact_match_strict": acc}}}
     (run / "summary.json").write_text(json.dumps(summary))
+    steps = [{"step": 1, "tokens_per_s": 10.0, "peak_memory_mb": 100.0},  # warm-up step: not in the median
+             {"step": 2, "tokens_per_s": 400.0 + num, "peak_memory_mb": 150.0},
+             {"step": 3, "tokens_per_s": 600.0 + num, "peak_memory_mb": 180.0 + num}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in steps))
     (run / "eval").mkdir()
     (run / "eval" / "results.json").write_text(json.dumps({"results": {
         "gsm8k": {"exact_match_strict": acc, "exact_match_flexible": acc + 0.1}, "humaneval": {"pass@1": 0.05},
@@ -47,6 +51,7 @@ def test_report_on_a_two_run_multirun(multirun: Path):
     assert rows[1]["sparsity"] == 0.5 and rows[1]["sparsity_achieved"] == pytest.approx(0.49)
     assert rows[0]["ranks"] == "8" and rows[1]["ranks"] == "mean 5 (4-6)" and rows[1]["rank_mean"] == 5.0
     assert rows[1]["overrides"] == "method=prunedlora sparsity.final=0.5"
+    assert rows[1]["tokens_per_s"] == 501.0 and rows[1]["peak_memory_mb"] == 181.0  # median after step 1; peak
     with open(written["csv"], newline="") as f:
         table = list(csv.DictReader(f))
     assert len(table) == 2 and table[1]["gsm8k/exact_match_strict"] == "0.25"

@@ -5,8 +5,8 @@
 Every run under the directory (any folder with a ``summary.json`` or an ``eval/results.json``) becomes one
 row: its path, Hydra overrides, method, sparsity (the configured ``sparsity.final`` from
 ``.hydra/config.yaml``; the achieved fraction from ``summary.json`` as ``sparsity_achieved``), final rank
-summary, parameter counts, final loss, peak memory, median training tokens/s (``metrics.jsonl``, first step
-left out) and every evaluation metric as ``<task>/<metric>`` (from
+summary, parameter counts, final loss, peak memory during training and median training tokens/s
+(``metrics.jsonl``, first step left out), the run's wall time and every evaluation metric as ``<task>/<metric>`` (from
 ``eval/results.json``, else ``summary.json``'s ``eval``). Then, for each metric, a PNG of the metric against
 sparsity with one line per method (runs sharing method and sparsity, e.g. seeds, are averaged).
 
@@ -76,21 +76,23 @@ def _override_value(overrides: list[str], key: str) -> str | None:
     return None
 
 
-def median_tokens_per_s(metrics_file: Path) -> float | None:
-    """Median training throughput over the logged steps after the first (which pays one-off warm-up)."""
+def training_figures(metrics_file: Path) -> dict[str, float | None]:
+    """From ``metrics.jsonl``: the median training tokens/s over the steps after the first (which pays one-off
+    warm-up) and the peak memory during training (the last logged high-water mark, before export and eval)."""
     try:
         lines = metrics_file.read_text(encoding="utf-8").splitlines()
     except OSError:
-        return None
-    values = []
+        return {"tokens_per_s": None, "peak_memory_mb": None}
+    records = []
     for line in lines:
         try:
-            record = json.loads(line)
+            records.append(json.loads(line))
         except json.JSONDecodeError:
             continue
-        if record.get("step", 0) > 1 and _number(record.get("tokens_per_s")) is not None:
-            values.append(float(record["tokens_per_s"]))
-    return statistics.median(values) if values else None
+    speeds = [float(r["tokens_per_s"]) for r in records
+              if r.get("step", 0) > 1 and _number(r.get("tokens_per_s")) is not None]
+    peaks = [float(r["peak_memory_mb"]) for r in records if _number(r.get("peak_memory_mb")) is not None]
+    return {"tokens_per_s": statistics.median(speeds) if speeds else None, "peak_memory_mb": max(peaks, default=None)}
 
 
 def summarize_ranks(ranks: Any) -> tuple[str, float | None]:
@@ -128,8 +130,7 @@ def collect_run(run_dir: Path, root: Path) -> dict[str, Any]:
         "rank_mean": rank_mean,
         **{k: summary.get(k) for k in ("params_total", "params_trainable", "params_after_export")},
         "final_loss": _number(summary.get("final_loss")),
-        "peak_memory_mb": _number(summary.get("peak_memory_mb")),
-        "tokens_per_s": median_tokens_per_s(run_dir / "metrics.jsonl"),
+        **training_figures(run_dir / "metrics.jsonl"),
         "wall_time_s": _number(summary.get("wall_time_s")),
         "overrides": " ".join(str(o) for o in overrides),
     }
