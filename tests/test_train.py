@@ -182,3 +182,18 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients() -> None:
     assert loss_ckpt == pytest.approx(loss_plain, abs=1e-6)
     for a, b in zip(grads_plain, grads_ckpt, strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_training_peak_memory_leaves_out_what_came_before():
+    """The recipe resets the peak at the start of training, so a loading spike does not count as training memory."""
+    from prunedlora.train.loop import peak_memory_mb, reset_peak_memory, resident_memory_mb
+
+    cpu = torch.device("cpu")
+    if resident_memory_mb(cpu) is None:
+        pytest.skip("needs /proc/self/status (Linux)")
+    spike = torch.ones(2**27)  # 512 MiB, touched: a loading-time spike
+    del spike
+    before = peak_memory_mb(cpu)
+    reset_peak_memory(cpu)
+    after = peak_memory_mb(cpu)
+    assert after < before - 400 and after == pytest.approx(resident_memory_mb(cpu), abs=64)

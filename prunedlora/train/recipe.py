@@ -30,7 +30,14 @@ from prunedlora.train.engine import (
     deepspeed_config,
     init_distributed,
 )
-from prunedlora.train.loop import MetricsWriter, ShardedBatches, peak_memory_mb, train_loop
+from prunedlora.train.loop import (
+    MetricsWriter,
+    ShardedBatches,
+    peak_memory_mb,
+    reset_peak_memory,
+    resident_memory_mb,
+    train_loop,
+)
 from prunedlora.train.optim import build_optimizer, build_scheduler
 from prunedlora.train.preemption import Preempted, PreemptionGuard
 from prunedlora.train.rundir import prepare_run_dir
@@ -116,6 +123,8 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
 
     try:
         # ------------------------------------------------------------ train
+        memory = {"memory_before_training_mb": resident_memory_mb(device)}  # model, adapters, optimizer, data
+        reset_peak_memory(device)  # the training peak, without the loading spikes before it
         with PreemptionGuard() as guard:
             try:
                 last = train_loop(model, engine, batches, callbacks, cfg.train, start_step=start_step,
@@ -125,13 +134,14 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
                 log.warning("%s; re-run the same command to resume", exc)
                 guard.forward(exc.signum)  # submitit requeues, or exit 128+signum for sbatch scripts
         final_loss = last.loss if last is not None else _last_logged_loss(run_dir / "metrics.jsonl")
+        memory["peak_memory_mb"] = peak_memory_mb(device)
         if distributed:
             # Export from a plain copy on rank 0: full adapter weights gathered, no DeepSpeed hooks.
             adapter = ckpt.adapter_state_dict(model)
             model, method = _rebuild_on_rank0(cfg, adapter, device) if is_main else (None, method)
         summary = _finish(cfg, run_dir, model, tokenizer, method, wandb_run, device,
                           {"final_loss": final_loss, "params_total": params_total,
-                           "params_trainable": params_trainable, "started": started}) if is_main else {}
+                           "params_trainable": params_trainable, "started": started, **memory}) if is_main else {}
     finally:
         if wandb_run is not None:
             wandb_run.finish()
@@ -172,7 +182,9 @@ def _finish(cfg: RootConfig, run_dir: Path, model: nn.Module, tokenizer: Any, me
         **exported,
         "eval": eval_results,
         "wall_time_s": time.time() - figures["started"],
-        "peak_memory_mb": peak_memory_mb(device),
+        "memory_before_training_mb": figures["memory_before_training_mb"],
+        "peak_memory_mb": figures["peak_memory_mb"],
+        "peak_memory_with_export_and_eval_mb": peak_memory_mb(device),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if wandb_run is not None:
