@@ -3,7 +3,8 @@
     python scripts/compare.py --suite methods      # lora, droplora, prunedlora, adalora, loraprune, salr
     python scripts/compare.py --suite sweep        # prunedlora, loraprune, salr at sparsity 0.25 / 0.5 / 0.75
     python scripts/compare.py --suite quality      # LoRAPrune and SALR at 50% on PTB: WikiText-2 / PTB PPL
-    options: [--jobs 2] [--threads 1] [--out runs/compare] [--budget cpu|gpu] [--dry-run] [--no-write]
+    options: [--jobs 2] [--threads 1] [--out runs/compare] [--budget cpu|gpu] [--dry-run] [--collect-only]
+             [--no-write]
 
 Every row is a real run: a ``prunedlora-train`` subprocess (``prunedlora-eval`` for the untouched base
 model) with its own run directory ``<out>/<budget>-<data>/<run label>``. Runs whose configs coincide across suites
@@ -27,6 +28,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -92,16 +95,17 @@ def _millions(value: object) -> str:
 
 
 def table(suite: Suite, rows: dict[str, dict]) -> str:
-    metric_headers = [header for _, header in suite.metrics]
-    head = ["run", "method", "sparsity", "final rank / structure", "trainable", "params after export",
-            "peak mem (MB)", "train tok/s", *metric_headers]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
+    head = ["run", "method", "sparsity (target / achieved)", "final rank", "trainable", "params after export",
+            "peak train mem (MB)", "train tok/s", *(header for _, header in suite.metrics)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + "|"]
     for run in suite.runs:
         row = rows.get(run.label)
         if row is None:
-            lines.append(f"| {run.label} | " + " | ".join(["missing (run failed)"] + [""] * (len(head) - 2)) + " |")
+            lines.append(f"| {run.label} | missing: not run, or failed (see its log) |" + " |" * (len(head) - 2))
             continue
-        cells = [run.label, row.get("method") or "base", _fmt(run.sparsity), row.get("ranks") or run.structure,
+        sparsity = f"{_fmt(run.sparsity)} / {_fmt(row.get('sparsity_achieved'), 3)}" if run.train else "–"
+        method = row.get("method") if run.train else "none (base model)"
+        cells = [run.label, method, sparsity, row.get("ranks") or run.structure,
                  _millions(row.get("params_trainable")), _millions(row.get("params_after_export")),
                  _fmt(row.get("peak_memory_mb"), 5), _fmt(row.get("tokens_per_s"), 3)]
         cells += [_fmt(row.get(key)) for key, _ in suite.metrics]
@@ -129,12 +133,14 @@ def write_section(suite: Suite, budget: str, rows: dict[str, dict], outcomes: li
                   threads: int, write: bool) -> str:
     figures = plots(suite, rows, budget) if suite.plot_metrics else []
     ran = sum(o.seconds for o in outcomes)
+    provenance = (f"Job time summed over the runs done by this invocation: {ran / 60:.0f} min." if ran else
+                  "Collected from finished run directories (`--collect-only`); each run's command line heads its "
+                  "`<label>.log`.")
     parts = [
         f"## {suite.title} ({budget} budget)",
         f"`{command_line()}`",
         f"Machine: {machine_description()} (per job: {threads} torch thread(s), {jobs} job(s) side by side). "
-        f"Date: {time.strftime('%Y-%m-%d')}. Job time summed over the runs done by this invocation: "
-        f"{ran / 60:.0f} min.",
+        f"Date: {time.strftime('%Y-%m-%d')}. {provenance}",
         suite.setup(budget),
         table(suite, rows),
     ]
@@ -157,8 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "compare")
     parser.add_argument("--dry-run", action="store_true", help="print the commands and stop")
+    parser.add_argument("--collect-only", action="store_true",
+                        help="run nothing: tables and plots from the finished runs already in --out")
     parser.add_argument("--no-write", action="store_true", help="print the section instead of writing RESULTS.md")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)  # what machine_description reports: the jobs' thread count
     suite = SUITES[args.suite]
     budget_overrides = BUDGETS[args.budget][suite.data]
     folder = args.out / f"{args.budget}-{suite.data}"
@@ -167,9 +176,13 @@ def main(argv: list[str] | None = None) -> int:
         for run in suite.runs:
             print(" ".join(_command(run, run_dirs[run.label], args.threads, budget_overrides)))
         return 0
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        outcomes = list(pool.map(lambda r: execute(r, run_dirs[r.label], args.threads, budget_overrides),
-                                 suite.runs))
+    if args.collect_only:
+        outcomes = [Outcome(r, run_dirs[r.label], 0 if _finished(r, run_dirs[r.label]) else 1, 0.0)
+                    for r in suite.runs]
+    else:
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            outcomes = list(pool.map(lambda r: execute(r, run_dirs[r.label], args.threads, budget_overrides),
+                                     suite.runs))
     rows = {o.run.label: collect_run(o.run_dir, o.run_dir.parent) for o in outcomes
             if o.returncode == 0 and _finished(o.run, o.run_dir)}
     markdown = write_section(suite, args.budget, rows, outcomes, jobs=args.jobs, threads=args.threads,
