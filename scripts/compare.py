@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)  # what machine_description reports: the jobs' thread count
     suite = SUITES[args.suite]
-    budget_overrides = BUDGETS[args.budget][suite.data]
+    budget_overrides = [*BUDGETS[args.budget][suite.data], *suite.eval_overrides]
     folder = args.out / f"{args.budget}-{suite.data}"
     run_dirs = {run.label: folder / run.label for run in suite.runs}
     if args.dry_run:

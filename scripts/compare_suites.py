@@ -44,6 +44,9 @@ class Suite:
     verdicts: Callable[[dict[str, dict]], list[str]]
     plot_metrics: tuple[tuple[str, str], ...] = ()
     papers: str = ""
+    eval_overrides: tuple[str, ...] = ()
+    """Evaluation settings of this suite's own runs (eval keys may differ between runs that share a directory:
+    a finished run is never evaluated again)."""
 
 
 # ------------------------------------------------------------------------------------------------ budgets
@@ -202,7 +205,8 @@ SUITES: dict[str, Suite] = {
         (LORA, *(_prunedlora(s) for s in (0.25, 0.5, 0.75)), *(_loraprune(s) for s in (0.25, 0.5, 0.75)),
          *(_salr(s) for s in (0.25, 0.5, 0.75))),
         "gsm8k", _COMPARE_METRICS[:1] + _COMPARE_METRICS[3:5], _methods_setup, _sweep_verdicts,
-        plot_metrics=(("gsm8k_loss/loss", "GSM8K held-out loss"), ("wikitext2/ppl", "WikiText-2 PPL"))),
+        plot_metrics=(("gsm8k_loss/loss", "GSM8K held-out loss"), ("wikitext2/ppl", "WikiText-2 PPL")),
+        eval_overrides=("eval.tasks=[gsm8k_loss,wikitext2,ptb]",)),
     "quality": Suite(
         "quality", "LoRAPrune and SALR at 50%: perplexity after a short fine-tune",
         (BASE, LORA, _loraprune(0.5), _loraprune(0.5, "magnitude"), _salr(0.5)),
