@@ -19,7 +19,7 @@ from compare_suites import BUDGETS, SUITES  # noqa: E402
 @pytest.mark.parametrize("suite", sorted(SUITES))
 def test_every_run_composes_and_validates(suite: str, budget: str) -> None:
     for run in SUITES[suite].runs:
-        cfg = compose_root([*BUDGETS[budget][SUITES[suite].data], *run.overrides])
+        cfg = compose_root([*BUDGETS[budget][SUITES[suite].data], *SUITES[suite].eval_overrides, *run.overrides])
         validate(cfg)
         assert cfg.train.seed == 42 and cfg.model.name == "smollm2_135m"
         if run.sparsity:
