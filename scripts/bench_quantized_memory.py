@@ -55,19 +55,26 @@ def main() -> None:
     base = next(r["peak_mb"] for name, r in rows if name.startswith("bf16"))
     table = "\n".join(f"| {name} | {r['resident_mb']:.0f} | {r['peak_mb']:.0f} | {r['peak_mb'] / base:.2f} | "
                       f"{r['step_s']:.2f} |" for name, r in rows)
-    update_section("quantized_memory", f"""## Quantized base: peak memory (SmolLM2-135M, LoRA r=8 on q,k,v,o)
+    update_section("quantized_memory", f"""## Quantized base: training memory (SmolLM2-135M, LoRA r=8 on q,k,v,o)
 
-Peak resident set size (whole process: Python, torch, data, loading the model, optimizer) up to the last of
-{args.steps} optimizer steps of batch 4 x 256 tokens (before export); median step time after the first step,
-one torch thread (step times are only indicative on a shared machine; the memory figures are not affected).
+Resident set of the whole process (Python, torch, transformers, tokenizer, data, model, adapters) when
+training starts, and its peak during {args.steps} optimizer steps of batch 4 x 256 tokens (`summary.json`:
+`memory_before_training_mb`, `peak_memory_mb`; the peak is reset when training starts, so loading spikes do
+not count); median step time after the first step, one torch thread (step times are only indicative on a
+shared machine; the memory figures are not affected).
 Machine: {machine_description()}. Command: `{command_line()}`.
 
-| frozen base | peak RSS (MB) | vs bf16 | step time (s) |
-|---|---:|---:|---:|
+| frozen base | resident at start (MB) | training peak RSS (MB) | peak vs bf16 | step time (s) |
+|---|---:|---:|---:|---:|
 {table}
 
-On CPU the process baseline (torch, transformers, tokenizer, data) dominates a 135M model: the weight
-savings of nf4 (about 270 MB of bf16 linears down to about 70 MB) are a small share of the total here.
+The frozen linears of SmolLM2-135M hold about 107M parameters (430 MB in fp32, 215 MB in bf16, about 60 MB
+in nf4); the 28M-parameter tied embedding stays unquantized. On CPU, activations dominate a model this small
+(float32 without autocast; the logits over the 49k-token vocabulary alone are 200 MB per 1024 tokens), and
+bitsandbytes' CPU path dequantizes each 4-bit weight for the forward and again for the backward, so nf4
+saves nothing here: its training peak is above bf16's. On a 7B/8B model on a GPU the frozen weights dominate
+and nf4 stores them in a quarter of bf16's bytes; measure that with this script on the GPU (not available
+to this run).
 """)
 
 
