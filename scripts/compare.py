@@ -56,6 +56,24 @@ def _command(run: Run, run_dir: Path, threads: int, budget_overrides: list[str])
     return [str(exe), *budget_overrides, *run.overrides, *threads_override, f"hydra.run.dir={run_dir}"]
 
 
+COMMIT_TAG = "# prunedlora commit "
+
+
+def _git_commit() -> str:
+    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False)
+    return out.stdout.strip() or "unknown"
+
+
+def run_commits(outcomes: list[Outcome]) -> list[str]:
+    """The commits the runs were made at, from the first line of each ``<label>.log``."""
+    commits = set()
+    for o in outcomes:
+        log = o.run_dir.with_name(o.run_dir.name + ".log")
+        head = log.read_text(encoding="utf-8").split("\n", 1)[0] if log.is_file() else ""
+        commits.add(head[len(COMMIT_TAG):] if head.startswith(COMMIT_TAG) else "unknown")
+    return sorted(commits)
+
+
 def _finished(run: Run, run_dir: Path) -> bool:
     return (run_dir / ("summary.json" if run.train else "eval/results.json")).is_file()
 
@@ -70,7 +88,7 @@ def execute(run: Run, run_dir: Path, threads: int, budget_overrides: list[str]) 
     command = _command(run, run_dir, threads, budget_overrides)
     start = time.perf_counter()
     with open(run_dir.with_name(run_dir.name + ".log"), "a", encoding="utf-8") as log:
-        log.write(" ".join(command) + "\n")
+        log.write(f"{COMMIT_TAG}{_git_commit()}\n" + " ".join(command) + "\n")
         log.flush()
         code = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
     seconds = time.perf_counter() - start
@@ -135,7 +153,7 @@ def write_section(suite: Suite, budget: str, rows: dict[str, dict], outcomes: li
     ran = sum(o.seconds for o in outcomes)
     provenance = (f"Job time summed over the runs done by this invocation: {ran / 60:.0f} min." if ran else
                   "Collected from finished run directories (`--collect-only`); each run's command line heads its "
-                  "`<label>.log`.")
+                  "`<label>.log`.") + f" Runs made at commit {', '.join(run_commits(outcomes))}."
     parts = [
         f"## {suite.title} ({budget} budget)",
         f"`{command_line()}`",

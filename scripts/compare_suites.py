@@ -138,9 +138,9 @@ def _methods_verdicts(rows: dict[str, dict]) -> list[str]:
         _compare(rows, "salr-s0.50", "lora-r8", loss,
                  "SALR at 50% base sparsity matches or beats dense LoRA (paper: matches or slightly exceeds it "
                  "on GSM8K and MMLU at 7B/8B)"),
-        _compare(rows, "loraprune-s0.50", "salr-s0.50", ppl,
-                 "Structured pruning (LoRAPrune, heads and channels) costs more perplexity than unstructured "
-                 "(SALR) at the same 50% (expected: structured removes whole groups)"),
+        _compare(rows, "salr-s0.50", "loraprune-s0.50", ppl,
+                 "Unstructured pruning (SALR) keeps perplexity closer to dense than structured pruning (LoRAPrune, "
+                 "whole heads and channels) at the same 50% (expected)"),
     ]
 
 
