@@ -144,6 +144,13 @@ def _methods_verdicts(rows: dict[str, dict]) -> list[str]:
     ]
 
 
+def _sweep_setup(budget: str) -> str:
+    return (_methods_setup(budget) + " Sparsity means what each method prunes: PrunedLoRA the adapter's rank "
+            "(r0 = 32 to 32 (1 - s): 24, 16, 8), LoRAPrune the heads and MLP channels of the base, SALR the base "
+            "weights. So PrunedLoRA's points end at ranks above LoRA's 8 except at 0.75, and its base is never "
+            "pruned; LoRAPrune's and SALR's are comparable with each other.")
+
+
 def _sweep_verdicts(rows: dict[str, dict]) -> list[str]:
     out = []
     for method in ("prunedlora", "loraprune", "salr"):
@@ -204,7 +211,7 @@ SUITES: dict[str, Suite] = {
         "sweep", "Sparsity sweep",
         (LORA, *(_prunedlora(s) for s in (0.25, 0.5, 0.75)), *(_loraprune(s) for s in (0.25, 0.5, 0.75)),
          *(_salr(s) for s in (0.25, 0.5, 0.75))),
-        "gsm8k", _COMPARE_METRICS[:1] + _COMPARE_METRICS[3:5], _methods_setup, _sweep_verdicts,
+        "gsm8k", _COMPARE_METRICS[:1] + _COMPARE_METRICS[3:5], _sweep_setup, _sweep_verdicts,
         plot_metrics=(("gsm8k_loss/loss", "GSM8K held-out loss"), ("wikitext2/ppl", "WikiText-2 PPL")),
         eval_overrides=("eval.tasks=[gsm8k_loss,wikitext2,ptb]",)),
     "quality": Suite(
