@@ -63,7 +63,7 @@ BUDGETS: dict[str, dict[str, list[str]]] = {
         "ptb": [*_COMMON, "task=ptb", "train.max_steps=200", "train.batch_size=2", "train.seq_len=256",
                 "eval.tasks=[wikitext2,ptb]", "eval.limit=40"],
     },
-    # One GPU: ten times the tokens, the full perplexity test sets and larger evaluation subsets.
+    # One GPU: 80 times the tokens (600 steps of 8 x 512), the full perplexity test sets, larger eval subsets.
     "gpu": {
         "gsm8k": [*_COMMON, "task=gsm8k", "train.max_steps=600", "train.batch_size=8", "train.seq_len=512",
                   "eval.tasks=[gsm8k_loss,gsm8k,wikitext2,ptb,mmlu]", "eval.max_gen_toks=256",
