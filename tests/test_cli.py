@@ -129,3 +129,6 @@ def test_wandb_offline_run_logs_without_network(tmp_path: Path, data_root: Path)
     offline_runs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(offline_runs) == 1 and offline_runs[0].stat().st_size > 0
     assert (run_dir / "checkpoints" / "wandb_id").is_file()
+    logged = offline_runs[0].read_bytes()  # protobuf records; the keys are plain strings inside
+    for key in (b"train/loss", b"eval/wikitext2/ppl", b"eval/results"):
+        assert key in logged, key

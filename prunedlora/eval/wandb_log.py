@@ -1,7 +1,8 @@
-"""wandb logging of a standalone evaluation (``prunedlora-eval``), off unless ``logging.wandb=true``.
+"""wandb logging of evaluation results, off unless ``logging.wandb=true``.
 
-A training run logs its evaluation into its own wandb run (``prunedlora.train.tracking.log_eval``). A
-standalone evaluation has no run yet: :func:`log_eval_run` starts one (``job_type="eval"``, in the
+:func:`log_results` writes one evaluation (its ``eval/results.json`` document) into a wandb run: a training run
+logs into its own run at its last step (``prunedlora.train.tracking.log_eval``); a standalone evaluation
+(``prunedlora-eval``) has no run yet: :func:`log_eval_run` starts one (``job_type="eval"``, in the
 evaluation's output directory), logs ``eval/<task>/<metric>`` values and stderrs, the results table (task,
 metric, value, stderr, n, shots) and the markdown table, then finishes it. ``reinit="finish_previous"``
 keeps jobs of a one-process multirun from sharing a run. ``logging.mode`` (or ``WANDB_MODE``) selects
@@ -38,6 +39,25 @@ def table_rows(doc: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
+TABLE_COLUMNS = ["task", "metric", "value", "stderr", "n", "shots"]
+
+
+def read_results(out_dir: Path, results: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """The ``results.json`` document of ``out_dir/eval`` (stderr, settings), else just ``results``."""
+    results_json = Path(out_dir) / "eval" / "results.json"
+    return json.loads(results_json.read_text()) if results_json.is_file() else {"results": results}
+
+
+def log_results(run: Any, doc: dict[str, Any], step: int | None = None) -> None:
+    """``eval/<task>/<metric>`` values and stderrs into ``run`` and its summary, plus the results table."""
+    import wandb  # lazy: slow import, optional at run time
+
+    flat = flat_metrics(doc["results"], doc.get("stderr"))
+    run.log(flat, step=step)
+    run.summary.update(flat)
+    run.log({"eval/results": wandb.Table(columns=TABLE_COLUMNS, data=table_rows(doc))}, step=step)
+
+
 def log_eval_run(cfg: LoggingConfig, out_dir: Path, results: dict[str, dict[str, float]], *, name: str,
                  config: dict[str, Any] | None = None) -> None:
     """Log one evaluation (``out_dir/eval/results.json``) to a new wandb run and finish it; no-op when off."""
@@ -45,17 +65,11 @@ def log_eval_run(cfg: LoggingConfig, out_dir: Path, results: dict[str, dict[str,
         return
     import wandb  # lazy: slow import, optional at run time
 
-    results_json = Path(out_dir) / "eval" / "results.json"
-    doc = json.loads(results_json.read_text()) if results_json.is_file() else {"results": results}
     md_path = Path(out_dir) / "eval" / "results.md"
     run = wandb.init(project=cfg.project, entity=cfg.entity, mode=cfg.mode or os.environ.get("WANDB_MODE") or "online",
                      dir=str(out_dir), name=name, job_type="eval", config=config or {}, reinit="finish_previous")
     try:
-        flat = flat_metrics(doc["results"], doc.get("stderr"))
-        run.log(flat)
-        run.summary.update(flat)
-        columns = ["task", "metric", "value", "stderr", "n", "shots"]
-        run.log({"eval/results": wandb.Table(columns=columns, data=table_rows(doc))})
+        log_results(run, read_results(out_dir, results))
         if md_path.is_file():
             run.summary["eval/results_md"] = md_path.read_text()
     finally:

@@ -168,7 +168,7 @@ def _finish(cfg: RootConfig, run_dir: Path, model: nn.Module, tokenizer: Any, me
                                           "base_model": cfg.model.name_or_path, "weights": "in-memory"},
                                 autocast_dtype=torch.bfloat16 if cfg.train.bf16 else None,
                                 progress=cfg.logging.progress)
-        log_eval(wandb_run, eval_results, step=cfg.train.max_steps)
+        log_eval(wandb_run, run_dir, eval_results, step=cfg.train.max_steps)
 
     summary = {
         "method": method.name,

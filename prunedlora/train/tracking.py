@@ -40,14 +40,10 @@ def start_wandb(cfg: LoggingConfig, run_dir: Path, config: dict[str, Any], name:
     )
 
 
-def log_eval(wandb_run: Any | None, results: dict[str, dict[str, float]], step: int) -> None:
-    """Eval metrics as ``eval/<task>/<metric>`` plus a results table, into the run and its summary."""
+def log_eval(wandb_run: Any | None, run_dir: Path, results: dict[str, dict[str, float]], step: int) -> None:
+    """The run's evaluation (``run_dir/eval/results.json``: values, stderrs, the results table) at ``step``."""
     if wandb_run is None or not results:
         return
-    import wandb
+    from prunedlora.eval.wandb_log import log_results, read_results
 
-    flat = {f"eval/{task}/{metric}": value for task, metrics in results.items() for metric, value in metrics.items()}
-    wandb_run.log(flat, step=step)
-    wandb_run.summary.update(flat)
-    rows = [[task, metric, value] for task, metrics in results.items() for metric, value in metrics.items()]
-    wandb_run.log({"eval/results": wandb.Table(columns=["task", "metric", "value"], data=rows)}, step=step)
+    log_results(wandb_run, read_results(run_dir, results), step=step)
