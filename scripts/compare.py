@@ -34,7 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from compare_suites import BUDGETS, SUITES, Run, Suite  # noqa: E402
-from results_md import RESULTS, command_line, machine_description, update_section  # noqa: E402
+from results_md import RESULTS, command_line, git_commit, machine_description, update_section  # noqa: E402
 
 from prunedlora.eval.report import collect_run, plot_metric  # noqa: E402
 
@@ -57,11 +57,6 @@ def _command(run: Run, run_dir: Path, threads: int, budget_overrides: list[str])
 
 
 COMMIT_TAG = "# prunedlora commit "
-
-
-def _git_commit() -> str:
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False)
-    return out.stdout.strip() or "unknown"
 
 
 def run_commits(outcomes: list[Outcome]) -> list[str]:
@@ -88,7 +83,7 @@ def execute(run: Run, run_dir: Path, threads: int, budget_overrides: list[str]) 
     command = _command(run, run_dir, threads, budget_overrides)
     start = time.perf_counter()
     with open(run_dir.with_name(run_dir.name + ".log"), "a", encoding="utf-8") as log:
-        log.write(f"{COMMIT_TAG}{_git_commit()}\n" + " ".join(command) + "\n")
+        log.write(f"{COMMIT_TAG}{git_commit()}\n" + " ".join(command) + "\n")
         log.flush()
         code = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
     seconds = time.perf_counter() - start

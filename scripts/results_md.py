@@ -17,17 +17,22 @@ RESULTS = Path(__file__).resolve().parents[1] / "docs" / "RESULTS.md"
 HEADER = "# Results\n\nEvery number below was written by a script in `scripts/`; each section names its command.\n"
 
 
+def git_commit() -> str:
+    """Short hash of the checkout these scripts live in ("unknown" outside git)."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=RESULTS.parents[1], capture_output=True,
+                                text=True, check=False).stdout.strip()
+    except OSError:
+        commit = ""
+    return commit or "unknown"
+
+
 def machine_description() -> str:
     """One line: CPU/GPU, cores, torch version, git commit."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=False).stdout.strip()
-    except OSError:
-        commit = "unknown"
     cpu = f"CPU ({platform.processor() or platform.machine()})"
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else cpu
     return (f"{device}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
-            f"Python {platform.python_version()}, commit {commit or 'unknown'}")
+            f"Python {platform.python_version()}, commit {git_commit()}")
 
 
 def update_section(name: str, markdown: str, path: Path = RESULTS) -> None:
