@@ -69,6 +69,23 @@ def _read_jsonl(path: Path, required: tuple[str, ...]) -> Iterator[Record]:
             yield record
 
 
+def _read_json_or_jsonl(path: Path, required: tuple[str, ...]) -> list[Record]:
+    """A JSON array of objects (``.json``) or JSON Lines (anything else), checked for ``required`` keys."""
+    if path.suffix != ".json":
+        return list(_read_jsonl(path, required))
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}, line {err.lineno}: not valid JSON ({err.msg}). Expected one JSON array of "
+                        f"objects with {list(required)}; fix the file or point task.path at an intact copy.") from err
+    rows = rows if isinstance(rows, list) else [rows]
+    for i, r in enumerate(rows):
+        if not isinstance(r, dict) or not set(required) <= r.keys():
+            raise DataError(f"{path}, record {i}: expected an object with {list(required)}. Check that task.dataset "
+                            "matches the file given in task.path.")
+    return rows
+
+
 def _read_lines(path: Path) -> list[str]:
     # Plain text mode, iterated line by line, is how the hub's WikiText builder made its rows, so the
     # local records match the hub's byte for byte (including each line's trailing newline).
@@ -115,25 +132,9 @@ def _metamath_record(r: Record) -> Record:
 
 
 def _parse_metamath(path: Path, split: str) -> list[Record]:
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DataError(
-            f"{path}, line {err.lineno}: not valid JSON ({err.msg} at column {err.colno}). The file must be one "
-            "JSON array of {instruction, input, output, answer} objects; fix it or point task.path at an intact copy."
-        ) from err
-    records = []
-    for i, r in enumerate(rows if isinstance(rows, list) else [rows]):
-        if not isinstance(r, dict) or not {"instruction", "output", "answer"} <= r.keys():
-            raise DataError(
-                f"{path}, record {i}: expected an object with instruction, output and answer (LLM-Adapters "
-                "format). Fix that record, or check that task.dataset matches the file in task.path."
-            )
-        record = _metamath_record(r)
-        # Three records have an empty rationale: training on them would teach the model to stop at once.
-        if record["answer"]:
-            records.append(record)
-    return records
+    records = [_metamath_record(r) for r in _read_json_or_jsonl(path, ("instruction", "output", "answer"))]
+    # Three records have an empty rationale: training on them would teach the model to stop at once.
+    return [r for r in records if r["answer"]]
 
 
 def _parse_mmlu(path: Path, split: str) -> list[Record]:
@@ -176,22 +177,6 @@ def _gsm8k_style_answer(response: str) -> str:
 
 def _hub_metamathqa(rows: list[Record]) -> list[Record]:
     return [{"question": r["query"], "answer": _gsm8k_style_answer(r["response"])} for r in rows]
-
-
-def _read_json_or_jsonl(path: Path, required: tuple[str, ...]) -> list[Record]:
-    """A JSON array of objects (``.json``) or JSON Lines (anything else), checked for ``required`` keys."""
-    if path.suffix != ".json":
-        return list(_read_jsonl(path, required))
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}, line {err.lineno}: not valid JSON ({err.msg}). Expected one JSON array of "
-                        f"objects with {list(required)}; fix the file or point task.path at an intact copy.") from err
-    for i, r in enumerate(rows if isinstance(rows, list) else [rows]):
-        if not isinstance(r, dict) or not set(required) <= r.keys():
-            raise DataError(f"{path}, record {i}: expected an object with {list(required)}. Check that task.dataset "
-                            "matches the file given in task.path.")
-    return rows if isinstance(rows, list) else [rows]
 
 
 def _hub_mmlu(rows: list[Record]) -> list[Record]:
