@@ -40,3 +40,13 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tiny(byte_tokenizer):
+    """The random tiny LLaMA (default ``TinyModelConfig``) sized to the byte tokenizer; one per test module."""
+    from prunedlora.config import TinyModelConfig
+    from prunedlora.models.tiny import build_tiny_llama
+
+    return build_tiny_llama(TinyModelConfig(), vocab_size=len(byte_tokenizer))
+

@@ -24,16 +24,6 @@ def _mirror() -> Path:
     return Path(os.environ.get("PRUNEDLORA_DATA_ROOT", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return build_byte_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def tiny(tok):
-    return build_tiny_llama(TinyModelConfig(), vocab_size=len(tok))
-
-
 class UniformLM(torch.nn.Module):
     """Logits all zero: every next token has probability 1/V."""
 
@@ -48,12 +38,12 @@ class UniformLM(torch.nn.Module):
 
 
 class CountingTokenizer:
-    def __init__(self, tok):
-        self.tok, self.calls = tok, 0
+    def __init__(self, byte_tokenizer):
+        self.byte_tokenizer, self.calls = byte_tokenizer, 0
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
-        return self.tok(*args, **kwargs)
+        return self.byte_tokenizer(*args, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------- perplexity
@@ -77,12 +67,12 @@ def _reference_nll(model, ids: torch.Tensor, seqlen: int, n: int) -> float:
     return total / (n * (seqlen - 1))
 
 
-def test_matches_reference_and_batching(tiny, tok):
+def test_matches_reference_and_batching(tiny, byte_tokenizer):
     seqlen, limit = 50, 7
-    ids = tokenize_text(tok, TEXT)
+    ids = tokenize_text(byte_tokenizer, TEXT)
     ref = _reference_nll(tiny, ids, seqlen, limit)
-    b1 = token_perplexity(tiny, tok, TEXT, seqlen=seqlen, batch_size=1, limit=limit, progress=False)
-    b3 = token_perplexity(tiny, tok, TEXT, seqlen=seqlen, batch_size=3, limit=limit, progress=False)
+    b1 = token_perplexity(tiny, byte_tokenizer, TEXT, seqlen=seqlen, batch_size=1, limit=limit, progress=False)
+    b3 = token_perplexity(tiny, byte_tokenizer, TEXT, seqlen=seqlen, batch_size=3, limit=limit, progress=False)
     assert b1["n_windows"] == b3["n_windows"] == limit
     assert b1["n_tokens"] == limit * (seqlen - 1)
     assert b1["nll"] == pytest.approx(ref, rel=1e-5)
@@ -90,35 +80,36 @@ def test_matches_reference_and_batching(tiny, tok):
     assert b3["ppl"] == pytest.approx(math.exp(ref), rel=1e-5)
 
 
-def test_window_count_limit_and_cap(tiny, tok):
+def test_window_count_limit_and_cap(tiny, byte_tokenizer):
     numel = len(TEXT.encode()) + 1  # byte tokenizer + one BOS
-    assert tokenize_text(tok, TEXT).numel() == numel
-    out = token_perplexity(tiny, tok, TEXT, seqlen=128, batch_size=4, progress=False)
+    assert tokenize_text(byte_tokenizer, TEXT).numel() == numel
+    out = token_perplexity(tiny, byte_tokenizer, TEXT, seqlen=128, batch_size=4, progress=False)
     assert out["n_windows"] == numel // 128 and out["seqlen"] == 128
-    assert token_perplexity(tiny, tok, TEXT, seqlen=128, limit=3, progress=False)["n_windows"] == 3
-    assert token_perplexity(tiny, tok, TEXT, seqlen=128, limit=10_000, progress=False)["n_windows"] == numel // 128
+    assert token_perplexity(tiny, byte_tokenizer, TEXT, seqlen=128, limit=3, progress=False)["n_windows"] == 3
+    all_windows = token_perplexity(tiny, byte_tokenizer, TEXT, seqlen=128, limit=10_000, progress=False)
+    assert all_windows["n_windows"] == numel // 128
     # the window is capped at max_position_embeddings (512 for the tiny model)
-    capped = token_perplexity(tiny, tok, TEXT, seqlen=4096, limit=1, progress=False)
+    capped = token_perplexity(tiny, byte_tokenizer, TEXT, seqlen=4096, limit=1, progress=False)
     assert capped["seqlen"] == 512 and capped["n_windows"] == 1
     assert make_windows(torch.arange(10), 3).tolist() == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
     with pytest.raises(ConfigError, match="seqlen"):
-        token_perplexity(UniformLM(5), tok, "short", seqlen=64, progress=False)
+        token_perplexity(UniformLM(5), byte_tokenizer, "short", seqlen=64, progress=False)
 
 
-def test_single_tokenization_single_bos(tiny, tok):
-    counting = CountingTokenizer(tok)
+def test_single_tokenization_single_bos(tiny, byte_tokenizer):
+    counting = CountingTokenizer(byte_tokenizer)
     token_perplexity(tiny, counting, TEXT, seqlen=64, batch_size=4, limit=5, progress=False)
     assert counting.calls == 1
-    ids = tokenize_text(tok, TEXT)
+    ids = tokenize_text(byte_tokenizer, TEXT)
     assert ids[0].item() == BOS_ID and int((ids == BOS_ID).sum()) == 1
 
 
-def test_training_mode_restored(tiny, tok):
+def test_training_mode_restored(tiny, byte_tokenizer):
     tiny.train()
-    token_perplexity(tiny, tok, TEXT, seqlen=64, limit=1, progress=False)
+    token_perplexity(tiny, byte_tokenizer, TEXT, seqlen=64, limit=1, progress=False)
     assert tiny.training
     tiny.eval()
-    token_perplexity(tiny, tok, TEXT, seqlen=64, limit=1, progress=False)
+    token_perplexity(tiny, byte_tokenizer, TEXT, seqlen=64, limit=1, progress=False)
     assert not tiny.training
 
 
@@ -140,29 +131,30 @@ class ScaledLM(torch.nn.Module):
         return SimpleNamespace(logits=20.0 * logits)
 
 
-def test_split_head_path_equals_full_logits(tiny, tok):
+def test_split_head_path_equals_full_logits(tiny, byte_tokenizer):
     from prunedlora.eval import perplexity
 
-    windows = make_windows(tokenize_text(tok, TEXT), 100, 6)
+    windows = make_windows(tokenize_text(byte_tokenizer, TEXT), 100, 6)
     with torch.inference_mode():
         split = perplexity.nll_sum_split(tiny.get_decoder(), tiny.get_output_embeddings(), windows)
         full = perplexity.nll_sum_full_logits(tiny, windows)
     assert split == pytest.approx(full, rel=1e-6)
 
 
-def test_chunked_reduction_equals_one_shot(tiny, tok, monkeypatch):
+def test_chunked_reduction_equals_one_shot(tiny, byte_tokenizer, monkeypatch):
     from prunedlora.eval import perplexity
 
-    ref = token_perplexity(tiny, tok, TEXT, seqlen=100, limit=4, progress=False)["nll"]
+    ref = token_perplexity(tiny, byte_tokenizer, TEXT, seqlen=100, limit=4, progress=False)["nll"]
     monkeypatch.setattr(perplexity, "CHUNK_ELEMENTS", 259 * 7)  # 7 tokens per chunk, ragged last chunk
-    assert token_perplexity(tiny, tok, TEXT, seqlen=100, limit=4, progress=False)["nll"] == pytest.approx(ref, rel=1e-6)
+    chunked = token_perplexity(tiny, byte_tokenizer, TEXT, seqlen=100, limit=4, progress=False)["nll"]
+    assert chunked == pytest.approx(ref, rel=1e-6)
 
 
-def test_model_whose_logits_are_not_head_of_decoder_falls_back(tiny, tok, caplog):
+def test_model_whose_logits_are_not_head_of_decoder_falls_back(tiny, byte_tokenizer, caplog):
     scaled = ScaledLM(tiny)
-    ids = tokenize_text(tok, TEXT)
+    ids = tokenize_text(byte_tokenizer, TEXT)
     with caplog.at_level(logging.WARNING, logger="prunedlora.eval.perplexity"):
-        out = token_perplexity(scaled, tok, TEXT, seqlen=64, limit=3, progress=False)
+        out = token_perplexity(scaled, byte_tokenizer, TEXT, seqlen=64, limit=3, progress=False)
     assert out["nll"] == pytest.approx(_reference_nll(scaled, ids, 64, 3), rel=1e-5)
     assert "not head(decoder(x))" in caplog.text
 
@@ -181,10 +173,10 @@ def _check_results_dir(out_dir: Path, tasks):
     return doc
 
 
-def test_runner_writes_files_and_keeps_earlier_ones(tiny, tok, tmp_path, monkeypatch, capsys):
+def test_runner_writes_files_and_keeps_earlier_ones(tiny, byte_tokenizer, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(runner, "_load_lm_text", lambda ds, split, data, path=None: TEXT)
     cfg = EvalConfig(limit=2, seqlen=64, batch_size=2)
-    res = runner.evaluate(tiny, tok, ["wikitext2", "ptb"], cfg, DataConfig(), tmp_path, model_id="tiny",
+    res = runner.evaluate(tiny, byte_tokenizer, ["wikitext2", "ptb"], cfg, DataConfig(), tmp_path, model_id="tiny",
                           identity={"adapter": None, "method": "lora"}, progress=False)
     assert set(res) == {"wikitext2", "ptb"} and set(res["wikitext2"]) == {"ppl", "nll"}
     doc = _check_results_dir(tmp_path, ["wikitext2", "ptb"])
@@ -192,17 +184,17 @@ def test_runner_writes_files_and_keeps_earlier_ones(tiny, tok, tmp_path, monkeyp
     assert doc["model"] == {"name_or_path": "tiny", "adapter": None, "method": "lora"}
     assert "| wikitext2 | ppl |" in capsys.readouterr().out
     # a second evaluation keeps the first results (and task folder) instead of overwriting them
-    runner.evaluate(tiny, tok, ["ptb"], cfg, DataConfig(), tmp_path, model_id="tiny", progress=False)
+    runner.evaluate(tiny, byte_tokenizer, ["ptb"], cfg, DataConfig(), tmp_path, model_id="tiny", progress=False)
     assert len(list((tmp_path / "eval").glob("results.prev-*.json"))) == 1
     assert len(list((tmp_path / "eval").glob("results.prev-*.md"))) == 1
     assert len(list((tmp_path / "eval").glob("tasks.prev-*"))) == 1
 
 
-def test_runner_unknown_tasks(tiny, tok, tmp_path):
+def test_runner_unknown_tasks(tiny, byte_tokenizer, tmp_path):
     cfg = EvalConfig()
     with pytest.raises(ConfigError, match=r"unknown task 'nope'.*gsm8k.*humaneval.*mmlu.*ptb.*wikitext2"):
-        runner.evaluate(tiny, tok, ["wikitext2", "nope"], cfg, DataConfig(), tmp_path, model_id="tiny")
-    assert runner.evaluate(tiny, tok, [], cfg, DataConfig(), tmp_path, model_id="tiny") == {}
+        runner.evaluate(tiny, byte_tokenizer, ["wikitext2", "nope"], cfg, DataConfig(), tmp_path, model_id="tiny")
+    assert runner.evaluate(tiny, byte_tokenizer, [], cfg, DataConfig(), tmp_path, model_id="tiny") == {}
     assert not (tmp_path / "eval").exists()  # nothing ran, nothing written
 
 
@@ -220,16 +212,16 @@ def test_format_results_table():
     )
 
 
-def test_limited_run_tokenizes_a_prefix_with_the_same_windows(tok, monkeypatch):
+def test_limited_run_tokenizes_a_prefix_with_the_same_windows(byte_tokenizer, monkeypatch):
     from prunedlora.eval import perplexity
 
     text = "".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(3000))
-    full = make_windows(tokenize_text(tok, text), 100, 5)
-    counting = CountingTokenizer(tok)
+    full = make_windows(tokenize_text(byte_tokenizer, text), 100, 5)
+    counting = CountingTokenizer(byte_tokenizer)
     ids = perplexity.tokenize_for_windows(counting, text, 5 * 100)
     assert counting.calls == 1 and ids.numel() < len(text) // 10  # a prefix, tokenized in one call
     assert torch.equal(make_windows(ids, 100, 5), full)
-    assert perplexity.tokenize_for_windows(tok, text[:300], 5 * 100).numel() == 301  # short text: all of it
+    assert perplexity.tokenize_for_windows(byte_tokenizer, text[:300], 5 * 100).numel() == 301  # short text: all of it
 
 
 # ----------------------------------------------------------------------------------- prunedlora-eval
@@ -244,31 +236,31 @@ def _compose(overrides):
         return OmegaConf.to_object(compose("config", overrides=overrides))
 
 
-def _fake_run_dir(run_dir: Path, tok) -> None:
+def _fake_run_dir(run_dir: Path, byte_tokenizer) -> None:
     """A finished lora run on the tiny model: adapter/ (PEFT), merged model/, .hydra/config.yaml, summary."""
     from omegaconf import OmegaConf
 
     from prunedlora.adapters.lora import inject_lora
     from prunedlora.methods.lora import export_lora
 
-    model = build_tiny_llama(TinyModelConfig(), vocab_size=len(tok))
+    model = build_tiny_llama(TinyModelConfig(), vocab_size=len(byte_tokenizer))
     inject_lora(model, ["q_proj", "v_proj"], rank=4, alpha=8.0)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:  # a trained-looking adapter: B is zero only at initialisation
                 p.normal_(0.0, 0.2)
-    export_lora(model, tok, run_dir, "tiny")
+    export_lora(model, byte_tokenizer, run_dir, "tiny")
     (run_dir / ".hydra").mkdir(parents=True)
     OmegaConf.save(OmegaConf.create({"model": {"name": "tiny", "name_or_path": "tiny"}}),
                    run_dir / ".hydra" / "config.yaml")
     (run_dir / "summary.json").write_text(json.dumps({"method": "lora", "eval": {"ptb": {"ppl": 1.0}}}))
 
 
-def test_prunedlora_eval_run_dir_merged_and_adapter_agree(tmp_path, data_root, tok):
+def test_prunedlora_eval_run_dir_merged_and_adapter_agree(tmp_path, data_root, byte_tokenizer):
     from prunedlora.eval.standalone import run_eval
 
     run_dir = tmp_path / "run"
-    _fake_run_dir(run_dir, tok)
+    _fake_run_dir(run_dir, byte_tokenizer)
     out = {}
     for weights in ("merged", "adapter"):
         cfg = _compose([f"run_dir={run_dir}", "eval.limit=2", "eval.seqlen=64", f"eval.weights={weights}",
@@ -285,7 +277,7 @@ def test_prunedlora_eval_run_dir_merged_and_adapter_agree(tmp_path, data_root, t
     assert plain != pytest.approx(out["merged"]["ptb"]["ppl"], rel=1e-4)  # the adapter does change the model
 
 
-def test_prunedlora_eval_model_dir_with_embedded_adapter(tmp_path, data_root, tok):
+def test_prunedlora_eval_model_dir_with_embedded_adapter(tmp_path, data_root, byte_tokenizer):
     """A salr-style model/: base weights and a PEFT adapter in one folder evaluate as base + adapter."""
     from peft import LoraConfig, get_peft_model
 
@@ -293,9 +285,9 @@ def test_prunedlora_eval_model_dir_with_embedded_adapter(tmp_path, data_root, to
     from prunedlora.eval.standalone import run_eval
 
     model_dir = tmp_path / "model"
-    base = build_tiny_llama(TinyModelConfig(), vocab_size=len(tok))
+    base = build_tiny_llama(TinyModelConfig(), vocab_size=len(byte_tokenizer))
     base.save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    byte_tokenizer.save_pretrained(model_dir)
     peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     peft_model.save_pretrained(model_dir)
     cfg = _compose(["model=hf", f"model.name_or_path={model_dir}", "eval.tasks=[ptb]", "eval.limit=2",
@@ -303,17 +295,18 @@ def test_prunedlora_eval_model_dir_with_embedded_adapter(tmp_path, data_root, to
     got = run_eval(cfg, tmp_path / "out")["ptb"]["ppl"]
     from prunedlora.data.datasets import load_lm_text
 
-    want = ppl(peft_model, tok, load_lm_text("ptb", "test", cfg.data), seqlen=64, limit=2, progress=False)["ppl"]
+    text = load_lm_text("ptb", "test", cfg.data)
+    want = ppl(peft_model, byte_tokenizer, text, seqlen=64, limit=2, progress=False)["ppl"]
     assert got == pytest.approx(want, rel=1e-4)
     doc = json.loads((tmp_path / "out" / "eval" / "results.json").read_text())
     assert doc["model"]["adapter"] == str(model_dir.resolve())
 
 
-def test_prunedlora_eval_custom_code_needs_trust(tmp_path, tok):
+def test_prunedlora_eval_custom_code_needs_trust(tmp_path, byte_tokenizer):
     from prunedlora.eval.standalone import run_eval
 
     model_dir = tmp_path / "pruned"
-    build_tiny_llama(TinyModelConfig(), vocab_size=len(tok)).save_pretrained(model_dir)
+    build_tiny_llama(TinyModelConfig(), vocab_size=len(byte_tokenizer)).save_pretrained(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     (model_dir / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoConfig": "x.Y"}}))
     cfg = _compose(["model=hf", f"model.name_or_path={model_dir}", "eval.tasks=[ptb]"])
@@ -342,13 +335,13 @@ class FakeWandb:
         return SimpleNamespace(columns=columns, data=data)
 
 
-def _eval_tiny(tiny, tok, tmp_path, monkeypatch):
+def _eval_tiny(tiny, byte_tokenizer, tmp_path, monkeypatch):
     monkeypatch.setattr(runner, "_load_lm_text", lambda ds, split, data, path=None: TEXT)
-    return runner.evaluate(tiny, tok, ["ptb"], EvalConfig(limit=1, seqlen=64), DataConfig(), tmp_path,
+    return runner.evaluate(tiny, byte_tokenizer, ["ptb"], EvalConfig(limit=1, seqlen=64), DataConfig(), tmp_path,
                            model_id="tiny", progress=False)
 
 
-def test_standalone_eval_logs_metrics_and_table_to_wandb(tmp_path, monkeypatch, tiny, tok):
+def test_standalone_eval_logs_metrics_and_table_to_wandb(tmp_path, monkeypatch, tiny, byte_tokenizer):
     import sys
 
     from prunedlora.config import LoggingConfig
@@ -356,7 +349,7 @@ def test_standalone_eval_logs_metrics_and_table_to_wandb(tmp_path, monkeypatch, 
 
     fake = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    results = _eval_tiny(tiny, tok, tmp_path, monkeypatch)
+    results = _eval_tiny(tiny, byte_tokenizer, tmp_path, monkeypatch)
     log_eval_run(LoggingConfig(wandb=False), tmp_path, results, name="off")
     assert fake.runs == []  # off unless logging.wandb=true
     log_eval_run(LoggingConfig(wandb=True, project="p", mode="offline"), tmp_path, results, name="eval-tiny",
@@ -372,7 +365,7 @@ def test_standalone_eval_logs_metrics_and_table_to_wandb(tmp_path, monkeypatch, 
 
 
 @pytest.mark.slow
-def test_standalone_eval_logs_to_wandb_offline(tmp_path, monkeypatch, tiny, tok):
+def test_standalone_eval_logs_to_wandb_offline(tmp_path, monkeypatch, tiny, byte_tokenizer):
     """The real client in offline mode: a run file appears, no network, the run is finished."""
     import wandb
 
@@ -381,7 +374,7 @@ def test_standalone_eval_logs_to_wandb_offline(tmp_path, monkeypatch, tiny, tok)
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    results = _eval_tiny(tiny, tok, tmp_path, monkeypatch)
+    results = _eval_tiny(tiny, byte_tokenizer, tmp_path, monkeypatch)
     log_eval_run(LoggingConfig(wandb=True, project="prunedlora-test"), tmp_path, results, name="eval-tiny")
     assert wandb.run is None  # finished
     runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))

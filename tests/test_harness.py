@@ -13,21 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from prunedlora.config import DataConfig, EvalConfig, TinyModelConfig
+from prunedlora.config import DataConfig, EvalConfig
 from prunedlora.data import sources
 from prunedlora.data.datasets import load_records
 from prunedlora.eval import harness, lm_tasks, runner
-from prunedlora.models.tiny import build_byte_tokenizer, build_tiny_llama
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return build_byte_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def tiny(tok):
-    return build_tiny_llama(TinyModelConfig(), vocab_size=len(tok))
 
 
 @pytest.fixture
@@ -140,7 +129,7 @@ def test_gsm8k_strict_and_flexible_exact_match(tmp_path, mirror, reply, strict, 
     assert harness.n_samples(res, lm_tasks.GSM8K_TASK) == 4
 
 
-def test_mmlu_weighted_and_macro_accuracy(tmp_path, mirror, tok, tiny, monkeypatch):
+def test_mmlu_weighted_and_macro_accuracy(tmp_path, mirror, byte_tokenizer, tiny, monkeypatch):
     """Right only on abstract_algebra (3 of 5 questions): weighted 3/5, macro (1 + 0) / 2."""
     def answer(doc):
         right = "ABCD"[doc["answer"]]
@@ -149,7 +138,7 @@ def test_mmlu_weighted_and_macro_accuracy(tmp_path, mirror, tok, tiny, monkeypat
     monkeypatch.setattr(lm_tasks, "spread_limit", lambda sizes, limit: {"abstract_algebra": 3, "virology": 2})
     monkeypatch.setattr(runner.harness, "run_lm_eval", lambda model, tokenizer, tasks_dir, names, **kw:
                         harness.simple_evaluate_local(_fake_lm(answer), tasks_dir, names))
-    res = runner.eval_mmlu(tiny, tok, EvalConfig(limit=5, num_fewshot=1), mirror, work_dir=tmp_path)
+    res = runner.eval_mmlu(tiny, byte_tokenizer, EvalConfig(limit=5, num_fewshot=1), mirror, work_dir=tmp_path)
     assert res.metrics["acc"] == pytest.approx(3 / 5) and res.metrics["acc_macro"] == pytest.approx(0.5)
     assert res.settings["n"] == 5 and res.settings["n_shot"] == 1
     assert res.details["subjects"]["virology"] == {"acc": 0.0, "n": 2, "acc_stderr": 0.0}
@@ -170,11 +159,11 @@ def test_wikitext_articles_and_lm_eval_word_perplexity(tmp_path, mirror):
 
 
 # ---------------------------------------------------------------------------------------- end to end
-def test_all_five_tasks_on_tiny_from_the_mirror(tiny, tok, tmp_path, mirror, capsys):
+def test_all_five_tasks_on_tiny_from_the_mirror(tiny, byte_tokenizer, tmp_path, mirror, capsys):
     cfg = EvalConfig(limit=2, seqlen=128, batch_size=2, num_fewshot=1, max_gen_toks=4, allow_code_execution=True,
                      humaneval_timeout_s=20.0)
     tasks = ["gsm8k", "mmlu", "humaneval", "wikitext2", "ptb"]
-    res = runner.evaluate(tiny, tok, tasks, cfg, mirror, tmp_path, model_id="tiny", progress=False)
+    res = runner.evaluate(tiny, byte_tokenizer, tasks, cfg, mirror, tmp_path, model_id="tiny", progress=False)
     assert set(res["gsm8k"]) == {"exact_match_strict", "exact_match_flexible"}
     assert set(res["mmlu"]) == {"acc", "acc_macro"} and set(res["humaneval"]) == {"pass@1"}
     for task in ("gsm8k", "mmlu", "humaneval"):
@@ -194,7 +183,8 @@ def test_all_five_tasks_on_tiny_from_the_mirror(tiny, tok, tmp_path, mirror, cap
     assert "| humaneval | pass@1 |" in capsys.readouterr().out
 
 
-def test_humaneval_without_opt_in_is_skipped_and_runs_nothing(tiny, tok, tmp_path, mirror, monkeypatch, capsys):
+def test_humaneval_without_opt_in_is_skipped_and_runs_nothing(tiny, byte_tokenizer, tmp_path, mirror, monkeypatch,
+                                                              capsys):
     import subprocess
 
     def no_process(*args, **kwargs):
@@ -202,7 +192,7 @@ def test_humaneval_without_opt_in_is_skipped_and_runs_nothing(tiny, tok, tmp_pat
 
     monkeypatch.setattr(subprocess, "Popen", no_process)
     monkeypatch.setattr(harness, "run_lm_eval", no_process)
-    res = runner.evaluate(tiny, tok, ["humaneval"], EvalConfig(limit=2), mirror, tmp_path, model_id="tiny",
+    res = runner.evaluate(tiny, byte_tokenizer, ["humaneval"], EvalConfig(limit=2), mirror, tmp_path, model_id="tiny",
                           progress=False)
     assert res == {}
     doc = json.loads((tmp_path / "eval" / "results.json").read_text())
