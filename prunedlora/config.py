@@ -424,6 +424,9 @@ class EvalConfig:
     allow_code_execution: bool = False
     """HumanEval runs generated code only with this opt-in (sandboxed subprocess; not a security boundary)."""
     humaneval_timeout_s: float = 10.0
+    skip_nonfinite: int = 0
+    """Optimizer steps whose loss or gradient norm is not finite that may be skipped (gradients dropped, logged
+    in ``metrics.jsonl``) before the run stops; 0: the first one stops the run (plain PyTorch only)."""
     """Wall-clock limit per HumanEval completion, interpreter start included."""
     weights: str = "merged"
     """prunedlora-eval run_dir=...: merged (the exported ``model/``) or adapter (the run's base + ``adapter/``)."""
@@ -570,3 +573,8 @@ def validate(cfg: RootConfig) -> None:
         p.extend(validate_method(cfg.sparsity))
     if p:
         raise ConfigError("Invalid configuration: " + "; ".join(p) + ".")
+    _check(p, t.skip_nonfinite >= 0, f"train.skip_nonfinite={t.skip_nonfinite} must be >= 0 (0: stop at the first)")
+    _check(p, t.skip_nonfinite == 0 or cfg.distributed.name == "none",
+           f"train.skip_nonfinite={t.skip_nonfinite} with distributed={cfg.distributed.name}: DeepSpeed applies the "
+           "update inside its own step, so a non-finite step cannot be skipped; use train.skip_nonfinite=0 (the run "
+           "stops at the first non-finite step) or distributed=none")

@@ -186,7 +186,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients() -> None:
 
 def test_training_peak_memory_leaves_out_what_came_before():
     """The recipe resets the peak at the start of training, so a loading spike does not count as training memory."""
-    from prunedlora.train.loop import peak_memory_mb, reset_peak_memory, resident_memory_mb
+    from prunedlora.train.memory import peak_memory_mb, reset_peak_memory, resident_memory_mb
 
     cpu = torch.device("cpu")
     if resident_memory_mb(cpu) is None:

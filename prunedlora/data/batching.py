@@ -214,6 +214,29 @@ class ResumableBatches:
         return int(batch["attention_mask"].sum())
 
 
+class ShardedBatches:
+    """Rank ``rank`` of ``world`` takes every ``world``-th batch of one global, seeded order.
+
+    The position saved in checkpoints is the global one, so a resumed job (with the same world size)
+    continues exactly where every rank stopped.
+    """
+
+    def __init__(self, batches: ResumableBatches, rank: int, world: int) -> None:
+        self.batches, self.rank, self.world = batches, rank, world
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        group = [self.batches.next_batch() for _ in range(self.world)]
+        return group[self.rank]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**self.batches.state_dict(), "world": self.world}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("world", self.world) != self.world:
+            raise RuntimeError(f"checkpoint was written with {state['world']} ranks; resume with the same number")
+        self.batches.load_state_dict({k: v for k, v in state.items() if k != "world"})
+
+
 def _text_chunks(task: TaskConfig, records: list[dict], tokenizer: Any, seq_len: int) -> list[Example]:
     """Plain LM rows: the corpus joined as for evaluation, tokenized once, cut into full ``seq_len`` rows."""
     if task.dataset in LM_JOINERS:

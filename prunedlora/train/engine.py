@@ -13,6 +13,7 @@ scales the loss for accumulation, clips, steps the scheduler and clears gradient
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +53,27 @@ class TorchEngine:
         return loss.item(), int(batch["attention_mask"].sum().item())
 
     def optimizer_step(self) -> dict[str, float]:
-        figures = {}
-        if self.max_grad_norm is not None:
-            params = [p for group in self.optimizer.param_groups for p in group["params"]]
-            figures["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm))
-        self.optimizer.step()
-        self.scheduler.step()
-        return figures
+        """Clip, update, advance the schedule; a non-finite gradient norm is never applied (the loop then stops
+        the run or counts the step as skipped)."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if torch.isfinite(norm):
+            if self.max_grad_norm is not None:
+                torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, norm)
+            self.optimizer.step()
+        self._advance_schedule()
+        return {"grad_norm": float(norm)}
+
+    def skip_step(self) -> None:
+        """Drop this step's gradients without an update; the schedule still advances with the step count."""
+        self.zero_grad()
+        self._advance_schedule()
+
+    def _advance_schedule(self) -> None:
+        with warnings.catch_warnings():
+            # A skipped first step advances the schedule before any optimizer.step(): on purpose, not a misuse.
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+            self.scheduler.step()
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -104,6 +119,10 @@ class DeepSpeedEngine:
 
     def zero_grad(self) -> None:
         """DeepSpeed already cleared the gradients in ``step``."""
+
+    def skip_step(self) -> None:
+        raise RuntimeError("DeepSpeed applies its update inside engine.step(); a step cannot be skipped "
+                           "(config validation refuses train.skip_nonfinite with DeepSpeed)")
 
     def save(self, directory: Path) -> dict[str, Any]:
         """DeepSpeed's own checkpoint (trainable parameters, partitioned optimizer, schedule) in ``directory``.

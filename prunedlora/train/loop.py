@@ -2,7 +2,8 @@
 
 One optimizer step = ``grad_accum`` micro-batches (forward, backward) -> callbacks'
 ``on_before_optimizer_step`` (pruning sees the complete, unclipped gradients) -> gradient clipping ->
-``optimizer.step()`` -> scheduler -> callbacks' ``on_step_end`` -> ``zero_grad``. The engine
+``optimizer.step()`` -> scheduler -> callbacks' ``on_step_end`` -> ``zero_grad``. A step whose loss or gradient
+norm is not finite is never applied: the run stops (or skips it, ``nonfinite.py``). The engine
 (``engine.py``) does the forward/backward and the update, in plain PyTorch or under DeepSpeed. ``step`` counts
 optimizer steps (1-based once taken); logs and checkpoints use it only.
 """
@@ -10,14 +11,13 @@ optimizer steps (1-based once taken); logs and checkpoints use it only.
 from __future__ import annotations
 
 import json
-import resource
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -25,6 +25,8 @@ from prunedlora.config import TrainConfig
 from prunedlora.data.batching import ResumableBatches
 from prunedlora.methods.base import Callback
 from prunedlora.train.engine import DeepSpeedEngine, TorchEngine
+from prunedlora.train.memory import peak_memory_mb
+from prunedlora.train.nonfinite import NonFiniteGuard
 from prunedlora.train.preemption import Preempted, PreemptionGuard
 
 
@@ -73,65 +75,6 @@ def _flatten_numbers(record: dict[str, Any], prefix: str) -> dict[str, float]:
     return flat
 
 
-class ShardedBatches:
-    """Rank ``rank`` of ``world`` takes every ``world``-th batch of one global, seeded order.
-
-    The position saved in checkpoints is the global one, so a resumed job (with the same world size)
-    continues exactly where every rank stopped.
-    """
-
-    def __init__(self, batches: ResumableBatches, rank: int, world: int) -> None:
-        self.batches, self.rank, self.world = batches, rank, world
-
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        group = [self.batches.next_batch() for _ in range(self.world)]
-        return group[self.rank]
-
-    def state_dict(self) -> dict[str, Any]:
-        return {**self.batches.state_dict(), "world": self.world}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("world", self.world) != self.world:
-            raise RuntimeError(f"checkpoint was written with {state['world']} ranks; resume with the same number")
-        self.batches.load_state_dict({k: v for k, v in state.items() if k != "world"})
-
-
-def _proc_status_mb(field: str) -> float | None:
-    """``VmHWM`` / ``VmRSS`` of this process from ``/proc/self/status`` in MiB (Linux); None elsewhere."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024  # kB
-    except OSError:
-        pass
-    return None
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak CUDA memory allocated on GPU; peak resident set size of the process on CPU, both since the last
-    :func:`reset_peak_memory` (on CPU: since process start where ``/proc/self/clear_refs`` is unavailable)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    hwm = _proc_status_mb("VmHWM")
-    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB
-
-
-def resident_memory_mb(device: torch.device) -> float | None:
-    """CUDA memory allocated now, or the process's resident set now (CPU, Linux)."""
-    return torch.cuda.memory_allocated(device) / 2**20 if device.type == "cuda" else _proc_status_mb("VmRSS")
-
-
-def reset_peak_memory(device: torch.device) -> None:
-    """Start a new peak: training memory is then measured without the model-loading spikes before it."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current VmRSS
-    except OSError:
-        pass
-
-
 def optimizer_step(engine: TorchEngine | DeepSpeedEngine, callbacks: list[Callback], step: int) -> dict[str, Any]:
     """Callbacks, update (clip, step, schedule), callbacks, zero_grad. Returns the figures to log."""
     figures: dict[str, Any] = {}
@@ -141,6 +84,20 @@ def optimizer_step(engine: TorchEngine | DeepSpeedEngine, callbacks: list[Callba
     for cb in callbacks:
         figures.update(cb.on_step_end(step))
     engine.zero_grad()
+    return figures
+
+
+def guarded_optimizer_step(engine: TorchEngine | DeepSpeedEngine, callbacks: list[Callback], step: int,
+                           loss: float, nonfinite: NonFiniteGuard) -> dict[str, Any]:
+    """``optimizer_step``, unless the step is not finite: then ``nonfinite`` stops the run or skips the step."""
+    if not math.isfinite(loss):  # before any callback or update sees this step's gradients
+        figures = nonfinite.skip(step, loss)
+        engine.skip_step()
+        return figures
+    figures = optimizer_step(engine, callbacks, step)
+    grad_norm = figures.get("grad_norm", 0.0)
+    if not math.isfinite(grad_norm):  # not applied by TorchEngine; DeepSpeed applied it, but cannot skip
+        figures.update(nonfinite.skip(step, loss, grad_norm))
     return figures
 
 
@@ -156,12 +113,15 @@ def train_loop(
     save: Callable[[int], None],
     progress: bool = True,
     preemption: PreemptionGuard | None = None,
+    nonfinite: NonFiniteGuard | None = None,
 ) -> StepResult | None:
     """Train from ``start_step`` (completed steps) to ``cfg.max_steps``; returns the last step's result.
 
     ``save(step)`` is called every ``cfg.save_every`` steps and after the last one. When ``preemption``
-    has caught a signal, the loop saves after the current step and raises ``Preempted``.
+    has caught a signal, the loop saves after the current step and raises ``Preempted``. A step whose loss
+    or gradient norm is not finite goes to ``nonfinite`` (default: stop the run with ``TrainingDiverged``).
     """
+    nonfinite = nonfinite or NonFiniteGuard()
     model.train()
     for cb in callbacks:
         cb.on_train_start(model, engine.optimizer, cfg.max_steps)
@@ -176,8 +136,9 @@ def train_loop(
             losses.append(loss)
             tokens += n
         lr = engine.lr  # the rate this update uses, before the scheduler moves it
-        figures = optimizer_step(engine, callbacks, step)
-        last = StepResult(step, sum(losses) / len(losses), tokens, time.perf_counter() - t0)
+        last = StepResult(step, sum(losses) / len(losses), tokens, 0.0)
+        figures = guarded_optimizer_step(engine, callbacks, step, last.loss, nonfinite)
+        last.seconds = time.perf_counter() - t0
         if step % cfg.log_every == 0 or step == cfg.max_steps:
             writer.log({"step": step, "loss": last.loss, "lr": lr, "tokens_per_s": tokens / last.seconds,
                         "step_time_s": last.seconds, "peak_memory_mb": peak_memory_mb(engine.device), **figures})

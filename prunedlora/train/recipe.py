@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from prunedlora.config import ConfigError, RootConfig, validate
-from prunedlora.data.batching import ResumableBatches, build_train_examples
+from prunedlora.data.batching import ResumableBatches, ShardedBatches, build_train_examples
 from prunedlora.eval.runner import evaluate
 from prunedlora.methods import Method, build_method
 from prunedlora.models.load import count_parameters, load_model
@@ -30,14 +30,9 @@ from prunedlora.train.engine import (
     deepspeed_config,
     init_distributed,
 )
-from prunedlora.train.loop import (
-    MetricsWriter,
-    ShardedBatches,
-    peak_memory_mb,
-    reset_peak_memory,
-    resident_memory_mb,
-    train_loop,
-)
+from prunedlora.train.loop import MetricsWriter, train_loop
+from prunedlora.train.memory import peak_memory_mb, reset_peak_memory, resident_memory_mb
+from prunedlora.train.nonfinite import NonFiniteGuard, nonfinite_tensors
 from prunedlora.train.optim import build_optimizer, build_scheduler
 from prunedlora.train.preemption import Preempted, PreemptionGuard
 from prunedlora.train.rundir import prepare_run_dir
@@ -103,14 +98,18 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
     callbacks = method.callbacks()
     wandb_run = start_wandb(cfg.logging, run_dir, config_dict, f"{method.name}-{cfg.model.name}-{run_dir.name}") \
         if is_main else None
+    nonfinite = NonFiniteGuard(cfg.train.skip_nonfinite, run_dir / "checkpoints")
     writer = MetricsWriter(run_dir / "metrics.jsonl" if is_main else None, wandb_run)
     start_step = _maybe_resume(run_dir, model, engine, batches, callbacks, writer, distributed)
+        adapter = ckpt.adapter_state_dict(model)  # collective under ZeRO-3
+        if bad := nonfinite_tensors(adapter):  # never let a poisoned state rotate the last good one away
+            raise nonfinite.refuse_checkpoint(step, bad)
 
     def save(step: int) -> None:
         staging = ckpt.staging_dir(run_dir / "checkpoints", step)
         state = {
             ckpt.STEP_KEY: step,
-            ckpt.ADAPTER_KEY: ckpt.adapter_state_dict(model),  # collective under ZeRO-3
+            ckpt.ADAPTER_KEY: adapter,
             **engine.save(staging),  # DeepSpeed writes its partitions here, every rank
             ckpt.RNG_KEY: ckpt.rng_state(),
             ckpt.DATA_KEY: batches.state_dict(),
@@ -129,7 +128,7 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
             try:
                 last = train_loop(model, engine, batches, callbacks, cfg.train, start_step=start_step,
                                   writer=writer, save=save, progress=cfg.logging.progress and is_main,
-                                  preemption=guard)
+                                  preemption=guard, nonfinite=nonfinite)
             except Preempted as exc:
                 log.warning("%s; re-run the same command to resume", exc)
                 guard.forward(exc.signum)  # submitit requeues, or exit 128+signum for sbatch scripts

@@ -17,9 +17,10 @@ from prunedlora.config import ConfigError
 
 CONFIG_FILE = "config.json"
 HYDRA_BACKUP = "hydra"
-# Keys that may change between starts of one run: they do not change what is trained.
+# Keys that may change between starts of one run: they do not change what is trained (skip_nonfinite only
+# decides whether a diverged run may step past a non-finite step after resuming from its last good checkpoint).
 RESUME_FREE_KEYS = ("eval", "logging", "debug", "run_dir", "train.num_threads", "train.save_every",
-                    "train.keep_checkpoints")
+                    "train.keep_checkpoints", "train.skip_nonfinite")
 _RUN_OUTPUTS = ("metrics.jsonl", "adapter", "model", "summary.json")
 
 
