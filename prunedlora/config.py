@@ -96,7 +96,8 @@ class DropLoraConfig(MethodConfig):
         return problems
 
 
-PRUNEDLORA_CRITERIA = ("obs", "magnitude", "taylor", "activation")
+PRUNEDLORA_CRITERIA = ("obs", "obs_grad", "magnitude", "taylor", "activation")
+PRUNEDLORA_RECOVERY_FACTORS = ("b", "a", "both")
 PRUNEDLORA_ALLOCATIONS = ("uniform", "global")
 
 
@@ -111,17 +112,23 @@ class PrunedLoraConfig(MethodConfig):
     init_rank: int = 32
     """Starting (over-parameterised) rank r0."""
     criterion: str = "obs"
-    """obs (second-order, default), magnitude, taylor or activation."""
+    """obs (default: OBS on the adapter's output, methods.md Decisions item 0), obs_grad (the paper's
+    gradient-Gram OBS, §3.2), magnitude, taylor or activation."""
     allocation: str = "uniform"
     """uniform: every module ends at the target rank; global: one budget across all modules."""
     min_rank: int = 1
     """Per-module floor for ``allocation=global``."""
     newton_scale: float = 0.0
-    """Factor nu on the Newton term of the recovery update (0: classic OBS compensation)."""
+    """obs_grad: factor nu on the Newton term of the recovery update (0: classic OBS compensation)."""
     damping: float = 1e-6
-    """Hessian damping epsilon added to the gradient Gram before inversion."""
+    """obs_grad: Hessian damping epsilon added to the gradient Gram before inversion."""
+    rel_damping: float = 0.01
+    """obs: relative damping lambda of the bottleneck Gram, ``H + lambda mean(diag H) I`` (SparseGPT's percdamp)."""
     recovery: bool = True
-    """Apply the closed-form recovery update to the surviving components."""
+    """Apply the closed-form recovery update to the surviving components (obs and obs_grad)."""
+    recovery_factor: str = "b"
+    """obs_grad: the factor its recovery moves, b or a; both is the paper's two-sided update, which double
+    counts the removed term (methods.md Decisions item 0) and is there to reproduce the paper."""
 
     def target_rank(self, sparsity_final: float) -> int:
         """Final rank: ``rank`` when set, else ``init_rank * (1 - sparsity_final)`` (at least 1)."""
@@ -144,6 +151,10 @@ class PrunedLoraConfig(MethodConfig):
         _check(p, 0.0 <= self.newton_scale <= 1.0,
                f"method.newton_scale={self.newton_scale} must be in [0, 1] (0: OBS compensation, 1: full Newton)")
         _check(p, self.damping > 0, f"method.damping={self.damping} must be > 0 (H + eps I must be invertible)")
+        _check(p, self.rel_damping > 0,
+               f"method.rel_damping={self.rel_damping} must be > 0 (H + lambda mean(diag H) I must be invertible; "
+               "0.01 is the default)")
+        _one_of(p, "method.recovery_factor", self.recovery_factor, PRUNEDLORA_RECOVERY_FACTORS)
         _check(p, sparsity.schedule != "none" or target == self.init_rank,
                f"sparsity.schedule=none never prunes, but the target rank is {target} < method.init_rank="
                f"{self.init_rank}; use sparsity=constant (or linear, cubic), or method=lora")
@@ -277,6 +288,9 @@ class LoraPruneConfig(MethodConfig):
         return p
 
 
+SALR_BASE_CRITERIA = ("sparsegpt", "wanda", "magnitude")
+
+
 @dataclass
 class SalrConfig(MethodConfig):
     name: str = "salr"
@@ -297,6 +311,11 @@ class SalrConfig(MethodConfig):
     base_format: str = "dense"
     """Sparse base during training: dense (masked, reference), bitmap (decode then GEMM) or semi_structured
     (PyTorch 2:4 kernels, CUDA, pattern=2:4)."""
+    base_criterion: str = "sparsegpt"
+    """How the base is pruned: sparsegpt (default: OBS with weight updates, from a calibration pass), wanda
+    (|W_ij| * ||X_j||, per output row) or magnitude (the SALR paper's). Pruning methods, methods.md Decisions 0."""
+    calibration_sequences: int = 32
+    """wanda/sparsegpt: rows of train.seq_len tokens cut from the training data for the calibration pass."""
 
     def validate(self, sparsity: SparsityConfig) -> list[str]:
         """SALR's own checks (methods.md §6.4): one-shot pruning, pattern/scope/format combinations."""
@@ -314,6 +333,13 @@ class SalrConfig(MethodConfig):
                f"{sparsity.final}; set sparsity.final=0.5")
         _check(p, self.pattern != "2:4" or self.scope == "per_matrix",
                "method.pattern=2:4 works per group of 4 columns; set method.scope=per_matrix")
+        _one_of(p, "method.base_criterion", self.base_criterion, SALR_BASE_CRITERIA)
+        _check(p, self.calibration_sequences >= 1,
+               f"method.calibration_sequences={self.calibration_sequences} must be >= 1 (default 32)")
+        _check(p, self.scope == "per_matrix" or self.base_criterion == "magnitude",
+               f"method.scope={self.scope} needs method.base_criterion=magnitude: {self.base_criterion} compares "
+               "weights within each output row (wanda) or solves each matrix on its own (sparsegpt); set "
+               "method.scope=per_matrix")
         _check(p, self.base_format != "semi_structured" or self.pattern == "2:4",
                "method.base_format=semi_structured needs method.pattern=2:4")
         _check(p, sparsity.schedule in ("auto", "none"),
@@ -334,8 +360,12 @@ class SparsityConfig:
     initial: float = 0.0
     every: int = 10
     """Prune every this many optimizer steps (K1). Never at step 0."""
-    per_event: int = 2
-    """constant schedule: components removed per module per event (K2)."""
+    per_event: float = 2
+    """constant schedule: components removed per module per event (K2) when >= 1 (a whole number), or the
+    fraction of the remaining rank removed per event when in (0, 1) (geometric decay)."""
+    end_frac: float = 0.6
+    """geometric schedule (PrunedLoRA's ``auto``): the final sparsity is reached at the last event at or before
+    ``end_frac * train.max_steps``, each event removing the same fraction of the remaining rank."""
     warmup_frac: float = 0.1
     """linear/cubic: fraction of steps before pruning starts."""
     cooldown_frac: float = 0.1
@@ -365,7 +395,7 @@ class TaskConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 100
-    """Optimizer steps."""
+    """Optimizer steps (0: no training; the method's starting model is exported and evaluated)."""
     batch_size: int = 4
     """Sequences per micro-batch."""
     grad_accum: int = 1
@@ -394,11 +424,16 @@ class TrainConfig:
     num_threads: int | None = None
     """torch intra-op threads on CPU (null: torch default)."""
     keep_checkpoints: int = 2
+    skip_nonfinite: int = 0
+    """Optimizer steps whose loss or gradient norm is not finite that may be skipped (gradients dropped, logged
+    in ``metrics.jsonl``) before the run stops; 0: the first one stops the run (plain PyTorch only)."""
 
 
 # ---------------------------------------------------------------------------------------------- eval
 EVAL_TASKS = ("gsm8k", "mmlu", "humaneval", "wikitext2", "ptb", "gsm8k_loss")
 """Tasks with an evaluator (``prunedlora.eval.runner.EVALUATORS``; a test keeps the two in step)."""
+SANDBOX_LEVELS = ("auto", "bwrap", "python")
+"""``eval.sandbox`` values (``prunedlora.eval.sandbox.resolve_level``)."""
 
 
 @dataclass
@@ -422,12 +457,12 @@ class EvalConfig:
     max_gen_toks: int | None = None
     """Generation cap in tokens; null: lm-eval's task default (gsm8k 256, humaneval 1024)."""
     allow_code_execution: bool = False
-    """HumanEval runs generated code only with this opt-in (sandboxed subprocess; not a security boundary)."""
+    """HumanEval runs generated code only with this opt-in (sandboxed subprocess, see ``sandbox``)."""
     humaneval_timeout_s: float = 10.0
-    skip_nonfinite: int = 0
-    """Optimizer steps whose loss or gradient norm is not finite that may be skipped (gradients dropped, logged
-    in ``metrics.jsonl``) before the run stops; 0: the first one stops the run (plain PyTorch only)."""
     """Wall-clock limit per HumanEval completion, interpreter start included."""
+    sandbox: str = "auto"
+    """HumanEval's OS-level sandbox: auto (bubblewrap when it works here, else Python guards with a warning),
+    bwrap (required; an error without it) or python (Python guards only, not a security boundary)."""
     weights: str = "merged"
     """prunedlora-eval run_dir=...: merged (the exported ``model/``) or adapter (the run's base + ``adapter/``)."""
     lm_eval_wikitext: bool = False
@@ -502,7 +537,7 @@ def register_configs() -> None:
 
 
 # ---------------------------------------------------------------------------------------- validation
-SCHEDULES = ("auto", "none", "constant", "linear", "cubic")
+SCHEDULES = ("auto", "none", "constant", "geometric", "linear", "cubic")
 TASK_KINDS = ("qa", "text", "mc", "code")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZER_NAMES = ("adamw", "adamw8bit")
@@ -535,7 +570,12 @@ def validate(cfg: RootConfig) -> None:
     _one_of(p, "sparsity.schedule", s.schedule, SCHEDULES)
     _check(p, 0 <= s.final < 1, f"sparsity.final={s.final} must be in [0, 1)")
     _check(p, 0 <= s.initial <= s.final or s.final == 0, f"sparsity.initial={s.initial} must be in [0, final]")
-    _check(p, s.every >= 1 and s.per_event >= 1, "sparsity.every and sparsity.per_event must be >= 1")
+    _check(p, s.every >= 1, f"sparsity.every={s.every} must be >= 1")
+    _check(p, 0 < s.per_event < 1 or (s.per_event >= 1 and float(s.per_event).is_integer()),
+           f"sparsity.per_event={s.per_event} must be a whole number of components (>= 1) or a fraction of the "
+           "remaining rank in (0, 1), e.g. 2 or 0.25")
+    _check(p, 0 < s.end_frac <= 1, f"sparsity.end_frac={s.end_frac} must be in (0, 1] (0.6: the target by 60% of "
+           "train.max_steps)")
     _check(p, s.warmup_frac + s.cooldown_frac < 1, "sparsity.warmup_frac + sparsity.cooldown_frac must be < 1")
     _one_of(p, "task.kind", cfg.task.kind, TASK_KINDS)
     zero_stage = (cfg.distributed.deepspeed.get("zero_optimization") or {}).get("stage") \
@@ -545,9 +585,16 @@ def validate(cfg: RootConfig) -> None:
            "weights' own gradients, which ZeRO-3 partitions outside any optimizer; use distributed=deepspeed_zero2 "
            "(or none), or criterion lora_guided / magnitude, which work under ZeRO-3")
     t = cfg.train
-    for key in ("max_steps", "batch_size", "grad_accum", "save_every", "log_every"):
+    _check(p, t.max_steps >= 0, f"train.max_steps={t.max_steps} must be >= 0 (0: evaluate the method's starting "
+           "model without training)")
+    for key in ("batch_size", "grad_accum", "save_every", "log_every"):
         _check(p, getattr(t, key) >= 1, f"train.{key}={getattr(t, key)} must be >= 1")
     _check(p, t.lr > 0, f"train.lr={t.lr} must be positive")
+    _check(p, t.skip_nonfinite >= 0, f"train.skip_nonfinite={t.skip_nonfinite} must be >= 0 (0: stop at the first)")
+    _check(p, t.skip_nonfinite == 0 or cfg.distributed.name == "none",
+           f"train.skip_nonfinite={t.skip_nonfinite} with distributed={cfg.distributed.name}: DeepSpeed applies the "
+           "update inside its own step, so a non-finite step cannot be skipped; use train.skip_nonfinite=0 (the run "
+           "stops at the first non-finite step) or distributed=none")
     _check(p, t.seq_len >= 8, f"train.seq_len={t.seq_len} must be >= 8")
     _check(p, 0 <= t.warmup_ratio < 1, f"train.warmup_ratio={t.warmup_ratio} must be in [0, 1)")
     _one_of(p, "train.scheduler", t.scheduler, LR_SCHEDULES)
@@ -567,14 +614,10 @@ def validate(cfg: RootConfig) -> None:
     _check(p, cfg.eval.max_gen_toks is None or cfg.eval.max_gen_toks >= 1,
            f"eval.max_gen_toks={cfg.eval.max_gen_toks} must be >= 1 or null")
     _check(p, cfg.eval.humaneval_timeout_s > 0, f"eval.humaneval_timeout_s={cfg.eval.humaneval_timeout_s} must be > 0")
+    _one_of(p, "eval.sandbox", cfg.eval.sandbox, SANDBOX_LEVELS)
     _one_of(p, "eval.weights", cfg.eval.weights, ("merged", "adapter"))
     validate_method = getattr(m, "validate", None)
     if validate_method is not None:
         p.extend(validate_method(cfg.sparsity))
     if p:
         raise ConfigError("Invalid configuration: " + "; ".join(p) + ".")
-    _check(p, t.skip_nonfinite >= 0, f"train.skip_nonfinite={t.skip_nonfinite} must be >= 0 (0: stop at the first)")
-    _check(p, t.skip_nonfinite == 0 or cfg.distributed.name == "none",
-           f"train.skip_nonfinite={t.skip_nonfinite} with distributed={cfg.distributed.name}: DeepSpeed applies the "
-           "update inside its own step, so a non-finite step cannot be skipped; use train.skip_nonfinite=0 (the run "
-           "stops at the first non-finite step) or distributed=none")

@@ -1,4 +1,8 @@
-"""The HumanEval sandbox: what passes, what fails, what times out, and that nothing runs without opt-in."""
+"""The HumanEval sandbox's Python layer: what passes, what fails, what times out, nothing runs without opt-in.
+
+These run at ``sandbox="python"`` so that the guards are tested on their own; ``test_sandbox.py`` tests the
+bubblewrap layer around them.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ TEST = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candi
 
 
 def run(code: str, timeout_s: float = 10.0) -> humaneval.ExecResult:
-    return run_program(code, allow_code_execution=True, timeout_s=timeout_s)
+    return run_program(code, allow_code_execution=True, timeout_s=timeout_s, sandbox="python")
 
 
 def test_correct_solution_passes():
@@ -82,7 +86,7 @@ def test_exiting_early_is_not_a_pass(code):
 
 
 def test_memory_limit():
-    r = run_program("x = bytearray(8 * 1024 ** 3)\n", allow_code_execution=True, memory_mb=512)
+    r = run_program("x = bytearray(8 * 1024 ** 3)\n", allow_code_execution=True, memory_mb=512, sandbox="python")
     assert r.status == "failed" and "MemoryError" in r.stderr
 
 
@@ -115,7 +119,7 @@ def test_pass_at_k_estimator():
 def test_lm_eval_metric_and_filter():
     progs = humaneval.build_programs([[" return a + b\n", " return a - b\n"]], [{"prompt": ADD + "   "}])
     assert progs == [[ADD + "    return a + b\n", ADD + "    return a - b\n"]]
-    out = pass_at_k([TEST], progs, k=[1, 2, 5], allow_code_execution=True)
+    out = pass_at_k([TEST], progs, k=[1, 2, 5], allow_code_execution=True, sandbox="python")
     assert out == {"pass@1": 0.5, "pass@2": 1.0}
 
 

@@ -3,17 +3,25 @@
 Generated code is only ever run when the user opted in with ``eval.allow_code_execution=true``; every
 entry point here refuses to run anything otherwise (:class:`CodeExecutionNotAllowed`).
 
-What the sandbox does (an accident guard in the spirit of openai/human-eval's ``execution.py``, **not a
-security boundary**: do not run untrusted models' code on a machine that matters without a container):
+Two layers run each completion:
+
+1. **OS level** (``eval.sandbox``, :mod:`prunedlora.eval.sandbox`): under bubblewrap, which is a security
+   boundary: new user/PID/IPC/network namespaces, a read-only allow-listed view of the system, the working
+   directory as the only writable place, the user's home and the run directory absent. ``auto`` (default)
+   uses it when a probe succeeds; ``bwrap`` requires it; ``python`` (and ``auto`` without bubblewrap) runs
+   the second layer alone. :attr:`ExecResult.sandbox` (and ``results.json``'s settings) record which ran.
+2. **Python level**, inside the first (an accident guard in the spirit of openai/human-eval's
+   ``execution.py``, **not a security boundary** on its own: ``ctypes`` or ``io.FileIO`` get past it):
 
 * a fresh temporary working directory per completion, removed afterwards; ``HOME`` and ``TMPDIR`` point
   into it, the environment is otherwise empty (no tokens or credentials leak into the child);
 * ``python -I`` (isolated mode: no ``PYTHON*`` variables, no user site, no script directory on the path);
-* a wall-clock timeout enforced by the parent (the child's whole process group is killed) plus
-  ``RLIMIT_CPU``; ``RLIMIT_AS``/``RLIMIT_DATA`` (memory), ``RLIMIT_FSIZE`` (file size, which also caps
-  the captured stderr), ``RLIMIT_NPROC`` = 0 (no new processes; ignored for root) and no core files;
-* no network: when ``unshare --user --map-root-user --net`` works (Linux with user namespaces) the child
-  runs in an empty network namespace; in every case ``socket`` is disabled inside the child;
+* a wall-clock timeout enforced by the parent (the child's whole process group is killed, and under bwrap
+  its PID namespace with it) plus ``RLIMIT_CPU``; ``RLIMIT_AS``/``RLIMIT_DATA`` (memory), ``RLIMIT_FSIZE``
+  (file size, which also caps the captured stderr), ``RLIMIT_NPROC`` = 0 (no new processes; ignored for
+  root outside a user namespace, so it holds under bwrap) and no core files;
+* no network: bwrap's own network namespace, or (``python`` level) an empty one when ``unshare --user
+  --map-root-user --net`` works; in every case ``socket`` is disabled inside the child;
 * writes outside the working directory are refused (``open``/``io.open``/``os.open`` and friends with a
   write mode); destructive ``os``/``shutil``/``subprocess`` functions (remove, rename, chmod, kill, fork,
   exec, system, rmtree, Popen, ...) raise ``PermissionError``;
@@ -31,8 +39,11 @@ import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from .sandbox import resolve_level, wrap
 
 DEFAULT_TIMEOUT_S = 10.0
 DEFAULT_MEMORY_MB = 2048
@@ -48,8 +59,8 @@ class CodeExecutionNotAllowed(PermissionError):
     def __init__(self) -> None:
         super().__init__(
             "HumanEval runs model-generated Python code; it only does so with eval.allow_code_execution=true "
-            "(each completion runs in a subprocess with a timeout, resource limits, no network and a temporary "
-            "working directory; this is not a security boundary)."
+            "(each completion runs under bubblewrap when available, in a subprocess with a timeout, resource limits, "
+            "no network and a temporary working directory; without bubblewrap this is not a security boundary)."
         )
 
 
@@ -62,6 +73,8 @@ class ExecResult:
     returncode: int | None
     stderr: str
     """The last characters of the child's stderr (a traceback for failures)."""
+    sandbox: str = "python"
+    """The level that ran it: ``bwrap`` (bubblewrap + Python guards) or ``python`` (Python guards only)."""
 
     @property
     def passed(self) -> bool:
@@ -169,9 +182,12 @@ def network_namespace_available() -> bool:
     return probe.returncode == 0
 
 
-def _child_command(workdir: Path, timeout_s: float, memory_mb: int, max_file_mb: int) -> list[str]:
+def _child_command(workdir: Path, timeout_s: float, memory_mb: int, max_file_mb: int, level: str,
+                   hide: Sequence[str | Path]) -> list[str]:
     cmd = [sys.executable, "-I", "-c", CHILD_SOURCE, str(workdir), str(timeout_s), str(memory_mb * 2**20),
            str(max_file_mb * 2**20)]
+    if level == "bwrap":  # its own namespaces make the unshare below redundant
+        return wrap(cmd, level, workdir, hide)
     if network_namespace_available():
         cmd = [shutil.which("unshare") or "unshare", "--user", "--map-root-user", "--net", "--", *cmd]
     return cmd
@@ -187,7 +203,8 @@ def _stderr_tail(path: Path) -> str:
 
 
 def run_program(program: str, *, allow_code_execution: bool, timeout_s: float = DEFAULT_TIMEOUT_S,
-                memory_mb: int = DEFAULT_MEMORY_MB, max_file_mb: int = DEFAULT_MAX_FILE_MB) -> ExecResult:
+                memory_mb: int = DEFAULT_MEMORY_MB, max_file_mb: int = DEFAULT_MAX_FILE_MB, sandbox: str = "auto",
+                hide: Sequence[str | Path] = ()) -> ExecResult:
     """Run one Python program in the sandbox (see the module docstring).
 
     Args:
@@ -196,6 +213,9 @@ def run_program(program: str, *, allow_code_execution: bool, timeout_s: float = 
         timeout_s: Wall-clock limit, process start included.
         memory_mb: Address-space limit of the child.
         max_file_mb: Largest file the child may write (inside its working directory).
+        sandbox: ``eval.sandbox``: auto, bwrap or python.
+        hide: More directories to keep out of a bwrap sandbox (the run directory); the user's home and the
+            current directory always are.
 
     Returns:
         ``passed`` when the program ran to its end, ``failed`` (an exception, ``sys.exit``, a signal or a
@@ -203,25 +223,27 @@ def run_program(program: str, *, allow_code_execution: bool, timeout_s: float = 
 
     Raises:
         CodeExecutionNotAllowed: Without the opt-in.
+        SandboxUnavailable: ``sandbox="bwrap"`` where bubblewrap does not work.
     """
     if allow_code_execution is not True:
         raise CodeExecutionNotAllowed()
+    level = resolve_level(sandbox)
     workdir = Path(tempfile.mkdtemp(prefix="prunedlora-humaneval-"))
     try:
         (workdir / PROGRAM_FILE).write_text(program, encoding="utf-8")
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(workdir), "TMPDIR": str(workdir),
                "LANG": "C.UTF-8", "PYTHONHASHSEED": "0"}
         with open(workdir / STDERR_FILE, "wb") as err:
-            proc = subprocess.Popen(_child_command(workdir, timeout_s, memory_mb, max_file_mb), cwd=workdir,
-                                    env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
-                                    start_new_session=True)  # its own process group, killed as a whole
+            cmd = _child_command(workdir, timeout_s, memory_mb, max_file_mb, level, hide)
+            proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=err, start_new_session=True)  # its own process group, killed as a whole
             try:
                 code = proc.wait(timeout=timeout_s)
                 status = "passed" if code == 0 else "failed"
             except subprocess.TimeoutExpired:
                 _kill_group(proc)
                 code, status = None, "timeout"
-        return ExecResult(status, code, _stderr_tail(workdir / STDERR_FILE))
+        return ExecResult(status, code, _stderr_tail(workdir / STDERR_FILE), level)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -248,17 +270,19 @@ def build_programs(resps: list[list[str]], docs: list[dict]) -> list[list[str]]:
 
 
 def pass_at_k(references: list[str], predictions: list[list[str]], k: list[int] | int = 1, *,
-              timeout_s: float = DEFAULT_TIMEOUT_S, allow_code_execution: bool = False) -> dict[str, float]:
+              timeout_s: float = DEFAULT_TIMEOUT_S, allow_code_execution: bool = False, sandbox: str = "auto",
+              hide: Sequence[str] = ()) -> dict[str, float]:
     """lm-eval metric for one document: run its ``n`` programs with the test appended; ``{"pass@k": v}``.
 
     ``references[0]`` is the test code followed by ``check(<entry_point>)``; ``predictions[0]`` the
-    ``n`` programs of :func:`build_programs`. Values of ``k`` above ``n`` are left out.
+    ``n`` programs of :func:`build_programs`. Values of ``k`` above ``n`` are left out. ``sandbox`` and
+    ``hide`` are :func:`run_program`'s.
     """
     ks = [k] if isinstance(k, int) else list(k)
     out: dict[str, float] = {}
     for test, programs in zip(references, predictions, strict=True):
         results = [run_program(p + "\n" + test + "\n", allow_code_execution=allow_code_execution,
-                               timeout_s=timeout_s) for p in programs]
+                               timeout_s=timeout_s, sandbox=sandbox, hide=hide) for p in programs]
         c = sum(r.passed for r in results)
         out |= {f"pass@{kk}": pass_at_k_estimate(len(results), c, kk) for kk in ks if kk <= len(results)}
     return out

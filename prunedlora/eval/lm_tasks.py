@@ -262,11 +262,12 @@ from prunedlora.eval.humaneval import build_programs, pass_at_k  # noqa: F401
 
 
 def humaneval_task(tasks_dir: Path, data: DataConfig, *, limit: int | None, max_gen_toks: int | None,
-                   timeout_s: float) -> TaskSpec:
+                   timeout_s: float, sandbox: str = "auto", hide: list[Path] | None = None) -> TaskSpec:
     """HumanEval with lm-eval's prompt and stop strings, scored by our sandboxed pass@k.
 
     Only called after the user opted in (``eval.allow_code_execution=true``): the YAML itself carries
-    ``allow_code_execution: true`` for the metric.
+    ``allow_code_execution: true`` for the metric, the sandbox level (``sandbox.resolve_level``'s) and the
+    directories to hide from it.
     """
     gen_toks = HUMANEVAL_DEFAULT_MAX_GEN_TOKS if max_gen_toks is None else int(max_gen_toks)
     test, src = load_with_source("humaneval", "test", data)
@@ -284,7 +285,8 @@ def humaneval_task(tasks_dir: Path, data: DataConfig, *, limit: int | None, max_
         "doc_to_target": "{{test}}\ncheck({{entry_point}})",
         "metric_list": [{"metric": FunctionRef(f"{HUMANEVAL_SHIM}.pass_at_k"), "aggregation": "mean",
                          "higher_is_better": True, "k": [1], "timeout_s": float(timeout_s),
-                         "allow_code_execution": True}],
+                         "allow_code_execution": True, "sandbox": sandbox,
+                         "hide": [str(Path(h).resolve()) for h in hide or []]}],
         "generation_kwargs": {"until": HUMANEVAL_UNTIL, "max_gen_toks": gen_toks, "do_sample": False},
         "repeats": 1,
         "num_fewshot": 0,
@@ -294,7 +296,8 @@ def humaneval_task(tasks_dir: Path, data: DataConfig, *, limit: int | None, max_
     }
     path = dump_yaml(doc, tasks_dir / "humaneval.yaml")
     return TaskSpec("humaneval", [HUMANEVAL_TASK], 0, len(test), {
-        "split": "test", "max_gen_toks": gen_toks, "timeout_s": float(timeout_s), "sources": {"test": src},
+        "split": "test", "max_gen_toks": gen_toks, "timeout_s": float(timeout_s), "sandbox": sandbox,
+        "sources": {"test": src},
         "task_yaml": str(path.resolve()),
     })
 

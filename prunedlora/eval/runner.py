@@ -54,13 +54,14 @@ from prunedlora.config import ConfigError, DataConfig, EvalConfig
 from . import harness, lm_tasks
 from .heldout import heldout_loss
 from .perplexity import token_perplexity
+from .sandbox import resolve_level
 
 log = logging.getLogger(__name__)
 
 HUMANEVAL_SKIPPED = (
     "skipped: HumanEval executes model-generated code and runs only with eval.allow_code_execution=true "
-    "(each completion in a subprocess with a timeout, resource limits, no network and a temporary working "
-    "directory; not a security boundary)"
+    "(each completion under bubblewrap when available, in a subprocess with a timeout, resource limits, no network "
+    "and a temporary working directory; eval.sandbox=auto|bwrap|python)"
 )
 
 
@@ -152,8 +153,10 @@ def eval_humaneval(model, tokenizer, cfg: EvalConfig, data: DataConfig, *, work_
         return TaskResult({}, {"n": 0, "n_shot": 0, "seqlen": None, "limit": cfg.limit, "split": "test"},
                           skipped=HUMANEVAL_SKIPPED)
     cap = _gen_cap(model, tokenizer, cfg.max_gen_toks, lm_tasks.HUMANEVAL_DEFAULT_MAX_GEN_TOKS)
+    level = resolve_level(cfg.sandbox)  # before generating: eval.sandbox=bwrap without bubblewrap fails now
     spec = lm_tasks.humaneval_task(work_dir, data, limit=cfg.limit, max_gen_toks=cap,
-                                   timeout_s=cfg.humaneval_timeout_s)
+                                   timeout_s=cfg.humaneval_timeout_s, sandbox=level,
+                                   hide=[work_dir.resolve().parent.parent])  # the run directory (out_dir)
     res = harness.run_lm_eval(model, tokenizer, work_dir, spec.lm_eval_tasks, batch_size=cfg.batch_size,
                               allow_unsafe_code=True, autocast_dtype=autocast_dtype)
     value, se = harness.metric_value(res, lm_tasks.HUMANEVAL_TASK, "pass@1", "create_test")
