@@ -98,14 +98,14 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
     callbacks = method.callbacks()
     wandb_run = start_wandb(cfg.logging, run_dir, config_dict, f"{method.name}-{cfg.model.name}-{run_dir.name}") \
         if is_main else None
-    nonfinite = NonFiniteGuard(cfg.train.skip_nonfinite, run_dir / "checkpoints")
     writer = MetricsWriter(run_dir / "metrics.jsonl" if is_main else None, wandb_run)
     start_step = _maybe_resume(run_dir, model, engine, batches, callbacks, writer, distributed)
+    nonfinite = NonFiniteGuard(cfg.train.skip_nonfinite, run_dir / "checkpoints")
+
+    def save(step: int) -> None:
         adapter = ckpt.adapter_state_dict(model)  # collective under ZeRO-3
         if bad := nonfinite_tensors(adapter):  # never let a poisoned state rotate the last good one away
             raise nonfinite.refuse_checkpoint(step, bad)
-
-    def save(step: int) -> None:
         staging = ckpt.staging_dir(run_dir / "checkpoints", step)
         state = {
             ckpt.STEP_KEY: step,
