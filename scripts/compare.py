@@ -4,7 +4,7 @@
     python scripts/compare.py --suite sweep        # prunedlora, loraprune, salr at sparsity 0.25 / 0.5 / 0.75
     python scripts/compare.py --suite quality      # LoRAPrune and SALR at 50% on PTB: WikiText-2 / PTB PPL
     options: [--jobs 2] [--threads 1] [--out runs/compare] [--budget cpu|gpu] [--dry-run] [--collect-only]
-             [--no-write]
+             [--no-write] [--only label,label]
 
 Every row is a real run: a ``prunedlora-train`` subprocess (``prunedlora-eval`` for the untouched base
 model) with its own run directory ``<out>/<budget>-<data>/<run label>``. Runs whose configs coincide across suites
@@ -179,23 +179,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--collect-only", action="store_true",
                         help="run nothing: tables and plots from the finished runs already in --out")
     parser.add_argument("--no-write", action="store_true", help="print the section instead of writing RESULTS.md")
+    parser.add_argument("--only", default="",
+                        help="comma-separated run labels: run only these, in this order; the suite's other runs are "
+                             "collected where finished (as --collect-only)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)  # what machine_description reports: the jobs' thread count
     suite = SUITES[args.suite]
     budget_overrides = [*BUDGETS[args.budget][suite.data], *suite.eval_overrides]
     folder = args.out / f"{args.budget}-{suite.data}"
     run_dirs = {run.label: folder / run.label for run in suite.runs}
+    only = [label for label in args.only.split(",") if label]
+    if unknown := sorted(set(only) - set(run_dirs)):
+        parser.error(f"--only names runs not in suite {suite.name}: {', '.join(unknown)}; its runs: "
+                     f"{', '.join(run_dirs)}")
     if args.dry_run:
         for run in suite.runs:
             print(" ".join(_command(run, run_dirs[run.label], args.threads, budget_overrides)))
         return 0
-    if args.collect_only:
-        outcomes = [Outcome(r, run_dirs[r.label], 0 if _finished(r, run_dirs[r.label]) else 1, 0.0)
-                    for r in suite.runs]
-    else:
-        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-            outcomes = list(pool.map(lambda r: execute(r, run_dirs[r.label], args.threads, budget_overrides),
-                                     suite.runs))
+    by_label = {r.label: r for r in suite.runs}
+    to_run = [] if args.collect_only else [by_label[label] for label in only] if only else list(suite.runs)
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        done = {o.run.label: o for o in pool.map(
+            lambda r: execute(r, run_dirs[r.label], args.threads, budget_overrides), to_run)}
+    outcomes = [done.get(r.label) or Outcome(r, run_dirs[r.label], 0 if _finished(r, run_dirs[r.label]) else 1, 0.0)
+                for r in suite.runs]
     rows = {o.run.label: collect_run(o.run_dir, o.run_dir.parent) for o in outcomes
             if o.returncode == 0 and _finished(o.run, o.run_dir)}
     markdown = write_section(suite, args.budget, rows, outcomes, jobs=args.jobs, threads=args.threads,

@@ -96,6 +96,22 @@ def _salr(s: float) -> Run:
     return Run(f"salr-s{s:.2f}", ("method=salr", f"sparsity.final={s}"), s)
 
 
+def _salr_base(criterion: str, pattern: str = "unstructured") -> Run:
+    """SALR at 50% with an explicit base criterion (label independent of the default)."""
+    tag = "-2of4" if pattern == "2:4" else ""
+    return Run(f"salr-{criterion}{tag}-s0.50", ("method=salr", f"method.base_criterion={criterion}",
+                                               f"method.pattern='{pattern}'", "sparsity.final=0.5"), 0.5,
+               series=f"salr ({criterion}{', 2:4' if tag else ''})")
+
+
+def _one_shot(criterion: str) -> Run:
+    """Training-free pruning at 50%: SALR's base alone (no residual adapter; the zero-init task LoRA adds
+    nothing), evaluated with ``train.max_steps=0``."""
+    return Run(f"oneshot-{criterion}-s0.50", ("method=salr", f"method.base_criterion={criterion}",
+                                              "method.residual_rank=0", "sparsity.final=0.5", "train.max_steps=0"),
+               0.5, series=f"one-shot {criterion}, no training")
+
+
 LORA = Run("lora-r8", ("method=lora",), 0.0, series="lora (dense, r=8)")
 DROPLORA = Run("droplora-r8-p0.5", ("method=droplora", "method.p=0.5"))
 ADALORA = Run("adalora-s0.75", ("method=adalora", "method.init_rank=32", "sparsity.final=0.75"))
@@ -216,7 +232,10 @@ SUITES: dict[str, Suite] = {
         eval_overrides=("eval.tasks=[gsm8k_loss,wikitext2,ptb]",)),
     "quality": Suite(
         "quality", "LoRAPrune and SALR at 50%: perplexity after a short fine-tune",
-        (BASE, LORA, _loraprune(0.5), _loraprune(0.5, "magnitude"), _salr(0.5)),
+        (BASE, LORA, *(_one_shot(c) for c in ("magnitude", "wanda", "sparsegpt")),
+         *(_salr_base(c) for c in ("sparsegpt", "wanda", "magnitude")), _loraprune(0.5, "channel_taylor"),
+         _loraprune(0.5), _loraprune(0.5, "magnitude"), _loraprune(0.5, "true_gradient"),
+         *(_salr_base(c, "2:4") for c in ("sparsegpt", "wanda", "magnitude"))),
         "ptb", (("wikitext2/ppl", "WikiText-2 PPL"), ("ptb/ppl", "PTB PPL")), _quality_setup, _quality_verdicts,
         papers=LORAPRUNE_PAPER),
 }

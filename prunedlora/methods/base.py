@@ -17,10 +17,16 @@ accumulation:
 
 Hooks return a dict of figures to log (possibly empty); a callback owns its state and exposes it through
 ``state_dict`` / ``load_state_dict`` so checkpoints resume it exactly.
+
+Two optional members, for methods that need more than the model at attach time (SALR): a true class attribute
+``quantizes_base`` makes the recipe load the base unquantized and leave ``model.quantization`` to the method, and
+``prepare(context: AttachContext)``, called before ``attach``, hands over the training rows (calibration) and
+that quantization.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -47,6 +53,18 @@ class Callback:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned."""
+
+
+@dataclass
+class AttachContext:
+    """What the recipe hands a method's optional ``prepare`` before ``attach``."""
+
+    train_examples: list[dict] = field(default_factory=list)
+    """Tokenized training rows (``{"input_ids", "labels"}``) in their seeded order, for calibration passes."""
+    seq_len: int = 512
+    """``train.seq_len``: the length of a calibration row."""
+    quantization: str = "none"
+    """``model.quantization`` for a method with ``quantizes_base`` (the model it gets is unquantized)."""
 
 
 class Method(Protocol):

@@ -1,9 +1,14 @@
 """SALR (Zhang et al., AAAI 2026, arXiv 2601.16991; methods.md §6): sparse base + SVD residual + task LoRA.
 
-``attach`` prunes every target linear once, before training (methods.md §7): a magnitude mask
-(``prunedlora.pruning.magnitude``), the residual ``E = W0 - W_s`` in float32, its rank-``r_res`` SVD as the
-trainable residual adapter, the pruned weight zeroed in place (the frozen base is never replaced or
-reshaped, Decisions item 5), then a ``SalrLinear`` around it. No callbacks: nothing changes during training.
+``attach`` prunes every target linear once, before training (methods.md §7), by ``method.base_criterion``:
+``magnitude`` (the paper's, ``prunedlora.pruning.magnitude``), ``wanda`` or ``sparsegpt``
+(``prunedlora.pruning.activation_aware``, from one dense calibration pass over rows of the training data,
+``prunedlora.pruning.calibration``; methods.md Decisions item 0). Then the residual ``E = W0 - W_s`` in
+float32, its rank-``r_res`` SVD as the trainable residual adapter, the pruned weight written in place (the
+frozen base is never reshaped, Decisions item 5), and a ``SalrLinear`` around it. With
+``model.quantization=nf4|fp4|int8`` the base was loaded in float (``quantizes_base``): the pruned linears are
+quantized only now, so the residual comes from the float weights and the pruned entries stay exactly zero.
+No callbacks: nothing changes during training.
 
 Export (``model/``, never merged: a dense ``BA`` would destroy the sparsity, §6.4 item 7):
 
@@ -23,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -34,7 +40,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from prunedlora.adapters.salr import SalrLinear, load_fused_adapter, residual_factors, salr_modules, save_fused_adapter
 from prunedlora.config import ConfigError, SalrConfig, SparsityConfig
 from prunedlora.export import count_parameters, save_pretrained_dir
-from prunedlora.methods.base import Callback
+from prunedlora.methods.base import AttachContext, Callback
+from prunedlora.models.quantize import quantize_linear
+from prunedlora.pruning.activation_aware import sparsegpt_prune, wanda_mask
 from prunedlora.pruning.bitmap import (
     BitmapLinear,
     SemiStructuredLinear,
@@ -44,7 +52,9 @@ from prunedlora.pruning.bitmap import (
     save_bitmaps,
     size_report,
 )
-from prunedlora.pruning.magnitude import mask_function, prune_, sparsity_of
+from prunedlora.pruning.calibration import InputStats, calibration_rows, collect_input_stats
+from prunedlora.pruning.magnitude import mask_function, sparsity_of
+from prunedlora.pruning.structured_criteria import dense_weight as float_weight
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +82,9 @@ BASE_FORMATS: dict[str, Callable[[nn.Linear], nn.Module]] = {
 
 
 def dense_weight(base: nn.Module) -> torch.Tensor:
-    """The (pruned) base weight as a dense tensor, whatever implementation holds it."""
-    return _DENSE_WEIGHT[type(base)](base)
+    """The (pruned) base weight as a dense tensor, whatever implementation holds it (bitsandbytes: float32)."""
+    reader = _DENSE_WEIGHT.get(type(base))
+    return reader(base) if reader is not None else float_weight(base)
 
 
 def dense_linear(base: nn.Module) -> nn.Linear:
@@ -112,7 +123,7 @@ def target_linears(model: nn.Module, target_modules: list[str]) -> dict[str, nn.
     """Modules whose last name component is targeted (``all-linear``: every linear but ``lm_head``).
 
     Raises:
-        ConfigError: nothing matches, or a target is not a float ``nn.Linear`` (a bitsandbytes base).
+        ConfigError: nothing matches, or a target is not a float ``nn.Linear`` (a base quantized at load).
     """
     def wanted(name: str, module: nn.Module) -> bool:
         leaf = name.rsplit(".", 1)[-1]
@@ -128,8 +139,9 @@ def target_linears(model: nn.Module, target_modules: list[str]) -> dict[str, nn.
         if type(module) is not nn.Linear or weight is None or not weight.is_floating_point():
             raise ConfigError(
                 f"salr prunes the base weight in place, but {name} is a {type(module).__name__}: packed "
-                "quantized weights (bitsandbytes 4/8-bit) cannot be edited in place. Quantized bases are not "
-                "supported yet; use model.quantization=none.")
+                "quantized weights (bitsandbytes 4/8-bit) cannot be edited. With model.quantization=nf4|fp4|int8 "
+                "the training recipe loads the base in float and salr quantizes it after pruning; load the model "
+                "unquantized when attaching salr yourself (SalrMethod.prepare(quantization=...) quantizes it).")
     return targets
 
 
@@ -143,53 +155,105 @@ def _check_residual_rank(targets: dict[str, nn.Module], residual_rank: int) -> N
 
 
 @torch.no_grad()
-def sparsify_linear(linear: nn.Linear, mask: torch.Tensor, residual_rank: int, svd: str
+def sparsify_linear(linear: nn.Linear, sparse: torch.Tensor, residual_rank: int, svd: str
                     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """Prune ``linear`` in place with ``mask`` and return the residual factors and their statistics.
+    """Write the pruned weight ``sparse`` into ``linear`` and return the residual factors and their statistics.
+
+    ``E = W0 - W_s`` is taken after the write, in the base's own dtype, so the adapter starts from exactly
+    what pruning removed (for magnitude and Wanda the pruned entries; SparseGPT also moves the kept ones).
 
     Returns:
         ``B_res (d_out, r_res)``, ``A_res (r_res, d_in)`` (float32, methods.md §6.2 item 3) and
         ``{"sparsity", "numel", "residual_norm2", "residual_error2"}``: ``‖E‖_F²`` and ``‖E - B_res A_res‖_F²``.
     """
-    e = linear.weight.float().masked_fill(mask, 0.0)  # E = (1 - M) ⊙ W0, (d_out, d_in)
-    prune_(linear.weight, mask)
+    w0 = linear.weight.float()  # a copy unless the base is float32; then cloned below
+    w0 = w0.clone() if w0.data_ptr() == linear.weight.data_ptr() else w0
+    linear.weight.copy_(sparse)
+    linear.weight.masked_fill_(sparse == 0, 0.0)  # +0.0 (never -0.0: the bitmap format would store it)
+    e = w0 - linear.weight.float()  # (d_out, d_in)
     b_res, a_res = residual_factors(e, residual_rank, svd)
     stats = {"sparsity": sparsity_of(linear.weight), "numel": linear.weight.numel(),
              "residual_norm2": float(e.square().sum()), "residual_error2": float((e - b_res @ a_res).square().sum())}
     return b_res, a_res, stats
 
 
+def pruned_weights(targets: dict[str, nn.Linear], criterion: str, sparsity: float, scope: str, pattern: str,
+                   stats: dict[str, InputStats] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(name, W_s)`` for every target, one matrix at a time: the float32 pruned weight of ``criterion``.
+
+    ``stats`` (from ``collect_input_stats``) is needed by ``wanda`` (norms) and ``sparsegpt`` (Gram matrices).
+    """
+    if criterion == "magnitude":
+        mask_of = mask_function((m.weight for m in targets.values()), sparsity, scope, pattern)
+        for name, linear in targets.items():
+            yield name, linear.weight.detach().float().masked_fill(~mask_of(linear.weight), 0.0)
+        return
+    if stats is None:
+        raise ValueError(f"base_criterion={criterion} needs calibration statistics")
+    for name, linear in targets.items():
+        if criterion == "wanda":
+            mask = wanda_mask(linear.weight, stats[name].sq_norm, sparsity, pattern)
+            yield name, linear.weight.detach().float().masked_fill(~mask, 0.0)
+        else:
+            yield name, sparsegpt_prune(linear.weight, stats[name].gram, sparsity, pattern)
+
+
 class SalrMethod:
     """``method=salr`` (methods.md §6.4)."""
 
     name = "salr"
+    quantizes_base = True
+    """The recipe loads the base unquantized and hands ``model.quantization`` to ``prepare``: pruning needs float
+    weights, so the pruned linears are quantized after ``attach`` prunes them."""
 
     def __init__(self, cfg: SalrConfig, sparsity: SparsityConfig) -> None:
         self.cfg = cfg
         self.sparsity = sparsity.final if cfg.pattern != "2:4" else 0.5
         self.init_stats: dict[str, dict[str, float]] = {}
+        self.context = AttachContext()
+
+    def prepare(self, context: AttachContext) -> None:
+        """What ``attach`` needs beyond the model: calibration data (wanda, sparsegpt), the quantization."""
+        self.context = context
+
+    def _calibration(self, model: nn.Module, targets: dict[str, nn.Module]) -> dict[str, InputStats] | None:
+        criterion, ctx = self.cfg.base_criterion, self.context
+        if criterion == "magnitude" or self.sparsity == 0:
+            return None
+        if not ctx.train_examples:
+            raise ConfigError(f"method.base_criterion={criterion} prunes from a calibration pass over training data, "
+                              "but none was given (SalrMethod.prepare); use method.base_criterion=magnitude, or "
+                              "pass the training examples")
+        rows = calibration_rows(ctx.train_examples, self.cfg.calibration_sequences, ctx.seq_len)
+        return collect_input_stats(model, targets, rows, gram=criterion == "sparsegpt")
 
     def attach(self, model: nn.Module) -> list[str]:
-        """Prune, build the residual adapters, wrap; only the adapters stay trainable."""
-        cfg = self.cfg
+        """Calibrate (wanda, sparsegpt), prune, build the residual adapters, (quantize,) wrap; only the adapters
+        stay trainable."""
+        cfg, quantization = self.cfg, self.context.quantization
         targets = target_linears(model, cfg.target_modules)
         _check_residual_rank(targets, cfg.residual_rank)
-        mask_of = mask_function((m.weight for m in targets.values()), self.sparsity, cfg.scope, cfg.pattern)
+        stats = self._calibration(model, targets)
         for param in model.parameters():
             param.requires_grad_(False)
-        for name, linear in targets.items():
-            b_res, a_res, self.init_stats[name] = sparsify_linear(linear, mask_of(linear.weight), cfg.residual_rank,
-                                                                  cfg.svd)
-            wrapper = SalrLinear(BASE_FORMATS[cfg.base_format](linear), cfg.residual_rank, cfg.rank, cfg.alpha,
-                                 cfg.dropout, cfg.use_rslora)
+        started = time.perf_counter()
+        weights = pruned_weights(targets, cfg.base_criterion, self.sparsity, cfg.scope, cfg.pattern, stats)
+        for name, sparse in weights:
+            linear = targets[name]
+            b_res, a_res, self.init_stats[name] = sparsify_linear(linear, sparse, cfg.residual_rank, cfg.svd)
+            base = quantize_linear(linear, quantization) if quantization != "none" else \
+                BASE_FORMATS[cfg.base_format](linear)
+            wrapper = SalrLinear(base, cfg.residual_rank, cfg.rank, cfg.alpha, cfg.dropout, cfg.use_rslora)
             wrapper.set_residual(b_res, a_res)
             wrapper.residual_A.weight.requires_grad_(cfg.residual_trainable)
             wrapper.residual_B.weight.requires_grad_(cfg.residual_trainable)
             _set_module(model, name, wrapper)
         if self.sparsity == 0 and cfg.residual_rank:
             log.warning("sparsity.final=0: the residual is zero, so the residual adapter stays zero")
-        log.info("salr: pruned %d matrices to %.3f sparsity (%s, %s); residual rank %d, task rank %d",
-                 len(targets), self._achieved(), cfg.scope, cfg.pattern, cfg.residual_rank, cfg.rank)
+        log.info("salr: pruned %d matrices to %.3f sparsity (%s, %s, %s; %.1f s), residual rank %d, task rank %d%s",
+                 len(targets), self._achieved(), cfg.base_criterion, cfg.scope, cfg.pattern,
+                 time.perf_counter() - started, cfg.residual_rank, cfg.rank,
+                 f", base quantized to {quantization}" if quantization != "none" else "")
         return list(targets)
 
     def _achieved(self) -> float:

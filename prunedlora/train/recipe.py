@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from prunedlora.config import ConfigError, RootConfig, validate
 from prunedlora.data.batching import ResumableBatches, ShardedBatches, build_train_examples
 from prunedlora.eval.runner import evaluate
 from prunedlora.methods import Method, build_method
+from prunedlora.methods.base import AttachContext
 from prunedlora.models.load import count_parameters, load_model
 from prunedlora.train import checkpoint as ckpt
 from prunedlora.train.engine import (
@@ -67,9 +68,9 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
     torch.manual_seed(cfg.train.seed)
 
     # ---------------------------------------------------------------- setup
-    model, tokenizer = load_model(cfg.model, device)
-    params_total, _ = count_parameters(model)
     method = build_method(cfg.method, cfg.sparsity)
+    model, tokenizer, examples = _load(cfg, method, device)
+    params_total, _ = count_parameters(model)
     adapted = method.attach(model)
     model.to(device)
     if cfg.train.gradient_checkpointing:
@@ -78,9 +79,6 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
     log.info("%s on %s: %d adapted modules, %d trainable of %d parameters",
              method.name, cfg.model.name, len(adapted), params_trainable, params_total)
 
-    # The data order depends only on the seed, so a resumed run sees the same batches.
-    examples = build_train_examples(cfg.task, cfg.data, tokenizer, cfg.train.seq_len, cfg.train.seed,
-                                    cfg.train.packing)
     batches = ResumableBatches(examples, cfg.train.batch_size, cfg.train.seed, tokenizer.pad_token_id)
     if world > 1:
         batches = ShardedBatches(batches, rank, world)
@@ -224,11 +222,26 @@ def _maybe_resume(run_dir: Path, model: nn.Module, engine: TorchEngine | DeepSpe
     return step
 
 
+def _load(cfg: RootConfig, method: Method, device: torch.device) -> tuple[nn.Module, Any, list[dict]]:
+    """Model, tokenizer and training rows; then the method's optional ``prepare`` (methods/base.py).
+
+    A method with ``quantizes_base`` (SALR prunes float weights) gets the base unquantized and quantizes it
+    itself in ``attach``. The data order depends only on the seed, so a resumed run sees the same batches.
+    """
+    late = getattr(method, "quantizes_base", False)
+    model, tokenizer = load_model(replace(cfg.model, quantization="none") if late else cfg.model, device)
+    examples = build_train_examples(cfg.task, cfg.data, tokenizer, cfg.train.seq_len, cfg.train.seed,
+                                    cfg.train.packing)
+    if hasattr(method, "prepare"):
+        method.prepare(AttachContext(examples, cfg.train.seq_len, cfg.model.quantization if late else "none"))
+    return model, tokenizer, examples
+
+
 def _rebuild_on_rank0(cfg: RootConfig, adapter: dict[str, torch.Tensor],
                       device: torch.device) -> tuple[nn.Module, Method]:
     """A fresh model with the trained adapter state, outside DeepSpeed, for export and evaluation."""
-    model, _ = load_model(cfg.model, device)
     method = build_method(cfg.method, cfg.sparsity)
+    model, _, _ = _load(cfg, method, device)
     method.attach(model)
     ckpt.load_adapter_state_dict(model, adapter)
     return model.to(device), method
