@@ -1,0 +1,184 @@
+"""One contract for every registered method, through the real recipe on the tiny model.
+
+A method gets every check below by being registered in ``prunedlora.methods.METHODS``; its own test file keeps
+only its own math. For each method, with pruning events inside the run where the method prunes:
+
+- step 0: the output equals the base model's (SALR: the documented start, which a ``max_steps=0`` run exports);
+- only the parameters the method hands the optimizer receive gradients, and those are exactly the trainable ones;
+- the exported ``model/`` (and ``adapter/`` on the untouched base, where there is one), reloaded as a user would,
+  gives the trained model's logits;
+- 3 steps + crash + resume + 3 steps equals 6 uninterrupted steps, and the final checkpoints of both runs hold the
+  same adapter state (masks included) and the same callback state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from recipe_helpers import TINY_OVERRIDES, compose_root, crash_then_resume, metric_records
+from transformers import AutoModelForCausalLM
+
+from prunedlora.config import RootConfig
+from prunedlora.methods import METHODS
+from prunedlora.methods.base import Callback
+from prunedlora.models.load import load_model
+from prunedlora.train import checkpoint as ckpt
+from prunedlora.train import recipe
+
+STEPS, SAVE_EVERY, GRAD_ACCUM = 6, 3, 2
+# What each method needs to prune (or allocate) inside six steps of the tiny model.
+OVERRIDES: dict[str, list[str]] = {
+    "lora": [],
+    "droplora": ["method.mask_mode=rank"],
+    "adalora": ["method.init_rank=8", "method.delta_t=1", "method.tinit_frac=0.2", "method.tfinal_frac=0.2"],
+    "prunedlora": ["method.init_rank=8", "method.rank=4", "sparsity.every=1"],
+    "loraprune": ["model.tiny.num_hidden_layers=3", "sparsity.every=1"],
+    "salr": [],
+}
+STARTS_ELSEWHERE = {"salr"}
+"""Methods whose step-0 model is not the base (SALR prunes it); their start is checked against a max_steps=0 run."""
+
+
+def test_every_registered_method_is_covered() -> None:
+    assert set(OVERRIDES) == set(METHODS)
+
+
+@dataclass
+class Observed:
+    """What the instrumented method saw inside the recipe."""
+
+    tokens: torch.Tensor
+    base: torch.Tensor | None = None
+    start: torch.Tensor | None = None
+    trained: torch.Tensor | None = None
+    trainable: set[str] = field(default_factory=set)
+    optimized: set[str] = field(default_factory=set)
+    with_grad: set[str] = field(default_factory=set)
+
+
+def _logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(tokens).logits.float()
+    model.train(was_training)
+    return out
+
+
+class GradientProbe(Callback):
+    """Records which parameters hold a gradient when the first step's gradients are complete."""
+
+    def __init__(self, seen: Observed) -> None:
+        self.seen = seen
+
+    def on_train_start(self, model, optimizer, max_steps) -> None:
+        self.model = model
+        names = {id(p): n for n, p in model.named_parameters()}
+        self.seen.optimized = {names[id(p)] for g in optimizer.param_groups for p in g["params"]}
+
+    def on_before_optimizer_step(self, step: int) -> dict:
+        if step == 1:
+            self.seen.with_grad = {n for n, p in self.model.named_parameters() if p.grad is not None}
+        return {}
+
+
+def _instrument(monkeypatch: pytest.MonkeyPatch, seen: Observed) -> None:
+    """Wrap the recipe's method: logits before/after ``attach`` and before ``export``, and a gradient probe."""
+    build = recipe.build_method
+
+    def instrumented(*args, **kwargs):
+        method = build(*args, **kwargs)
+        attach, export, callbacks = method.attach, method.export, method.callbacks
+
+        def attach_and_look(model):
+            seen.base = _logits(model, seen.tokens)
+            adapted = attach(model)
+            seen.start = _logits(model, seen.tokens)
+            seen.trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+            return adapted
+
+        def look_and_export(model, *a, **k):
+            seen.trained = _logits(model, seen.tokens)
+            return export(model, *a, **k)
+
+        method.attach, method.export = attach_and_look, look_and_export
+        method.callbacks = lambda: [*callbacks(), GradientProbe(seen)]
+        return method
+
+    monkeypatch.setattr(recipe, "build_method", instrumented)
+
+
+def _config(name: str, data_root: Path, *extra: str) -> RootConfig:
+    return compose_root([*TINY_OVERRIDES, f"method={name}", *OVERRIDES[name], f"train.max_steps={STEPS}",
+                         f"train.save_every={SAVE_EVERY}", f"train.grad_accum={GRAD_ACCUM}", *extra], data_root)
+
+
+def _assert_same_state(a: Any, b: Any, where: str) -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.shape == b.shape, where
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=where)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            _assert_same_state(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_same_state(x, y, f"{where}[{i}]")
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, abs=1e-6), where
+    else:
+        assert a == b, where
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    return torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(7))
+
+
+@pytest.mark.slow  # three tiny recipe runs per method (data, export): seconds each
+@pytest.mark.parametrize("name", sorted(OVERRIDES))
+def test_method_contract(name: str, data_root: Path, tmp_path: Path, tokens: torch.Tensor,
+                         monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _config(name, data_root)
+    seen = Observed(tokens)
+    _instrument(monkeypatch, seen)
+    full = recipe.run(cfg, tmp_path / "full")
+
+    # Step 0: the base model's output (or the method's documented start).
+    if name not in STARTS_ELSEWHERE:
+        torch.testing.assert_close(seen.start, seen.base, atol=1e-5, rtol=0)
+    # Only what the optimizer updates gets gradients, and that is exactly what is trainable.
+    assert seen.optimized == seen.trainable and seen.trainable
+    assert seen.with_grad <= seen.optimized, sorted(seen.with_grad - seen.optimized)[:5]
+
+    # The exported model (and adapter) reloaded as a user would gives the trained model's logits.
+    trained = seen.trained
+    model_dir, adapter_dir = tmp_path / "full" / "model", tmp_path / "full" / "adapter"
+    loaded = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True)
+    torch.testing.assert_close(_logits(loaded, tokens), trained, atol=1e-4, rtol=0)
+    if adapter_dir.is_dir() and name not in STARTS_ELSEWHERE:  # SALR's adapter sits on its sparse base
+        from peft import PeftModel
+
+        base, _ = load_model(cfg.model)
+        torch.testing.assert_close(_logits(PeftModel.from_pretrained(base, adapter_dir), tokens), trained,
+                                   atol=1e-4, rtol=0)
+
+    # 3 steps + crash + resume + 3 steps == 6 steps: losses, adapter state (masks) and callback state.
+    resumed = crash_then_resume(cfg, tmp_path / "resumed", SAVE_EVERY * GRAD_ACCUM + 1, monkeypatch)
+    losses = [[r["loss"] for r in metric_records(tmp_path / d)] for d in ("resumed", "full")]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6)
+    assert resumed["final_loss"] == pytest.approx(full["final_loss"], abs=1e-6)
+    final = [ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / d / "checkpoints")) for d in ("resumed", "full")]
+    for key in (ckpt.STEP_KEY, ckpt.ADAPTER_KEY, ckpt.CALLBACKS_KEY):
+        _assert_same_state(final[0][key], final[1][key], key)
+
+    if name in STARTS_ELSEWHERE:  # the documented start is what a run without training deploys
+        start = seen.start
+        recipe.run(_config(name, data_root, "train.max_steps=0"), tmp_path / "untrained")
+        untrained = AutoModelForCausalLM.from_pretrained(tmp_path / "untrained" / "model", trust_remote_code=True)
+        torch.testing.assert_close(_logits(untrained, tokens), start, atol=1e-4, rtol=0)
