@@ -287,23 +287,3 @@ def test_cli_run_end_to_end(tmp_path: Path, data_root: Path) -> None:
     config = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "ADALORA" and config["rank_pattern"] and config["total_step"] == 20
     assert (run_dir / "model" / "model.safetensors").is_file()
-
-
-# ----------------------------------------------------------------------------------- recipe resume
-@pytest.mark.slow  # three tiny runs through the recipe (data, export): seconds
-def test_recipe_resume_mid_budget_equals_an_uninterrupted_run(data_root: Path, tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    """Crash in step 6 (after a checkpoint at 5, with EMAs and a rank pattern), resume: same losses and ranks."""
-    from recipe_helpers import TINY_OVERRIDES, compose_root, crash_then_resume, metric_records
-
-    from prunedlora.train.recipe import run
-
-    cfg = compose_root([*TINY_OVERRIDES, "method=adalora", "method.init_rank=8", "method.delta_t=2",
-                        "train.max_steps=12", "train.save_every=5", "train.grad_accum=2"], data_root)
-    full = run(cfg, tmp_path / "full")
-    resumed = crash_then_resume(cfg, tmp_path / "resumed", 5 * 2 + 1, monkeypatch)
-    records = lambda name: metric_records(tmp_path / name)  # noqa: E731
-
-    assert [r["loss"] for r in records("resumed")] == pytest.approx([r["loss"] for r in records("full")], abs=1e-6)
-    assert [r["active_rank"] for r in records("resumed")] == [r["active_rank"] for r in records("full")]
-    assert resumed["ranks"] == full["ranks"] and resumed["adalora_allocations"] == 12

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from adapter_helpers import randomize_b
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -26,15 +27,6 @@ def tiny_llama() -> LlamaForCausalLM:
 @pytest.fixture
 def tokens() -> torch.Tensor:
     return torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(7))
-
-
-def randomize_b(model: nn.Module, seed: int = 3) -> None:
-    """Give every lora_B a non-zero value (B = 0 at init would make most comparisons trivial)."""
-    gen = torch.Generator().manual_seed(seed)
-    for name, param in sorted(model.named_parameters()):
-        if "lora_B" in name:
-            with torch.no_grad():
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
 
 
 def test_forward_is_base_plus_scaled_update() -> None:
