@@ -127,7 +127,11 @@ def bwrap_prefix(workdir: Path | str, *, hide: Iterable[Path | str] = (), exe: s
 
 def default_hidden() -> list[str]:
     """What is always hidden: the user's home (``$HOME`` and the password database's) and the current directory."""
-    out = {os.path.expanduser("~"), os.getcwd()}
+    out = {os.path.expanduser("~")}
+    try:
+        out.add(os.getcwd())
+    except OSError:  # a removed current directory: nothing there to hide
+        pass
     try:
         import pwd
 
