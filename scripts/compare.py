@@ -3,6 +3,7 @@
     python scripts/compare.py --suite methods      # lora, droplora, prunedlora, adalora, loraprune, salr
     python scripts/compare.py --suite sweep        # prunedlora, loraprune, salr at sparsity 0.25 / 0.5 / 0.75
     python scripts/compare.py --suite quality      # LoRAPrune and SALR at 50% on PTB: WikiText-2 / PTB PPL
+    python scripts/compare.py --suite prunedlora   # PrunedLoRA 32 -> 8 variants vs LoRA r8 / r16, seeds 42, 1, 2
     options: [--jobs 2] [--threads 1] [--out runs/compare] [--budget cpu|gpu] [--dry-run] [--collect-only]
              [--no-write] [--only label,label]
 
@@ -33,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from compare_seeds import annotate, seed_sections  # noqa: E402
 from compare_suites import BUDGETS, SUITES, Run, Suite  # noqa: E402
 from results_md import RESULTS, command_line, git_commit, machine_description, update_section  # noqa: E402
 
@@ -53,7 +55,9 @@ class Outcome:
 def _command(run: Run, run_dir: Path, threads: int, budget_overrides: list[str]) -> list[str]:
     exe = Path(sys.executable).parent / ("prunedlora-train" if run.train else "prunedlora-eval")
     threads_override = [f"train.num_threads={threads}"] if run.train else []
-    return [str(exe), *budget_overrides, *run.overrides, *threads_override, f"hydra.run.dir={run_dir}"]
+    run_keys = {o.split("=", 1)[0] for o in run.overrides}  # a run's own value (e.g. train.seed) wins
+    shared = [o for o in budget_overrides if o.split("=", 1)[0] not in run_keys]
+    return [str(exe), *shared, *run.overrides, *threads_override, f"hydra.run.dir={run_dir}"]
 
 
 COMMIT_TAG = "# prunedlora commit "
@@ -144,6 +148,7 @@ def plots(suite: Suite, rows: dict[str, dict], budget: str) -> list[Path]:
 
 def write_section(suite: Suite, budget: str, rows: dict[str, dict], outcomes: list[Outcome], *, jobs: int,
                   threads: int, write: bool) -> str:
+    """The suite's section of ``docs/RESULTS.md``; a seeded suite's verdicts may judge the seeds that finished."""
     figures = plots(suite, rows, budget) if suite.plot_metrics else []
     ran = sum(o.seconds for o in outcomes)
     provenance = (f"Job time summed over the runs done by this invocation: {ran / 60:.0f} min." if ran else
@@ -158,9 +163,14 @@ def write_section(suite: Suite, budget: str, rows: dict[str, dict], outcomes: li
         table(suite, rows),
     ]
     parts += [f"![{p.stem}](figures/{p.name})" for p in figures]
+    if suite.seeded:
+        parts += seed_sections(suite, rows, {o.run.label: o.run_dir for o in outcomes}, FIGURES, budget)
     if suite.papers:
         parts.append(suite.papers)
-    verdicts = suite.verdicts(rows) if len(rows) == len(suite.runs) else ["Some runs failed: no verdicts."]
+    if suite.seeded:  # paired per-seed checks over the seeds that finished (each verdict says how many)
+        verdicts = suite.verdicts(annotate(suite, rows))
+    else:
+        verdicts = suite.verdicts(rows) if len(rows) == len(suite.runs) else ["Some runs failed: no verdicts."]
     parts.append("What the papers claim, checked at this scale:\n\n" + "\n".join(f"- {v}" for v in verdicts))
     markdown = "\n\n".join(parts)
     if write:

@@ -28,6 +28,8 @@ class Run:
     """Shown when the run has no ranks to report (the untouched base)."""
     train: bool = True
     """False: evaluate the base model only (``prunedlora-eval``)."""
+    seed: int | None = None
+    """The run's ``train.seed`` when a suite repeats a configuration over seeds (None: the budget's)."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,9 @@ class Suite:
     eval_overrides: tuple[str, ...] = ()
     """Evaluation settings of this suite's own runs (eval keys may differ between runs that share a directory:
     a finished run is never evaluated again)."""
+    seeded: bool = False
+    """Runs repeat over seeds: the section adds a mean ± stderr table per ``series`` and the training loss
+    around the pruning events (``compare_seeds``)."""
 
 
 # ------------------------------------------------------------------------------------------------ budgets
@@ -67,9 +72,9 @@ BUDGETS: dict[str, dict[str, list[str]]] = {
     "gpu": {
         "gsm8k": [*_COMMON, "task=gsm8k", "train.max_steps=600", "train.batch_size=8", "train.seq_len=512",
                   "eval.tasks=[gsm8k_loss,gsm8k,wikitext2,ptb,mmlu]", "eval.max_gen_toks=256",
-                  "eval.task_limits={gsm8k_loss:512,gsm8k:250,mmlu:570}"],
+                  "eval.task_limits={gsm8k_loss:512,gsm8k:250,mmlu:570}", "eval.limit=null"],
         "ptb": [*_COMMON, "task=ptb", "train.max_steps=1000", "train.batch_size=8", "train.seq_len=512",
-                "eval.tasks=[wikitext2,ptb]"],
+                "eval.tasks=[wikitext2,ptb]", "eval.limit=null"],
     },
 }
 
@@ -129,6 +134,61 @@ def _compare(rows: dict[str, dict], a: str, b: str, key: str, what: str, lower_i
         return f"{what}: not measured ({key} missing)."
     better = va < vb if lower_is_better else va > vb
     return f"{what}: {'yes' if better else 'no'} ({a} {va:.4g} vs {b} {vb:.4g}, {key})."
+
+
+SEEDS = (42, 1, 2)
+_R8 = ("method.init_rank=32", "method.rank=8")
+PRUNEDLORA_VARIANTS: dict[str, tuple[str, ...]] = {
+    # series -> method overrides; every variant starts at r0 = 32 and ends at rank 8 on all seven projections.
+    "lora r8": ("method=lora", "method.rank=8", "method.alpha=16"),
+    "prunedlora obs (default)": ("method=prunedlora", *_R8, "sparsity.every=5"),
+    "prunedlora paper (obs_grad, both)": ("method=prunedlora", *_R8, "method.criterion=obs_grad",
+                                          "method.recovery_factor=both", "sparsity=constant", "sparsity.every=5",
+                                          "sparsity.per_event=4"),
+    "prunedlora magnitude": ("method=prunedlora", *_R8, "method.criterion=magnitude", "sparsity.every=5"),
+    "lora r16": ("method=lora", "method.rank=16", "method.alpha=32"),
+}
+_VARIANT_LABELS = {"lora r8": "lora-r8", "prunedlora obs (default)": "prunedlora-obs-32to8",
+                   "prunedlora paper (obs_grad, both)": "prunedlora-paper-32to8",
+                   "prunedlora magnitude": "prunedlora-magnitude-32to8", "lora r16": "lora-r16-a32"}
+
+
+def _seeded(series: str, seed: int) -> Run:
+    return Run(f"{_VARIANT_LABELS[series]}-seed{seed}", (*PRUNEDLORA_VARIANTS[series], f"train.seed={seed}"),
+               series=series, seed=seed)
+
+
+def _prunedlora_runs() -> tuple[Run, ...]:
+    """Seed-major order, so an interrupted measurement leaves whole seeds; LoRA r16's third seed last."""
+    runs = [_seeded(series, seed) for seed in SEEDS for series in PRUNEDLORA_VARIANTS
+            if not (series == "lora r16" and seed == SEEDS[-1])]
+    return (*runs, _seeded("lora r16", SEEDS[-1]))
+
+
+def _prunedlora_setup(budget: str) -> str:
+    return (f"{_methods_setup(budget)} Variants: LoRA r8 (alpha 16) and r16 (alpha 32); PrunedLoRA r0 = 32 (alpha "
+            "64, scaling 2) pruned to rank 8 with (i) the default criterion `obs` (output OBS, B-only recovery) and "
+            "the default geometric schedule (every 5 steps the same fraction of the remaining rank, 32 -> 26 -> "
+            "22 -> 18 -> 14 -> 12 -> 10 -> 8 at steps 5-35, then 25 steps at rank 8), (ii) the paper's variant "
+            "(`criterion=obs_grad`, two-sided recovery, 4 components every 5 steps: rank 8 at step 30), (iii) "
+            "`criterion=magnitude` with the default schedule (so (i) vs (iii) isolates the criterion). Seeds "
+            f"{', '.join(map(str, SEEDS))} (`train.seed`: adapter init, dropout and data order).")
+
+
+def _prunedlora_verdicts(rows: dict[str, dict]) -> list[str]:
+    from compare_seeds import paired, series_values  # noqa: PLC0415  (scripts/ sibling, imported lazily)
+
+    loss = "gsm8k_loss/loss"
+    obs, r8 = "prunedlora obs (default)", "lora r8"
+    out = [paired(rows, obs, r8, loss, "PrunedLoRA 32 -> 8 (obs) at or below LoRA r8 in every seed (paper's claim)")]
+    mean = {name: series_values(rows, name, loss) for name in (obs, "prunedlora magnitude", "lora r16")}
+    if all(mean.values()):
+        m = {k: sum(v) / len(v) for k, v in mean.items()}
+        out.append(f"obs mean at or below magnitude's: {'yes' if m[obs] <= m['prunedlora magnitude'] else 'no'} "
+                   f"({m[obs]:.4f} vs {m['prunedlora magnitude']:.4f}).")
+        out.append(f"Stretch, level with LoRA r16 while deploying rank 8: obs {m[obs]:.4f} vs r16 "
+                   f"{m['lora r16']:.4f} (difference {m[obs] - m['lora r16']:+.4f}).")
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ suites
@@ -238,4 +298,9 @@ SUITES: dict[str, Suite] = {
          *(_salr_base(c, "2:4") for c in ("sparsegpt", "wanda", "magnitude"))),
         "ptb", (("wikitext2/ppl", "WikiText-2 PPL"), ("ptb/ppl", "PTB PPL")), _quality_setup, _quality_verdicts,
         papers=LORAPRUNE_PAPER),
+    "prunedlora": Suite(
+        "prunedlora", "PrunedLoRA 32 -> 8 against LoRA at ranks 8 and 16, three seeds", _prunedlora_runs(),
+        "gsm8k", (("gsm8k_loss/loss", "GSM8K held-out loss"), ("wikitext2/ppl", "WikiText-2 PPL")),
+        _prunedlora_setup, _prunedlora_verdicts, eval_overrides=("eval.tasks=[gsm8k_loss,wikitext2]",),
+        seeded=True),
 }

@@ -21,7 +21,7 @@ def test_every_run_composes_and_validates(suite: str, budget: str) -> None:
     for run in SUITES[suite].runs:
         cfg = compose_root([*BUDGETS[budget][SUITES[suite].data], *SUITES[suite].eval_overrides, *run.overrides])
         validate(cfg)
-        assert cfg.train.seed == 42 and cfg.model.name == "smollm2_135m"
+        assert cfg.train.seed == (run.seed or 42) and cfg.model.name == "smollm2_135m"
         if run.sparsity:
             assert cfg.sparsity.final == run.sparsity, run.label
 
@@ -47,3 +47,42 @@ def test_prunedlora_runs_reach_their_rank_within_the_cpu_budget() -> None:
         target = cfg.method.target_rank(cfg.sparsity.final)
         events = (cfg.method.init_rank - target) // cfg.sparsity.per_event
         assert target == round(32 * (1 - s)) and events * cfg.sparsity.every <= steps // 2  # half the steps recover
+
+
+def test_prunedlora_suite_runs_every_variant_over_the_seeds_to_rank_8() -> None:
+    from prunedlora.methods.prunedlora import DEFAULT_SCHEDULE, sparsity_for_target
+    from prunedlora.pruning.schedules import target_fraction
+
+    suite = SUITES["prunedlora"]
+    seeds: dict[str, set[int]] = {}
+    for run in suite.runs:
+        seeds.setdefault(run.series, set()).add(run.seed)
+        cfg = compose_root([*BUDGETS["cpu"]["gsm8k"], *suite.eval_overrides, *run.overrides])
+        if cfg.method.name == "prunedlora":
+            assert (cfg.method.init_rank, cfg.method.target_rank(cfg.sparsity.final)) == (32, 8), run.label
+            sparsity = sparsity_for_target(cfg.sparsity, 32, 8)  # what the method runs: method.rank wins
+            final = target_fraction(sparsity, 36, 60, units=32, default=DEFAULT_SCHEDULE)
+            assert final == pytest.approx(0.75), run.label  # rank 8 by 60% of the 60 steps: time to recover
+    assert all(v == {42, 1, 2} for v in seeds.values()) and len(seeds) == 5
+    assert suite.runs[-1].series == "lora r16"  # its third seed last: the first to drop when CPU runs out
+
+
+def test_seed_statistics_and_paired_verdicts() -> None:
+    from compare_seeds import mean_stderr, paired, seed_table
+
+    mean, err = mean_stderr([1.0, 2.0, 3.0])
+    assert mean == 2.0 and err == pytest.approx(1 / 3**0.5)
+    assert mean_stderr([4.0]) == (4.0, None)
+    rows = {f"{name}-{seed}": {"_series": name, "_seed": seed, "loss": value}
+            for name, values in (("a", (0.9, 0.8)), ("b", (1.0, 0.7))) for seed, value in zip((42, 1), values)}
+    assert "no (a minus b, loss: seed 1: +0.1000, seed 42: -0.1000; 2 seed(s))" in paired(rows, "a", "b", "loss", "x")
+    suite = type("S", (), {"runs": [type("R", (), {"series": n})() for n in "ab"], "metrics": (("loss", "L"),)})()
+    assert "| a | 1, 42 | 0.8000 / 0.9000 | 0.8500 ± 0.0500 |" in seed_table(suite, rows)
+
+
+def test_a_runs_own_override_replaces_the_budgets() -> None:
+    from compare import _command
+
+    run = SUITES["prunedlora"].runs[-1]
+    command = _command(run, Path("/tmp/x"), 1, BUDGETS["cpu"]["gsm8k"])
+    assert [c for c in command if c.startswith("train.seed=")] == [f"train.seed={run.seed}"]

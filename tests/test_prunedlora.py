@@ -1,4 +1,5 @@
-"""PrunedLoRA (methods.md §3): OBS math, pruning during real training, allocation, export, resume, CLI."""
+"""PrunedLoRA (methods.md §3): the paper's OBS math (obs_grad), pruning during real training, allocation, export,
+resume, CLI. The default criterion's math (output OBS) is in test_output_obs.py."""
 
 from __future__ import annotations
 
@@ -82,20 +83,25 @@ def toy_loss_change(B, A, G_B, G_A, B_new, A_new) -> float:
     return float(quadratic(B_new - B, G_B, H_B) + quadratic((A_new - A).T, G_A.T, H_A))
 
 
+@pytest.mark.parametrize("factors", ["b", "a", "both"])
 @pytest.mark.parametrize("nu", NUS)
-def test_recovery_zeroes_entry_j_exactly(nu: float) -> None:
+def test_recovery_zeroes_entry_j_exactly(nu: float, factors: str) -> None:
     B, A, G_B, G_A = random_problem()
+    keep = lambda t, j, dim: t.index_select(dim, torch.tensor([i for i in range(t.shape[dim]) if i != j]))  # noqa: E731
     for j in range(B.shape[1]):
-        B_new, A_new = obs_prune_one(B, A, G_B, G_A, j, nu, EPS)
+        B_new, A_new = obs_prune_one(B, A, G_B, G_A, j, nu, EPS, factors)
         assert torch.all(B_new[:, j] == 0) and torch.all(A_new[j] == 0)
-        assert not torch.allclose(B_new, B)  # the survivors absorbed a change
+        # the survivors of the recovered factor(s) absorbed a change; the other factor is only zeroed at j
+        assert torch.allclose(keep(B_new, j, 1), keep(B, j, 1)) == (factors == "a")
+        assert torch.allclose(keep(A_new, j, 0), keep(A, j, 0)) == (factors == "b")
 
 
 def test_recovery_at_nu_zero_is_the_classic_obs_compensation() -> None:
+    """The paper's two-sided update (factors="both"), each side as §3.2 writes it."""
     B, A, G_B, G_A = random_problem(1)
     Hb, Ha = inverses(G_B, G_A)
     for j in range(B.shape[1]):
-        B_new, A_new = obs_prune_one(B, A, G_B, G_A, j, 0.0, EPS)
+        B_new, A_new = obs_prune_one(B, A, G_B, G_A, j, 0.0, EPS, "both")
         # per row i of B: −B_ij Hb⁻e_j / (Hb⁻)_jj; per column c of A: −A_jc Ha⁻e_j / (Ha⁻)_jj
         torch.testing.assert_close(B_new - B, -torch.outer(B[:, j], Hb[:, j]) / Hb[j, j], rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(A_new - A, -torch.outer(Ha[:, j], A[j]) / Ha[j, j], rtol=1e-9, atol=1e-9)
@@ -106,7 +112,7 @@ def test_recovery_at_nu_one_is_the_constrained_minimiser_of_the_quadratic_model(
     eye = torch.eye(B.shape[1], dtype=torch.float64)
     H_B, H_A = G_B.T @ G_B + EPS * eye, G_A @ G_A.T + EPS * eye
     for j in range(B.shape[1]):
-        B_new, A_new = obs_prune_one(B, A, G_B, G_A, j, 1.0, EPS)
+        B_new, A_new = obs_prune_one(B, A, G_B, G_A, j, 1.0, EPS, "both")
         for i in range(B.shape[0]):
             torch.testing.assert_close(B_new[i] - B[i], kkt_minimiser(B[i], G_B[i], H_B, j), rtol=1e-6, atol=1e-8)
         for c in range(A.shape[1]):
@@ -121,7 +127,7 @@ def test_saliency_is_the_loss_change_at_the_minimiser_up_to_the_j_independent_te
     constant = -0.5 * (((G_B @ Hb) * G_B).sum() + ((Ha @ G_A) * G_A).sum())
     saliency = obs_saliency(B, A, G_B, G_A, damping=EPS)
     for j in range(B.shape[1]):
-        B_new, A_new = obs_prune_one(B, A, G_B, G_A, j, 1.0, EPS)
+        B_new, A_new = obs_prune_one(B, A, G_B, G_A, j, 1.0, EPS, "both")
         change = toy_loss_change(B, A, G_B, G_A, B_new, A_new)
         assert change == pytest.approx(float(constant + saliency[j]), rel=1e-7, abs=1e-7)
 
@@ -131,7 +137,7 @@ def test_obs_pruning_raises_an_exact_quadratic_loss_less_than_magnitude_pruning(
     """On the toy loss whose Hessian is exactly the damped gradient Gram, OBS (ν = 1) beats magnitude."""
     B, A, G_B, G_A = random_problem(10 + seed, d_out=12, d_in=10, r=6)
     j_obs = int(obs_saliency(B, A, G_B, G_A, damping=EPS).argmin())
-    B_obs, A_obs = obs_prune_one(B, A, G_B, G_A, j_obs, 1.0, EPS)
+    B_obs, A_obs = obs_prune_one(B, A, G_B, G_A, j_obs, 1.0, EPS, "both")
     j_mag = int(CRITERIA["magnitude"](B, A, G_B, G_A).argmin())
     B_mag, A_mag = B.clone(), A.clone()
     B_mag[:, j_mag], A_mag[j_mag] = 0.0, 0.0  # magnitude pruning: just zero, no recovery
@@ -139,15 +145,15 @@ def test_obs_pruning_raises_an_exact_quadratic_loss_less_than_magnitude_pruning(
     assert obs_change < toy_loss_change(B, A, G_B, G_A, B_mag, A_mag)
     # and OBS picks the best component: no other j does better with its own optimal recovery
     for j in range(B.shape[1]):
-        assert obs_change <= toy_loss_change(B, A, G_B, G_A, *obs_prune_one(B, A, G_B, G_A, j, 1.0, EPS)) + 1e-9
+        assert obs_change <= toy_loss_change(B, A, G_B, G_A, *obs_prune_one(B, A, G_B, G_A, j, 1.0, EPS, "both")) + 1e-9
 
 
 @pytest.mark.parametrize("nu", NUS)
 def test_sequential_pruning_equals_recomputing_on_the_shrunken_set(nu: float) -> None:
     """K2 = 2: downdated H⁻ and (1 − ν)G for the second component == pruning again from scratch."""
     B, A, G_B, G_A = random_problem(4)
-    B_seq, A_seq = obs_prune(B, A, G_B, G_A, [3, 1], nu, EPS)
-    B1, A1 = obs_prune_one(B, A, G_B, G_A, 3, nu, EPS)
+    B_seq, A_seq = obs_prune(B, A, G_B, G_A, [3, 1], nu, EPS, "both")
+    B1, A1 = obs_prune_one(B, A, G_B, G_A, 3, nu, EPS, "both")
     keep = [0, 1, 2, 4]  # the shrunken set; component 1 is at position 1
     Hb, Ha = inverses(G_B[:, keep], G_A[keep])  # Hessian of the original gradients on the shrunken set
     b, a, gb, ga = B1[:, keep], A1[keep], (1 - nu) * G_B[:, keep], (1 - nu) * G_A[keep]
@@ -285,8 +291,12 @@ def pruned_run(tmp_path: Path, steps: int, cfg: PrunedLoraConfig, sparsity: Spar
     return model, method, pre, post
 
 
-def test_pruned_components_stay_exactly_zero_and_ranks_shrink_monotonically_to_the_target(tmp_path: Path) -> None:
-    model, method, pre, post = pruned_run(tmp_path, 52, method_cfg(), schedule(final=0.75, every=4, per_event=2))
+@pytest.mark.parametrize("variant", [{"criterion": "obs"}, {"criterion": "obs_grad", "recovery_factor": "both"}])
+def test_pruned_components_stay_exactly_zero_and_ranks_shrink_monotonically_to_the_target(tmp_path: Path,
+                                                                                          variant: dict) -> None:
+    """Never reactivated: the default and the paper's variant (two-sided recovery) alike."""
+    model, method, pre, post = pruned_run(tmp_path, 52, method_cfg(**variant), schedule(final=0.75, every=4,
+                                                                                        per_event=2))
     target = 2  # 8 * (1 - 0.75); events at steps 4, 8, 12 remove 2 each
     per_step = [sorted(set(r.values())) for r in pre.ranks]
     assert per_step[2] == [R0] and per_step[3] == [6] and per_step[7] == [4] and per_step[11] == [target]
@@ -335,7 +345,7 @@ def test_pruning_at_step_one_works_before_the_optimizer_has_state(tmp_path: Path
 
 
 def test_activation_statistics_only_when_chosen() -> None:
-    for criterion, hooked in [("obs", False), ("activation", True)]:
+    for criterion, hooked in [("obs_grad", False), ("magnitude", False), ("obs", True), ("activation", True)]:
         model = tiny_llama()
         build_method(method_cfg(criterion=criterion), schedule()).attach(model)
         assert all(bool(m.bottleneck._forward_hooks) == hooked for m in lora_modules(model).values())
@@ -348,9 +358,11 @@ def test_rank_above_module_width_is_a_config_error_naming_module_and_fix() -> No
 
 
 def test_config_validation_names_keys() -> None:
-    problems = PrunedLoraConfig(init_rank=8, rank=12, criterion="hessian", newton_scale=2.0).validate(SparsityConfig())
+    problems = PrunedLoraConfig(init_rank=8, rank=12, criterion="hessian", newton_scale=2.0, rel_damping=0.0,
+                                recovery_factor="B+A").validate(SparsityConfig())
     text = " ".join(problems)
-    for fragment in ("target rank 12", "method.criterion=hessian", "method.newton_scale=2.0"):
+    for fragment in ("target rank 12", "method.criterion=hessian", "method.newton_scale=2.0", "method.rel_damping=0.0",
+                     "method.recovery_factor=B+A"):
         assert fragment in text
     assert PrunedLoraConfig().validate(SparsityConfig()) == []
 
@@ -381,7 +393,7 @@ def test_export_reloads_in_peft_with_rank_pattern_and_identical_logits(tmp_path:
         torch.testing.assert_close(merged(ids).logits, ours, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("criterion", ["obs", "activation"])
+@pytest.mark.parametrize("criterion", ["obs", "obs_grad", "activation"])
 def test_resume_mid_schedule_equals_an_uninterrupted_run(tmp_path: Path, criterion: str) -> None:
     """10 steps == 6 steps + checkpoint (adapter + masks, optimizer, scheduler, callback) + 4 steps."""
     cfg, sparsity = method_cfg(criterion=criterion), schedule(final=0.75, every=4, per_event=2)
@@ -430,8 +442,9 @@ def test_callback_state_round_trips_with_activation_statistics(tmp_path: Path) -
     restored = cb2.state_dict()
     assert {k: v for k, v in restored.items() if k != "activation"} == {"events": 1, "last_event_step": 4}
     assert restored["activation"]["tokens"] == state["activation"]["tokens"]
-    for name, t in state["activation"]["sq_sum"].items():
-        assert torch.equal(restored["activation"]["sq_sum"][name], t) and t.abs().sum() > 0
+    for name, t in state["activation"]["gram_sum"].items():  # the whole Σ z zᵀ (output OBS needs it)
+        assert torch.equal(restored["activation"]["gram_sum"][name], t) and t.abs().sum() > 0
+        assert t.shape == (R0, R0) and torch.equal(t, t.T) and (t.diagonal() >= 0).all()
 
 
 # ============================================================================ the CLI, end to end
@@ -454,7 +467,9 @@ def test_cli_run_and_a_multirun_over_sparsity_final(tmp_path: Path, data_root: P
     summary = json.loads((run_dir / "summary.json").read_text())
     assert sum(summary["ranks"].values()) == 4 * len(summary["ranks"]) and summary["sparsity"] == pytest.approx(0.5)
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["pruned_this_step"] for r in records] == [0, 16, 0, 16, 0, 0, 0, 0]
+    # the default (geometric) schedule: events at steps 2 and 4 (<= 0.6 * 8), each keeping sqrt(1/2) of the rank:
+    # 64 components in 8 modules -> 64 - round(64 (1 - 0.5 ** 0.5)) = 45 -> 32
+    assert [r["pruned_this_step"] for r in records] == [0, 19, 0, 13, 0, 0, 0, 0]
     assert (run_dir / "rank_allocation.png").is_file() and (run_dir / "adapter" / "adapter_config.json").is_file()
 
     sweep = tmp_path / "sweep"

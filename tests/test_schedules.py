@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import re
 from dataclasses import replace
 
 import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from prunedlora.config import RootConfig, SparsityConfig, register_configs, validate
+from prunedlora.config import ConfigError, RootConfig, SparsityConfig, register_configs, validate
 from prunedlora.pruning.schedules import SCHEDULE_FNS, is_event, resolve_schedule, target_fraction
 
 T = 100  # max_steps
@@ -27,6 +29,57 @@ def test_constant_is_per_event_units_every_k1_steps_capped_at_final() -> None:
     assert f[20] == pytest.approx(4 / 32)
     assert f[80] == pytest.approx(0.5) and f[100] == pytest.approx(0.5)  # 8 events of 2 reach 16 of 32
     assert f[70] == pytest.approx(14 / 32)
+
+
+def test_constant_with_a_fractional_per_event_removes_that_share_of_the_remaining_rank() -> None:
+    cfg = SparsityConfig(schedule="constant", final=0.75, every=10, per_event=0.25)
+    f = fractions(cfg, units=None)  # a fraction needs no units
+    assert f[9] == 0.0 and f[10] == pytest.approx(0.25) and f[20] == pytest.approx(1 - 0.75**2)
+    assert f[40] == pytest.approx(1 - 0.75**4) and f[50] == pytest.approx(0.75)  # 1 - 0.75^5 > 0.75: capped
+
+
+def test_geometric_reaches_final_by_end_frac_with_equal_relative_cuts() -> None:
+    cfg = SparsityConfig(schedule="geometric", final=0.75, every=5, end_frac=0.6)
+    f = fractions(cfg, max_steps=60, units=None)
+    # events at 5, 10, ..., 35 (the last one at or before 0.6 * 60 = 36): 7 equal cuts of the remaining rank
+    remaining = [1 - f[t] for t in range(0, 40, 5)]
+    ratios = [b / a for a, b in zip(remaining, remaining[1:])]
+    assert ratios == pytest.approx([0.25 ** (1 / 7)] * 7)
+    assert f[35] == 0.75 and f[34] < 0.75 and f[60] == 0.75
+    # 32 -> 8 in ranks per module (what uniform allocation keeps)
+    assert [32 - round(f[t] * 32) for t in range(0, 40, 5)] == [32, 26, 22, 18, 14, 12, 10, 8]
+
+
+def test_prunedlora_default_schedule_is_geometric_and_done_by_sixty_percent() -> None:
+    from prunedlora.methods.prunedlora import DEFAULT_SCHEDULE
+
+    cfg = SparsityConfig(schedule="auto", final=0.75, every=10)
+    assert DEFAULT_SCHEDULE == "geometric" and cfg.end_frac <= 0.6
+    f = [target_fraction(cfg, t, T, default=DEFAULT_SCHEDULE) for t in range(T + 1)]
+    assert f[60] == 0.75 and f[59] < 0.75  # 100 steps: events 10..60 carry the cuts, the last 40 steps recover
+
+
+def test_per_event_and_end_frac_are_validated_with_the_key_and_a_fix() -> None:
+    for overrides, fragment in ((["sparsity.per_event=1.5"], "sparsity.per_event=1.5"),
+                                (["sparsity.per_event=0"], "sparsity.per_event=0"),
+                                (["sparsity.end_frac=1.5"], "sparsity.end_frac=1.5")):
+        with pytest.raises(ConfigError, match=re.escape(fragment)):
+            validate(compose_root(["model=tiny", "method=prunedlora", *overrides]))
+    validate(compose_root(["model=tiny", "method=prunedlora", "sparsity=constant", "sparsity.per_event=0.25"]))
+
+
+def test_prunedlora_warns_when_its_schedule_cannot_reach_the_target(caplog: pytest.LogCaptureFixture) -> None:
+    from prunedlora.config import PrunedLoraConfig
+    from prunedlora.methods.prunedlora import PrunedLoraCallback
+
+    for sparsity, steps, warned in ((SparsityConfig(final=0.75, every=10), 8, True),  # no event at all
+                                    (SparsityConfig(final=0.75, every=10), 30, False),
+                                    (SparsityConfig(schedule="constant", final=0.75, every=10, per_event=2), 20, True)):
+        caplog.clear()
+        callback = PrunedLoraCallback({}, PrunedLoraConfig(init_rank=8), sparsity, target=2)
+        with caplog.at_level(logging.WARNING, logger="prunedlora.methods.prunedlora"):
+            callback.on_train_start(None, None, steps)
+        assert ("short of the target rank" in caplog.text) == warned, (sparsity, steps)
 
 
 def test_constant_needs_units() -> None:
@@ -99,7 +152,7 @@ def test_sweep_over_sparsity_final_composes_for_prunedlora(final: float, target:
     assert cfg.method.target_rank(cfg.sparsity.final) == target
 
 
-@pytest.mark.parametrize("option", ["default", "constant", "linear", "cubic"])
+@pytest.mark.parametrize("option", ["default", "constant", "geometric", "linear", "cubic"])
 def test_every_sparsity_option_validates_with_prunedlora(option: str) -> None:
     cfg = compose_root(["model=tiny", "method=prunedlora", f"sparsity={option}"])
     validate(cfg)

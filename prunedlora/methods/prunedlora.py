@@ -11,9 +11,16 @@ The method in four steps, as this file reads:
    (i) mask A's rows, B's columns and their gradients; (ii) at a pruning event (step ``k * every``,
    ``k >= 1``; never step 0) where the schedule asks for more sparsity, score the active components
    (``prunedlora.pruning.rank_criteria``), choose the lowest per module (``allocation=uniform``) or
-   across modules (``allocation=global``), apply the OBS recovery update (``criterion=obs``) and clear
-   their mask bits; (iii) zero their slices of Adam's ``exp_avg``/``exp_avg_sq`` and re-mask weights and
-   gradients before the update (§3.3 step 4.3, §8 item 6). ``on_step_end`` re-masks the weights.
+   across modules (``allocation=global``), apply the recovery update and clear their mask bits; (iii)
+   zero their slices of Adam's ``exp_avg``/``exp_avg_sq`` and re-mask weights and gradients before the
+   update (§3.3 step 4.3, §8 item 6). ``on_step_end`` re-masks the weights.
+
+   The default ``criterion=obs`` is OBS on the adapter's output (methods.md Decisions item 0, the
+   erratum): ``H = E[z zᵀ]`` of the bottleneck ``z = m ⊙ A x`` over the tokens since the last event,
+   ``S_j = ‖b_j‖² / [H⁻¹]_jj``, recovery on B only. ``criterion=obs_grad`` is the paper's gradient-Gram
+   variant (§3.2), whose recovery moves one factor (``method.recovery_factor``; ``both`` reproduces the
+   paper and double counts). The default schedule (``auto``) is ``geometric``: the same fraction of the
+   remaining rank per event, the target reached by ``sparsity.end_frac`` (0.6) of the steps.
    With zero weight, gradient and moments, AdamW (decay included) leaves a pruned component at exactly
    zero, so nothing is ever reactivated.
 3. **Report**: final rank per module, achieved sparsity (fraction of ``n_modules * r0`` pruned), r0 and
@@ -50,13 +57,24 @@ from prunedlora.distributed import (
 from prunedlora.methods.base import Callback, default_parameter_groups
 from prunedlora.methods.lora import attach_lora, export_lora, rank_report
 from prunedlora.plots import rank_heatmap
-from prunedlora.pruning.rank_criteria import CRITERIA, lowest, obs_prune, select_global
+from prunedlora.pruning.rank_criteria import (
+    ABSOLUTE_CRITERIA,
+    CRITERIA,
+    lowest,
+    obs_prune,
+    output_hessian_inverse,
+    output_obs_prune,
+    select_global,
+)
 from prunedlora.pruning.schedules import is_event, target_fraction
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SCHEDULE = "constant"
-"""What ``sparsity.schedule=auto`` means for PrunedLoRA: K2 = per_event components every K1 = every steps."""
+DEFAULT_SCHEDULE = "geometric"
+"""What ``sparsity.schedule=auto`` means for PrunedLoRA: the same fraction of the remaining rank every K1 = every
+steps, the target reached by ``sparsity.end_frac`` of the steps (the paper's K2-per-event is ``constant``)."""
+STATS_CRITERIA = ("obs", "activation")
+"""Criteria that read the bottleneck statistics (the forward hooks are registered for these only)."""
 HEATMAP_FILE = "rank_allocation.png"
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
 """Per-parameter AdamW state whose pruned slices are zeroed (methods.md §8 item 6)."""
@@ -85,42 +103,49 @@ def sparsity_for_target(sparsity: SparsityConfig, init_rank: int, target: int) -
 
 
 class BottleneckStats:
-    """Token statistics of the bottleneck ``m ⊙ A x`` for ``criterion=activation`` (§3.6, Wanda-style).
+    """Token statistics of the bottleneck ``z = m ⊙ A x`` for ``criterion=obs`` and ``activation``.
 
-    A forward hook on every ``LoRALinear.bottleneck`` adds ``Σ_tokens z²`` (r0,) and the token count in
-    training mode, over all micro-batches since the last event; the callback clears them after each
-    event. Padding tokens count too (the hook cannot see the attention mask). Registered only for this
-    criterion, so the others pay nothing.
+    A forward hook on every ``LoRALinear.bottleneck`` adds ``Σ_tokens z zᵀ`` (r0, r0; float64, the whole
+    matrix, as output-OBS needs the correlations between components) and the token count in training mode,
+    over all micro-batches since the last event; the callback clears them after each event. Its diagonal is
+    the ``Σ z²`` behind ``criterion=activation``. Padding tokens count too (the hook cannot see the
+    attention mask). Registered only for these criteria, so the others pay nothing.
     """
 
     def __init__(self, modules: dict[str, LoRALinear]) -> None:
-        self.sq_sum = {n: torch.zeros(m.rank, device=m.rank_mask.device) for n, m in modules.items()}
+        self.gram_sum = {n: torch.zeros(m.rank, m.rank, dtype=torch.float64, device=m.rank_mask.device)
+                         for n, m in modules.items()}
         self.tokens = dict.fromkeys(modules, 0)
         self.handles = [m.bottleneck.register_forward_hook(self._hook(n)) for n, m in modules.items()]
 
     def _hook(self, name: str):
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             if module.training:
-                z = inputs[0].detach().float()  # (..., r0), already masked
-                self.sq_sum[name] += z.square().reshape(-1, z.shape[-1]).sum(0)
-                self.tokens[name] += z.numel() // z.shape[-1]  # Python int: no host sync
+                z = inputs[0].detach()  # (..., r0), already masked
+                z = z.reshape(-1, z.shape[-1]).double()
+                self.gram_sum[name] += z.mT @ z
+                self.tokens[name] += z.shape[0]  # Python int: no host sync
         return hook
+
+    def gram(self, name: str) -> torch.Tensor:
+        """(r0, r0) ``E[z zᵀ]`` over the tokens seen since the last event."""
+        return self.gram_sum[name] / max(self.tokens[name], 1)
 
     def rms(self, name: str) -> torch.Tensor:
         """(r0,) root-mean-square of ``(A x)_j`` over the tokens seen since the last event."""
-        return (self.sq_sum[name] / max(self.tokens[name], 1)).sqrt()
+        return self.gram(name).diagonal().sqrt()
 
     def clear(self) -> None:
-        for buf in self.sq_sum.values():
+        for buf in self.gram_sum.values():
             buf.zero_()
         self.tokens = dict.fromkeys(self.tokens, 0)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sq_sum": {n: t.cpu().clone() for n, t in self.sq_sum.items()}, "tokens": dict(self.tokens)}
+        return {"gram_sum": {n: t.cpu().clone() for n, t in self.gram_sum.items()}, "tokens": dict(self.tokens)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for name, buf in self.sq_sum.items():
-            buf.copy_(state["sq_sum"][name])
+        for name, buf in self.gram_sum.items():
+            buf.copy_(state["gram_sum"][name])
         self.tokens = dict(state["tokens"])
 
 
@@ -146,7 +171,8 @@ def global_plan(active: dict[str, int], r0: int, target: int, min_rank: int,
     return capacity, budget
 
 
-def uniform_select(saliencies: dict[str, torch.Tensor], capacity: dict[str, int], budget: int) -> dict[str, list[int]]:
+def uniform_select(saliencies: dict[str, torch.Tensor], capacity: dict[str, int], budget: int,
+                   relative: bool = True) -> dict[str, list[int]]:
     """The ``capacity[m]`` lowest saliencies of each module, lowest first."""
     return {name: lowest(s, capacity[name]) for name, s in saliencies.items()}
 
@@ -186,10 +212,10 @@ class PrunedLoraCallback(Callback):
 
     Args:
         modules: the LoRA wrappers by name, at rank r0.
-        cfg: the method config (criterion, allocation, min_rank, newton_scale, damping, recovery).
+        cfg: the method config (criterion, allocation, min_rank, damping, recovery, recovery_factor).
         sparsity: the schedule, with ``final`` already set to ``1 - target / r0``.
         target: the final rank per module (uniform) or on average (global).
-        stats: bottleneck statistics (``criterion=activation`` only).
+        stats: bottleneck statistics (``criterion=obs`` and ``activation`` only).
     """
 
     def __init__(self, modules: dict[str, LoRALinear], cfg: PrunedLoraConfig, sparsity: SparsityConfig,
@@ -246,7 +272,9 @@ class PrunedLoraCallback(Callback):
             return {}
         slices = {name: self._active_slices(name) for name in capacity}
         saliencies = {name: self._saliency(name, *sl) for name, sl in slices.items()}
-        chosen = select(saliencies, capacity, budget)
+        # Output-OBS saliencies are output errors (the scaling s = alpha / r0 is shared by every module), so a
+        # global budget compares them as they are; the other criteria are divided by their module's mean.
+        chosen = select(saliencies, capacity, budget, relative=self.cfg.criterion not in ABSOLUTE_CRITERIA)
         return {name: self._remove(name, order, *slices[name]) for name, order in chosen.items() if order}
 
     def _active_slices(self, name: str) -> tuple[torch.Tensor, ...]:
@@ -261,15 +289,31 @@ class PrunedLoraCallback(Callback):
 
     def _saliency(self, name: str, idx: torch.Tensor, B: torch.Tensor, A: torch.Tensor, G_B: torch.Tensor,
                   G_A: torch.Tensor) -> torch.Tensor:
-        stats = {"act_rms": self.stats.rms(name)[idx]} if self.stats is not None else {}
-        return CRITERIA[self.cfg.criterion](B, A, G_B, G_A, damping=self.cfg.damping, **stats)  # (r',)
+        return CRITERIA[self.cfg.criterion](B, A, G_B, G_A, damping=self.cfg.damping,
+                                            rel_damping=self.cfg.rel_damping, **self._stats(name, idx))  # (r',)
+
+    def _stats(self, name: str, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The bottleneck statistics of the active set: ``gram`` (r', r') and ``act_rms`` (r',)."""
+        if self.stats is None:
+            return {}
+        if self.stats.tokens[name] == 0:
+            raise RuntimeError(f"prunedlora: no training tokens reached {name} since the last event, so "
+                               f"criterion={self.cfg.criterion} has no bottleneck statistics")
+        gram = self.stats.gram(name)[idx][:, idx]
+        return {"gram": gram, "act_rms": gram.diagonal().sqrt()}
 
     def _remove(self, name: str, order: list[int], idx: torch.Tensor, B: torch.Tensor, A: torch.Tensor,
                 G_B: torch.Tensor, G_A: torch.Tensor) -> torch.Tensor:
-        """Recovery (obs only), clear mask bits, zero Adam moments; returns the pruned r0-indices."""
+        """Recovery (obs, obs_grad), clear mask bits, zero Adam moments; returns the pruned r0-indices."""
         module = self.modules[name]
-        if self.cfg.recovery and self.cfg.criterion == "obs":
-            b_new, a_new = obs_prune(B, A, G_B, G_A, order, self.cfg.newton_scale, self.cfg.damping)
+        if self.cfg.recovery and self.cfg.criterion == "obs":  # B re-fit on the output; A's rows only masked
+            h_inv = output_hessian_inverse(self._stats(name, idx)["gram"], self.cfg.rel_damping)
+            b_full = full_param(module.lora_B.weight).clone()
+            b_full[:, idx] = output_obs_prune(B, h_inv, order).to(B.dtype)  # (d_out, r')
+            set_full_param(module.lora_B.weight, b_full)
+        elif self.cfg.recovery and self.cfg.criterion == "obs_grad":
+            b_new, a_new = obs_prune(B, A, G_B, G_A, order, self.cfg.newton_scale, self.cfg.damping,
+                                     self.cfg.recovery_factor)
             b_full, a_full = full_param(module.lora_B.weight).clone(), full_param(module.lora_A.weight).clone()
             b_full[:, idx], a_full[idx] = b_new.to(B.dtype), a_new.to(A.dtype)  # (d_out, r'), (r', d_in)
             set_full_param(module.lora_B.weight, b_full)
@@ -323,12 +367,12 @@ class PrunedLoraMethod:
         names = attach_lora(model, self.cfg, self.cfg.init_rank)
         modules = lora_modules(model)
         check_rank_fits(modules, self.cfg.init_rank)
-        stats = BottleneckStats(modules) if self.cfg.criterion == "activation" else None
+        stats = BottleneckStats(modules) if self.cfg.criterion in STATS_CRITERIA else None
         self._callback = PrunedLoraCallback(modules, self.cfg, self.sparsity, self.target, stats)
         log.info("prunedlora: r0=%d -> target %d (%s allocation, %s criterion), scaling %.4g fixed",
                  self.cfg.init_rank, self.target, self.cfg.allocation, self.cfg.criterion,
                  next(iter(modules.values())).scaling)
-        if self.cfg.newton_scale > 0 and self.cfg.criterion == "obs" and self.cfg.recovery:
+        if self.cfg.newton_scale > 0 and self.cfg.criterion == "obs_grad" and self.cfg.recovery:
             log.warning("method.newton_scale=%g: the Newton term -nu H^-1 g scales like 1/|G| with a gradient-Gram "
                         "Hessian and can blow up (methods.md §3.2); 0 is the validated default", self.cfg.newton_scale)
         return names

@@ -8,11 +8,22 @@ B, row ``a_jᵀ`` of A). Every criterion takes the active slices
 plus keyword statistics, and returns a saliency ``(r',)``; the lowest is pruned first. Criteria ignore
 the keywords they do not use, so a caller can pass the same ``**stats`` to all of them.
 
-``obs`` (default) is the second-order saliency of methods.md §3.2 with gradient-Gram Hessians
-``H_B = G_BᵀG_B`` and ``H_A = G_A G_Aᵀ`` (both (r', r')), damped by ε and inverted in float64 through
-Cholesky (LU ``inv`` if Cholesky fails), never ``pinv`` (methods.md, Decisions item 1). Its recovery
-update (§3.2 "Project choice") moves the surviving components so that the pruned entry is exactly zero.
+``obs`` (default) is OBS on the adapter's own output (methods.md, Decisions item 0, the erratum): the
+column OBS of OBC/SparseGPT applied to the rank dimension. The adapter computes ``y = s B z`` with
+``z = m ⊙ (A x)``; with ``H = E[z zᵀ]`` over the tokens since the last event (relatively damped,
+``H + λ·mean(diag H)·I``), removing j and re-fitting B to keep ``E‖s(B'z − Bz)‖²`` minimal costs
+``s² ‖b_j‖² / [H⁻¹]_jj``, and the re-fit is ``B ← B − (B e_j / [H⁻¹]_jj)(H⁻¹ e_j)ᵀ`` on B alone (A is
+fixed, its row j only masked).
 
+``obs_grad`` is the paper's variant (methods.md §3.2, Decisions item 1), kept for reproduction: the
+second-order saliency with gradient-Gram "Hessians" ``H_B = G_BᵀG_B`` and ``H_A = G_A G_Aᵀ`` damped by an
+absolute ε. The erratum measured two flaws: from one step's mean gradient the Gram is of order ‖g‖², not
+curvature, so ``S_j`` is a constant plus a signed first-order term (rank correlation with the true removal
+cost 0.04-0.26 on a toy regression, magnitude 0.81-0.95), and its recovery built for each factor replaces
+the whole term ``s b_j a_jᵀ``, so correcting both factors adds it back about twice. Its recovery therefore
+corrects one factor by default (``factors="b"``); ``factors="both"`` is the paper's two-sided update.
+
+All inverses are float64 through Cholesky (LU ``inv`` if Cholesky fails), never ``pinv``.
 Nothing here knows about modules, masks or optimizers.
 """
 
@@ -50,8 +61,62 @@ def gram_inverses(G_B: Tensor, G_A: Tensor, damping: float) -> tuple[Tensor, Ten
 
 
 # ------------------------------------------------------------------------------------------ criteria
+def output_hessian_inverse(gram: Tensor, rel_damping: float) -> Tensor:
+    """``(H + λ·mean(diag H)·I)⁻¹`` in float64 for the bottleneck Gram ``H = E[z zᵀ]`` (r', r').
+
+    The damping is relative (SparseGPT's percdamp), so the ranking does not depend on the activations'
+    scale. An all-zero H (no signal at all) falls back to ``λ·I``.
+    """
+    h = gram.double()
+    mean_diag = float(h.diagonal().mean()) if h.numel() else 0.0
+    return damped_inverse(h, rel_damping * (mean_diag if mean_diag > 0 else 1.0))
+
+
+def output_obs_saliency(B: Tensor, A: Tensor, G_B: Tensor, G_A: Tensor, *, gram: Tensor | None = None,
+                        rel_damping: float = 0.01, **_: object) -> Tensor:
+    """Output-OBS (Decisions item 0): ``S_j = ‖b_j‖² / [H⁻¹]_jj`` with ``H`` the damped bottleneck Gram.
+
+    ``S_j`` is the least output error ``E‖B'z − Bz‖²`` of any B' with column j zero (the error after
+    ``output_obs_prune``'s re-fit), per unit of ``s²``. ``s = alpha / r0`` is the same for every module
+    of a run, so these values are on one scale across modules: ``allocation=global`` compares them
+    directly (see ``ABSOLUTE_CRITERIA``).
+
+    Args:
+        gram: (r', r') ``E[z zᵀ]`` over the active components, tokens since the last event.
+        rel_damping: λ of ``H + λ·mean(diag H)·I``.
+
+    Returns:
+        (r',) float64.
+    """
+    if gram is None:
+        raise ValueError("the obs criterion needs gram= (bottleneck statistics E[z z^T]); none were collected")
+    h_inv = output_hessian_inverse(gram, rel_damping)
+    return B.double().square().sum(0) / h_inv.diagonal()
+
+
+def output_obs_prune(B: Tensor, h_inv: Tensor, order: list[int]) -> Tensor:
+    """Remove the components ``order`` one at a time with the output-OBS re-fit of B (Decisions item 0).
+
+    For each j: ``B ← B − (B e_j / [H⁻¹]_jj)(H⁻¹ e_j)ᵀ`` (column j becomes exactly zero), then ``H⁻¹``
+    is downdated to the shrunken set. The sequence is exact, so the result is the least-squares B' with
+    all the columns in ``order`` zero, whatever their order. A is not touched: its rows are only masked.
+
+    Args:
+        B: (d_out, r') active columns. h_inv: (r', r') ``output_hessian_inverse`` of the same set.
+
+    Returns:
+        B' (d_out, r') float64.
+    """
+    b = B.double().clone()
+    for j in order:
+        b = b - torch.outer(b[:, j] / h_inv[j, j], h_inv[:, j])
+        b[:, j] = 0.0  # zero up to rounding already; make it exact
+        h_inv = _downdate(h_inv, j)
+    return b
+
+
 def obs_saliency(B: Tensor, A: Tensor, G_B: Tensor, G_A: Tensor, *, damping: float = 1e-6, **_: object) -> Tensor:
-    """Second-order saliency of methods.md §3.2, summed over the rows of B and the columns of A.
+    """The paper's saliency (``criterion=obs_grad``, methods.md §3.2), over the rows of B and columns of A.
 
     ``S_j = ½ Σ_i (B_ij − [G_B Hb⁻]_ij)² / (Hb⁻)_jj + ½ Σ_c (A_jc − [Ha⁻ G_A]_jc)² / (Ha⁻)_jj``: the
     j-dependent part of the minimum of ``gᵀδ + ½δᵀHδ`` subject to ``δ_j = −w_j`` for each row vector w.
@@ -90,12 +155,16 @@ def activation_saliency(B: Tensor, A: Tensor, G_B: Tensor, G_A: Tensor, *, act_r
 
 
 CRITERIA: dict[str, Criterion] = {
-    "obs": obs_saliency,
+    "obs": output_obs_saliency,
+    "obs_grad": obs_saliency,
     "magnitude": magnitude_saliency,
     "taylor": taylor_saliency,
     "activation": activation_saliency,
 }
 assert tuple(CRITERIA) == PRUNEDLORA_CRITERIA
+ABSOLUTE_CRITERIA = frozenset({"obs"})
+"""Criteria whose saliencies share one scale across modules (output-error units): ``allocation=global``
+compares them as they are. The others are divided by their module's mean first (``relative_saliency``)."""
 
 
 # ------------------------------------------------------------------------------------------ recovery
@@ -129,33 +198,50 @@ def _downdate(h_inv: Tensor, j: int) -> Tensor:
     return out
 
 
+RECOVERY_FACTORS = ("b", "a", "both")
+
+
 def obs_prune(B: Tensor, A: Tensor, G_B: Tensor, G_A: Tensor, order: list[int], newton_scale: float,
-              damping: float) -> tuple[Tensor, Tensor]:
-    """Prune the components ``order`` one after another with OBS recovery (§3.2, Decisions item 1).
+              damping: float, factors: str = "b") -> tuple[Tensor, Tensor]:
+    """The paper's pruning (``criterion=obs_grad``): prune ``order`` one after another with §3.2's recovery.
 
     Before the k-th component (k = 0, 1, ...) the inverse Hessians are downdated to the shrunken set and
     the gradient is ``(1 − ν)^k G``: each earlier update already spent a fraction ν of it (with ν = 0
     reusing G is exact).
 
+    Args:
+        factors: which factor the recovery moves: ``"b"`` (default) or ``"a"``; the other factor's
+            pruned entries are only zeroed. ``"both"`` is the paper's two-sided update and **double
+            counts**: zeroing B's column j or A's row j each already removes the term ``s b_j a_jᵀ``,
+            and each side's compensation is built to replace that whole term, so applying both adds it
+            back about twice plus a cross term (toy regression, one event: loss +0.9 to +6.9 against
+            +0.55 to +0.87 for plain zeroing; methods.md Decisions item 0). Use it only to reproduce
+            the paper.
+
     Returns:
         (B', A') in float64, shapes (d_out, r') and (r', d_in), with the columns / rows in ``order``
-        exactly zero and the surviving ones compensated.
+        exactly zero and the surviving ones of the chosen factor(s) compensated.
     """
+    if factors not in RECOVERY_FACTORS:
+        raise ValueError(f"factors={factors!r} is not one of {', '.join(RECOVERY_FACTORS)}")
     hb_inv, ha_inv = gram_inverses(G_B, G_A, damping)
     b, a_t = B.double().clone(), A.double().mT.clone()  # (d_out, r'), (d_in, r'): rows are the vectors
     gb, ga_t = G_B.double(), G_A.double().mT
     for k, j in enumerate(order):
         spent = (1.0 - newton_scale) ** k
-        b = _compensate(b, spent * gb, hb_inv, j, newton_scale)
-        a_t = _compensate(a_t, spent * ga_t, ha_inv, j, newton_scale)
+        if factors in ("b", "both"):
+            b = _compensate(b, spent * gb, hb_inv, j, newton_scale)
+        if factors in ("a", "both"):
+            a_t = _compensate(a_t, spent * ga_t, ha_inv, j, newton_scale)
         hb_inv, ha_inv = _downdate(hb_inv, j), _downdate(ha_inv, j)
+    b[:, order], a_t[:, order] = 0.0, 0.0  # the uncompensated factor's entries: plain zeroing
     return b, a_t.mT
 
 
 def obs_prune_one(B: Tensor, A: Tensor, G_B: Tensor, G_A: Tensor, j: int, newton_scale: float,
-                  damping: float) -> tuple[Tensor, Tensor]:
-    """Prune component j with the recovery update of §3.2; see ``obs_prune``."""
-    return obs_prune(B, A, G_B, G_A, [j], newton_scale, damping)
+                  damping: float, factors: str = "b") -> tuple[Tensor, Tensor]:
+    """Prune component j with the paper's recovery update (§3.2); see ``obs_prune``."""
+    return obs_prune(B, A, G_B, G_A, [j], newton_scale, damping, factors)
 
 
 # ---------------------------------------------------------------------------------------- allocation
@@ -165,9 +251,10 @@ def lowest(saliency: Tensor, count: int) -> list[int]:
 
 
 def relative_saliency(saliency: Tensor) -> Tensor:
-    """A module's saliencies divided by their mean: the normalisation behind ``allocation=global``.
+    """A module's saliencies divided by their mean: ``allocation=global``'s normalisation, except for ``obs``.
 
-    Raw saliencies are not on one scale across modules. Magnitude and activation scores carry each
+    Output-OBS saliencies are output errors, on one scale everywhere, and are compared raw. The others'
+    raw saliencies are not on one scale across modules. Magnitude and activation scores carry each
     module's weight and input scale. The OBS score with gradient-Gram Hessians is a near-constant offset
     plus a small j-dependent part: each of its B and A terms tends to ½ when ``‖G‖² ≫ ε`` (``G H⁻`` is then
     ``G⁺ᵀ``, whose squared column norms equal ``(H⁻)_jj``) and to less when ``‖G‖²`` is near ε (at B = 0,
@@ -183,8 +270,9 @@ def relative_saliency(saliency: Tensor) -> Tensor:
     return saliency / scale if scale > 0 else torch.zeros_like(saliency)
 
 
-def select_global(saliencies: dict[str, Tensor], capacity: dict[str, int], budget: int) -> dict[str, list[int]]:
-    """Lowest relative saliency anywhere goes first; module m gives up at most ``capacity[m]`` components.
+def select_global(saliencies: dict[str, Tensor], capacity: dict[str, int], budget: int,
+                  relative: bool = True) -> dict[str, list[int]]:
+    """Lowest (relative) saliency anywhere goes first; module m gives up at most ``capacity[m]`` components.
 
     Equivalent to popping the globally lowest candidate until ``budget`` are taken, skipping modules at
     their floor: within a module the order is its own ascending order, so each module loses a prefix.
@@ -193,6 +281,8 @@ def select_global(saliencies: dict[str, Tensor], capacity: dict[str, int], budge
         saliencies: module name -> (r'_m,) raw saliencies over its active components.
         capacity: module name -> active rank minus the floor (``min_rank``).
         budget: components to prune this event, over all modules.
+        relative: divide each module's saliencies by their mean first (False for ``ABSOLUTE_CRITERIA``,
+            whose values are already comparable across modules).
 
     Returns:
         module name -> local indices to prune, lowest saliency first (modules losing nothing omitted).
@@ -203,7 +293,8 @@ def select_global(saliencies: dict[str, Tensor], capacity: dict[str, int], budge
         order = torch.sort(saliencies[name], stable=True).indices  # (r'_m,)
         within = torch.empty_like(order)
         within[order] = torch.arange(order.numel(), device=order.device)  # position in the module's order
-        rel.append(relative_saliency(saliencies[name].double()).cpu())
+        score = saliencies[name].double()
+        rel.append((relative_saliency(score) if relative else score).cpu())
         allowed.append((within < capacity[name]).cpu())
         owner.append(torch.full((order.numel(),), m))
         local.append(torch.arange(order.numel()))

@@ -11,15 +11,23 @@ the steps ``t = k * every`` with ``k >= 1``:
 
 Shapes (``T = max_steps``):
 
-- ``constant`` (PrunedLoRA, methods.md §3.3): ``per_event`` units (K2 rank components per module) every
-  ``every`` (K1) steps, ``min(final, (t // every) * per_event / units)`` with ``units`` = r0.
+- ``constant`` (the paper's PrunedLoRA schedule, methods.md §3.3): ``per_event`` units (K2 rank components per
+  module) every ``every`` (K1) steps, ``min(final, (t // every) * per_event / units)`` with ``units`` = r0.
+  A ``per_event`` in (0, 1) is a fraction p of the *remaining* rank instead (geometric decay):
+  ``min(final, 1 - (1 - p)^(t // every))``.
+- ``geometric`` (PrunedLoRA's default, methods.md Decisions item 0): the same fraction of the remaining rank
+  every event, chosen so that ``final`` is reached at the last event at or before ``end_frac * T``
+  (``n = max(1, floor(end_frac T / every))`` events, ``1 - (1 - final)^(k / n)`` after the k-th). The
+  relative cut is equal at every event, and the last part of training runs at the final rank, so the
+  model has time to recover; the constant schedule's last events are its largest relative cuts, under a
+  learning rate already decayed (32 -> 28 is 12.5% of the rank, 12 -> 8 is 33%).
 - ``linear`` / ``cubic`` (AdaLoRA §2, LoRAPrune §5): ``initial`` while ``s <= warmup_frac * T``,
   ``final`` once ``s >= T - cooldown_frac * T``, in between ``initial + (final - initial) * p`` (linear)
   or ``final + (initial - final) * (1 - p)^3`` (cubic) with ``p`` the progress through the ramp. The
   final value is reached at the first event at or after ``T - cooldown_frac * T``; when no event falls
   in the cool-down (``cooldown_frac * T < every``) the last event may stop short of it.
 - ``none``: 0 at every step.
-- ``auto``: the calling method's default (``default=``; PrunedLoRA passes ``constant``).
+- ``auto``: the calling method's default (``default=``; PrunedLoRA passes ``geometric``).
 
 All shapes are monotone non-decreasing in t and never exceed ``final`` (given ``initial <= final``,
 which the config validation enforces).
@@ -45,9 +53,22 @@ def _ramp(cfg: SparsityConfig, event_step: int, max_steps: int, shape: Callable[
 
 
 def _constant(cfg: SparsityConfig, event_step: int, max_steps: int, units: int | None) -> float:
+    events = event_step // cfg.every
+    if 0 < cfg.per_event < 1:  # a fraction of the remaining rank per event
+        return min(cfg.final, 1.0 - (1.0 - cfg.per_event) ** events)
     if units is None or units <= 0:
         raise ValueError("the constant schedule counts components per module: pass units= (e.g. r0)")
-    return min(cfg.final, (event_step // cfg.every) * cfg.per_event / units)
+    return min(cfg.final, events * cfg.per_event / units)
+
+
+def geometric_events(cfg: SparsityConfig, max_steps: int) -> int:
+    """How many events the geometric schedule spreads ``final`` over: those at or before ``end_frac * T``."""
+    return max(1, int(cfg.end_frac * max_steps + 1e-9) // cfg.every)
+
+
+def _geometric(cfg: SparsityConfig, event_step: int, max_steps: int, units: int | None) -> float:
+    n, k = geometric_events(cfg, max_steps), event_step // cfg.every
+    return cfg.final if k >= n else min(cfg.final, 1.0 - (1.0 - cfg.final) ** (k / n))
 
 
 def _linear(cfg: SparsityConfig, event_step: int, max_steps: int, units: int | None) -> float:
@@ -66,6 +87,7 @@ def _none(cfg: SparsityConfig, event_step: int, max_steps: int, units: int | Non
 SCHEDULE_FNS: dict[str, ScheduleFn] = {
     "none": _none,
     "constant": _constant,
+    "geometric": _geometric,
     "linear": _linear,
     "cubic": _cubic,
 }
@@ -93,7 +115,7 @@ def target_fraction(cfg: SparsityConfig, step: int, max_steps: int, *, units: in
         cfg: the ``sparsity`` group.
         step: optimizer step; the value holds from one event (``k * every``) to the next.
         max_steps: total optimizer steps (``train.max_steps``); sets the linear/cubic ramp.
-        units: what one ``per_event`` unit is a fraction of (``constant`` only; r0 for PrunedLoRA).
+        units: what one ``per_event`` count is a fraction of (``constant`` only; r0 for PrunedLoRA).
         default: the schedule ``auto`` stands for (the method's own default).
 
     Returns:

@@ -1,0 +1,154 @@
+"""For suites that repeat configurations over seeds (``Suite.seeded``): mean ± stderr, paired checks, loss plots.
+
+``compare.py`` calls :func:`seed_sections` after the per-run table. A configuration is a ``Run.series``; its runs
+differ only in ``train.seed``. The standard error is the sample standard deviation over seeds divided by √n (n = the
+seeds that finished), so with three seeds it is itself rough: read differences of one stderr as noise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from compare_suites import Suite
+
+SMOOTH = 5
+"""Training-loss plot: centred moving average over this many steps (one step is 2 x 256 tokens, a noisy loss)."""
+
+
+def series_values(rows: dict[str, dict], series: str, key: str) -> list[float]:
+    """``key`` of every finished run of ``series`` (rows from :func:`annotate`), in seed order."""
+    values = by_seed(rows, series, key)
+    return [values[s] for s in sorted(values)]
+
+
+def mean_stderr(values: list[float]) -> tuple[float, float | None]:
+    """Mean and standard error (None for a single value)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, None
+    var = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def annotate(suite: Suite, rows: dict[str, dict]) -> dict[str, dict]:
+    """Rows with ``_series`` and ``_seed`` from the suite's runs (the row itself does not know them)."""
+    runs = {run.label: run for run in suite.runs}
+    return {label: {**row, "_series": runs[label].series, "_seed": runs[label].seed}
+            for label, row in rows.items() if label in runs}
+
+
+def by_seed(rows: dict[str, dict], series: str, key: str) -> dict[int, float]:
+    return {row["_seed"]: float(row[key]) for row in rows.values()
+            if row.get("_series") == series and row.get(key) is not None}
+
+
+def paired(rows: dict[str, dict], a: str, b: str, key: str, what: str) -> str:
+    """Whether ``a`` is at or below ``b`` in every seed both finished, with the per-seed differences."""
+    va, vb = by_seed(rows, a, key), by_seed(rows, b, key)
+    seeds = sorted(set(va) & set(vb))
+    if not seeds:
+        return f"{what}: not measured (no seed finished for both)."
+    diffs = [va[s] - vb[s] for s in seeds]
+    verdict = "yes" if all(d <= 0 for d in diffs) else "no"
+    detail = ", ".join(f"seed {s}: {d:+.4f}" for s, d in zip(seeds, diffs, strict=True))
+    return f"{what}: {verdict} ({a} minus {b}, {key}: {detail}; {len(seeds)} seed(s))."
+
+
+def seed_table(suite: Suite, rows: dict[str, dict]) -> str:
+    """One row per series: n, each metric's per-seed values, mean ± stderr."""
+    series = list(dict.fromkeys(run.series for run in suite.runs if run.series))
+    head = ["configuration", "seeds"]
+    for _, header in suite.metrics:
+        head += [f"{header} per seed", f"{header} mean ± stderr"]
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---|---:|" * len(suite.metrics)]
+    for name in series:
+        seeds = sorted(s for s in (row["_seed"] for row in rows.values() if row["_series"] == name))
+        cells = [name, ", ".join(map(str, seeds)) or "none finished"]
+        for key, _ in suite.metrics:
+            values = by_seed(rows, name, key)
+            ordered = [values[s] for s in sorted(values)]
+            if not ordered:
+                cells += ["–", "–"]
+                continue
+            mean, err = mean_stderr(ordered)
+            cells += [" / ".join(f"{v:.4f}" for v in ordered),
+                      f"{mean:.4f} ± {err:.4f}" if err is not None else f"{mean:.4f} (one seed)"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    """step -> training loss from ``metrics.jsonl``, and the steps where components were pruned."""
+    out = {}
+    path = run_dir / "metrics.jsonl"
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else ():
+        record = json.loads(line)
+        if "loss" in record and "step" in record:
+            out[int(record["step"])] = float(record["loss"])
+    return out
+
+
+def _events(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    steps = []
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else ():
+        record: dict[str, Any] = json.loads(line)
+        if record.get("pruned_this_step"):
+            steps.append(int(record["step"]))
+    return steps
+
+
+def _smooth(values: list[float], width: int) -> list[float]:
+    half = width // 2
+    return [sum(values[max(0, i - half): i + half + 1]) / len(values[max(0, i - half): i + half + 1])
+            for i in range(len(values))]
+
+
+def loss_plot(suite: Suite, run_dirs: dict[str, Path], finished: set[str], path: Path) -> Path | None:
+    """Training loss (mean over the finished seeds, moving average) per series; the pruning events marked."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(9, 5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    drawn = 0
+    for k, name in enumerate(dict.fromkeys(run.series for run in suite.runs if run.series)):
+        dirs = [run_dirs[r.label] for r in suite.runs if r.series == name and r.label in finished]
+        curves = [_losses(d) for d in dirs]
+        curves = [c for c in curves if c]
+        if not curves:
+            continue
+        steps = sorted(set.intersection(*(set(c) for c in curves)))
+        mean = [sum(c[s] for c in curves) / len(curves) for s in steps]
+        color = f"C{k}"
+        ax.plot(steps, _smooth(mean, SMOOTH), color=color, label=f"{name} ({len(curves)} seed(s))")
+        for step in _events(dirs[0]):
+            ax.axvline(step, color=color, alpha=0.25, linestyle=":")
+        drawn += 1
+    if not drawn:
+        return None
+    ax.set_xlabel("optimizer step (dotted: pruning events, in the line's colour)")
+    ax.set_ylabel(f"training loss (mean over seeds, moving average of {SMOOTH})")
+    ax.set_title(f"{suite.title}: training loss around the pruning events")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def seed_sections(suite: Suite, rows: dict[str, dict], run_dirs: dict[str, Path], figures: Path,
+                  budget: str) -> list[str]:
+    """The mean ± stderr table and the loss plot, as markdown parts of the suite's section."""
+    annotated = annotate(suite, rows)
+    parts = ["Per configuration (seeds that finished; stderr = sample sd / √n):", seed_table(suite, annotated)]
+    figures.mkdir(parents=True, exist_ok=True)
+    plot = loss_plot(suite, run_dirs, set(rows), figures / f"{suite.name}_{budget}_training_loss.png")
+    if plot is not None:
+        parts.append(f"![{plot.stem}](figures/{plot.name})")
+    return parts
