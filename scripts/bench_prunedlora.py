@@ -2,7 +2,7 @@
 
 Both arms train the ``model=tiny`` LLaMA on the same random batches with the loop's own step functions
 (``TorchEngine.micro_step``, ``optimizer_step``), the same optimizer, LR schedule, seed and rank r0 = 4 x
-target; PrunedLoRA prunes from r0 to the target with its default schedule (K2 = 2 every K1 = 10 steps,
+target; PrunedLoRA prunes from r0 to the target with the constant schedule (K2 = 2 every K1 = 10 steps,
 so ``(r0 - target) / 2`` events), plain LoRA stays at r0. Arms alternate within each repeat so that load
 from other processes hits both alike; the table reports medians over repeats.
 

@@ -159,10 +159,12 @@ def _seeded(series: str, seed: int) -> Run:
 
 
 def _prunedlora_runs() -> tuple[Run, ...]:
-    """Seed-major order, so an interrupted measurement leaves whole seeds; LoRA r16's third seed last."""
-    runs = [_seeded(series, seed) for seed in SEEDS for series in PRUNEDLORA_VARIANTS
-            if not (series == "lora r16" and seed == SEEDS[-1])]
-    return (*runs, _seeded("lora r16", SEEDS[-1]))
+    """In order of what the verdicts need first, so a measurement cut short still answers the main question:
+    LoRA r8 and the default paired per seed, then magnitude, then the paper's variant and LoRA r16."""
+    r8, obs, paper, mag, r16 = PRUNEDLORA_VARIANTS
+    order = [(s, v) for s in SEEDS for v in (r8, obs)] + [(s, mag) for s in SEEDS] + [(42, paper), (42, r16)]
+    order += [(s, paper) for s in SEEDS[1:]] + [(s, r16) for s in SEEDS[1:]]
+    return tuple(_seeded(series, seed) for seed, series in order)
 
 
 def _prunedlora_setup(budget: str) -> str:
