@@ -216,7 +216,7 @@ class AdaLoraConfig(MethodConfig):
         return p
 
 
-LORAPRUNE_CRITERIA = ("lora_guided", "magnitude", "true_gradient")
+LORAPRUNE_CRITERIA = ("lora_guided", "magnitude", "true_gradient", "channel_taylor")
 GQA_POLICIES = ("query_head", "kv_group")
 LORAPRUNE_SCHEDULES = ("auto", "cubic", "linear", "none")
 
@@ -235,7 +235,8 @@ class LoraPruneConfig(MethodConfig):
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     criterion: str = "lora_guided"
-    """lora_guided (default: |(G_B A + B G_A - G_B G_A) * (W0 + s BA)|), magnitude or true_gradient."""
+    """lora_guided (default: |(G_B A + B G_A - G_B G_A) * (W0 + s BA)|), magnitude, true_gradient, or
+    channel_taylor (|sum_t g * h| over a head's slice of the o_proj input / a channel of the down_proj input)."""
     ema: float = 0.9
     """Moving-average factor of the group importance, updated every optimizer step."""
     score_power: int = 1

@@ -23,6 +23,7 @@ from prunedlora.pruning.structure import (
     select_pruned,
 )
 from prunedlora.pruning.structured_criteria import (
+    TaylorCapture,
     feature_importance,
     group_sum,
     head_scores,
@@ -128,6 +129,54 @@ def test_head_scores_group_normalise_and_share_the_kv_score() -> None:
                                + vec["k_proj"] + vec["v_proj"])
     squared = head_scores(attn, shape, "lora_guided", 2, "query_head")
     assert not torch.allclose(squared, got)
+
+
+def test_channel_taylor_equals_the_autograd_first_order_loss_change_of_removing_each_group() -> None:
+    """|dL/d alpha| at alpha = 1 for a scale alpha on each head's slice of the o_proj input and on each channel of
+    the down_proj input (autograd, float64) is the first-order loss change of zeroing that group; the hooks'
+    sums over two micro-batches must equal it, and the scores are its L2-normalised magnitudes."""
+    model = tiny_llama()
+    method = attach(model, criterion="channel_taylor")
+    model.double()
+    (callback,) = method.callbacks()
+    alphas = {}
+    for i in method.masks:
+        layer = model.model.layers[i]
+        heads = torch.ones(HEADS, dtype=torch.float64, requires_grad=True)
+        channels = torch.ones(24, dtype=torch.float64, requires_grad=True)
+        alphas[i] = (heads, channels)
+        layer.self_attn.o_proj.register_forward_pre_hook(
+            lambda m, args, a=heads: (args[0] * a.repeat_interleave(HEAD_DIM),))
+        layer.mlp.down_proj.register_forward_pre_hook(lambda m, args, a=channels: (args[0] * a,))
+    model.train()
+    for micro in range(2):  # a step of two micro-batches, each loss halved as the engine does
+        x = batch(micro)
+        (model(input_ids=x, labels=x).loss / 2).backward()
+    sums = callback.taylor.take()
+    cfg = method.cfg
+    for i, (heads, channels) in alphas.items():
+        per_head = group_sum(sums[(i, "o_proj")], HEAD_DIM)
+        torch.testing.assert_close(per_head, heads.grad, rtol=1e-5, atol=1e-12)
+        torch.testing.assert_close(sums[(i, "down_proj")], channels.grad, rtol=1e-5, atol=1e-12)
+        assert heads.grad.abs().min() > 0 and channels.grad.abs().min() > 0
+        scores = TaylorCapture.layer_scores(sums, i, method.masks[i].shape, cfg)
+        torch.testing.assert_close(scores["heads"], l2_normalise(heads.grad.abs()))
+        torch.testing.assert_close(scores["channels"], l2_normalise(channels.grad.abs()))
+        grouped = TaylorCapture.layer_scores(sums, i, method.masks[i].shape,
+                                             LoraPruneConfig(criterion="channel_taylor", gqa_policy="kv_group"))
+        torch.testing.assert_close(grouped["heads"], l2_normalise(heads.grad.view(KV_HEADS, 4).sum(1).abs()))
+    assert callback.taylor.take() == {}  # take() starts the next step's sums
+    base = model.model.layers[0].mlp.down_proj.base_layer.weight
+    assert base.grad is None and not base.requires_grad  # no weight gradient anywhere in the base
+
+
+def test_channel_taylor_needs_no_adapter_on_the_grouped_projections() -> None:
+    sparsity = SparsityConfig(schedule="auto")
+    assert LoraPruneConfig(criterion="channel_taylor", target_modules=["q_proj", "v_proj"]).validate(sparsity) == []
+    model = tiny_llama()
+    method = attach(model, every=2, criterion="channel_taylor", target_modules=["q_proj", "v_proj"])
+    callback = train(model, method, steps=6)
+    assert callback.skipped == 0 and method.report(model)["sparsity"] == pytest.approx(0.5)
 
 
 def _rankings(callback: LoraPruneCallback) -> dict[str, list[int]]:
@@ -247,10 +296,13 @@ def _export(model: nn.Module, method: LoraPruneMethod, out: Path) -> tuple[dict,
     return figures, AutoModelForCausalLM.from_pretrained(out / "model", trust_remote_code=True).eval()
 
 
-@pytest.mark.parametrize(("policy", "balanced"), [("query_head", False), ("kv_group", False), ("query_head", True)])
-def test_export_after_training_matches_the_masked_model(policy: str, balanced: bool, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("policy", "balanced", "criterion"), [
+    ("query_head", False, "lora_guided"), ("kv_group", False, "lora_guided"), ("query_head", True, "lora_guided"),
+    ("query_head", False, "channel_taylor"), ("kv_group", False, "channel_taylor")])
+def test_export_after_training_matches_the_masked_model(policy: str, balanced: bool, criterion: str,
+                                                        tmp_path: Path) -> None:
     model = tiny_llama()
-    method = attach(model, every=2, gqa_policy=policy, gqa_balanced=balanced)
+    method = attach(model, every=2, gqa_policy=policy, gqa_balanced=balanced, criterion=criterion)
     train(model, method, steps=8)
     report = method.report(model)
     x = batch(99, rows=3, length=16)

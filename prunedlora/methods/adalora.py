@@ -157,6 +157,7 @@ class AdaLoraAllocator(Callback):
         self.tinit_frac = tinit_frac
         self.tfinal_frac = tfinal_frac
         self.allocations = 0  # update_and_allocate calls, over the whole run (checkpointed)
+        self.max_steps: int | None = None  # set by on_train_start; 0: nothing to allocate (train.max_steps=0)
         self._factors: list[tuple[str, nn.Parameter]] = []
         self._started = False
 
@@ -180,6 +181,7 @@ class AdaLoraAllocator(Callback):
             raise ConfigError("method=adalora does not support distributed=deepspeed_*: PEFT's rank allocation "
                               "reads every parameter's gradient after the optimizer update, which DeepSpeed has "
                               "already cleared (and, under ZeRO, partitioned); use distributed=none")
+        self.max_steps = max_steps
         tinit, tfinal = schedule_steps(max_steps, self.tinit_frac, self.tfinal_frac)
         self.peft_config.tinit, self.peft_config.tfinal = tinit, tfinal
         self.tuner.rankallocator.set_total_step(max_steps)
@@ -270,7 +272,7 @@ class AdaLoraMethod:
         Raises:
             RuntimeError: when the run trained with our callback but allocation never ran (PEFT #432/#1801).
         """
-        if self._allocator is not None and self._allocator.allocations == 0:
+        if self._allocator is not None and self._allocator.allocations == 0 and self._allocator.max_steps != 0:
             raise RuntimeError("AdaLoRA's update_and_allocate never ran: the training loop did not call the "
                                "callback's on_step_end, so the ranks never changed (PEFT issues #432, #1801)")
         ranks = active_ranks(model)

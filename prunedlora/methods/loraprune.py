@@ -5,7 +5,8 @@ decoder layer (all but the first ``exempt_first_frac`` of the layers and the las
 
 Every optimizer step (``on_before_optimizer_step``, complete unscaled gradients), per prunable layer:
 head and channel importance (``structured_criteria``: ``lora_guided`` by default, ``magnitude``,
-``true_gradient``) is averaged into an EMA (0.9). At pruning events (every ``sparsity.every`` steps) the
+``true_gradient``, or ``channel_taylor``, captured by hooks on the inputs of o_proj/down_proj during the step's
+backward passes) is averaged into an EMA (0.9). At pruning events (every ``sparsity.every`` steps) the
 target fraction ``sparsity.final`` follows the cubic schedule (``sparsity.schedule: auto``) with the
 group's warm-up/cool-down, and each layer independently masks its lowest-EMA fraction of query heads
 (or KV groups) and of MLP channels. Masks are cumulative: masked units rank lowest and are never
@@ -62,7 +63,14 @@ from prunedlora.pruning.structure import (
     prunable_layer_indices,
     select_pruned,
 )
-from prunedlora.pruning.structured_criteria import GroupEma, base_linear, channel_scores, dense_weight, head_scores
+from prunedlora.pruning.structured_criteria import (
+    GroupEma,
+    TaylorCapture,
+    base_linear,
+    channel_scores,
+    dense_weight,
+    head_scores,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +98,7 @@ class LoraPruneCallback(Callback):
         self.ema = GroupEma(cfg.ema)
         self.max_steps = 0
         self.skipped = 0
+        self.taylor = TaylorCapture({i: self.layers[i] for i in masks}) if cfg.criterion == "channel_taylor" else None
 
     # ---------------------------------------------------------------- hooks
     def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer, max_steps: int) -> None:
@@ -120,15 +129,18 @@ class LoraPruneCallback(Callback):
     def _update_scores(self) -> int:
         """Average this step's group scores into the EMA; returns how many vectors were skipped."""
         skipped = 0
+        taylor = self.taylor.take() if self.taylor is not None else None
         with torch.no_grad():
             for i in self.masks:
                 layer = self.layers[i]
                 scores = {}
-                if self.cfg.prune_heads:
+                if taylor is not None:
+                    scores = TaylorCapture.layer_scores(taylor, i, self.masks[i].shape, self.cfg)
+                if taylor is None and self.cfg.prune_heads:
                     shape = self.masks[i].shape
                     scores["heads"] = head_scores(layer.self_attn, shape, self.cfg.criterion, self.cfg.score_power,
                                                   self.cfg.gqa_policy)
-                if self.cfg.prune_channels:
+                if taylor is None and self.cfg.prune_channels:
                     scores["channels"] = channel_scores(layer.mlp, self.cfg.criterion, self.cfg.score_power)
                 for kind, score in scores.items():
                     if score is None or not self.ema.update(f"{i}.{kind}", score):
@@ -344,6 +356,7 @@ class LoraPruneMethod:
         self.sparsity = sparsity
         self.model: nn.Module | None = None
         self.masks: dict[int, StructureMask] = {}
+        self._callbacks: list[LoraPruneCallback] = []
 
     def attach(self, model: nn.Module) -> list[str]:
         layers = decoder_layers(model)
@@ -361,7 +374,8 @@ class LoraPruneMethod:
     def callbacks(self) -> list[Callback]:
         if self.model is None:
             raise RuntimeError("call attach(model) before callbacks()")
-        return [LoraPruneCallback(self.model, self.masks, self.cfg, self.sparsity)]
+        self._callbacks.append(LoraPruneCallback(self.model, self.masks, self.cfg, self.sparsity))
+        return self._callbacks[-1:]
 
     def parameter_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         """The LoRA factors only: base weights (trainable-looking under ``true_gradient``) never join."""
@@ -394,4 +408,7 @@ class LoraPruneMethod:
         }
 
     def export(self, model: nn.Module, tokenizer: Any, out_dir: Path, base_model_id: str) -> dict[str, Any]:
+        for callback in self._callbacks:  # channel_taylor's capture hooks go before the model is compacted
+            if callback.taylor is not None:
+                callback.taylor.remove()
         return export_loraprune(model, tokenizer, out_dir)

@@ -236,7 +236,7 @@ class SalrMethod:
         stats = self._calibration(model, targets)
         for param in model.parameters():
             param.requires_grad_(False)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         weights = pruned_weights(targets, cfg.base_criterion, self.sparsity, cfg.scope, cfg.pattern, stats)
         for name, sparse in weights:
             linear = targets[name]
@@ -250,9 +250,9 @@ class SalrMethod:
             _set_module(model, name, wrapper)
         if self.sparsity == 0 and cfg.residual_rank:
             log.warning("sparsity.final=0: the residual is zero, so the residual adapter stays zero")
-        log.info("salr: pruned %d matrices to %.3f sparsity (%s, %s, %s; %.1f s), residual rank %d, task rank %d%s",
-                 len(targets), self._achieved(), cfg.base_criterion, cfg.scope, cfg.pattern,
-                 time.perf_counter() - started, cfg.residual_rank, cfg.rank,
+        log.info("salr: pruned %d matrices to %.3f sparsity (%s, %s, %s; %.1f s wall, %.1f s CPU), residual rank %d, "
+                 "task rank %d%s", len(targets), self._achieved(), cfg.base_criterion, cfg.scope, cfg.pattern,
+                 time.perf_counter() - started, time.process_time() - cpu, cfg.residual_rank, cfg.rank,
                  f", base quantized to {quantization}" if quantization != "none" else "")
         return list(targets)
 

@@ -116,7 +116,7 @@ def collect_input_stats(model: nn.Module, modules: dict[str, nn.Module], rows: t
         gram: also accumulate ``Σ x xᵀ`` (SparseGPT).
         batch_size: rows per forward.
     """
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     device = next(model.parameters()).device
     was_training = model.training
@@ -131,7 +131,8 @@ def collect_input_stats(model: nn.Module, modules: dict[str, nn.Module], rows: t
     missing = sorted(set(modules) - set(stats))
     if missing:
         raise RuntimeError(f"calibration: no input reached {missing[:3]} (not on the decoder's forward path)")
-    log.info("calibration: %d x %d tokens through the dense model, %d input statistics (%s) in %.1f s",
-             rows.shape[0], rows.shape[1], len(collector.stats), "norms and Gram matrices" if gram else "norms",
-             time.perf_counter() - started)
+    log.info("calibration: %d x %d tokens through the dense model, %d input statistics (%s) in %.1f s wall, "
+             "%.1f s CPU (%d threads)", rows.shape[0], rows.shape[1], len(collector.stats),
+             "norms and Gram matrices" if gram else "norms", time.perf_counter() - started,
+             time.process_time() - cpu, torch.get_num_threads())
     return stats

@@ -27,6 +27,14 @@ code's). Then, per decoder layer (steps of §5.2):
    per KV group the sum of its query heads' q + o plus its k + v (``kv_group``); channel score =
    gate + up + down.
 
+A fourth criterion scores the groups directly instead of summing weight scores (methods.md Decisions item 0):
+``channel_taylor``, the exact first-order Taylor estimate of the loss change when a group's output is removed
+(Molchanov et al. 2019). With ``h`` the input of ``down_proj`` (or ``o_proj``) and ``g = dL/dh``, a channel
+scores ``|Σ_t g_t,c h_t,c|`` and a query head ``|Σ_t Σ_{j in head} g_t,j h_t,j|`` (a KV group, for
+``kv_group``: the signed sums of its query heads added before the absolute value). ``TaylorCapture`` gets
+them from a forward pre-hook and a tensor gradient hook on those inputs, summed over the step's micro-batches:
+no weight gradient and no ``d_out x d_in`` matrix. Each vector is then L2-normalised like the others.
+
 ``G^`` and ``W~`` are formed per module and dropped at once, so the extra peak memory of
 ``lora_guided`` scoring is a few ``d_out x d_in`` float32 matrices, one module at a time.
 
@@ -43,7 +51,7 @@ import torch
 from torch import nn
 
 from prunedlora.adapters.lora import LoRALinear
-from prunedlora.config import LORAPRUNE_CRITERIA
+from prunedlora.config import LORAPRUNE_CRITERIA, LoraPruneConfig
 from prunedlora.distributed import full_grad, gathered
 from prunedlora.pruning.structure import AttentionShape
 
@@ -122,7 +130,9 @@ WEIGHT_SCORES: dict[str, Callable[[nn.Module], torch.Tensor | None]] = {
     "true_gradient": _true_gradient,
 }
 """criterion -> signed weight-level product (``G ⊙ W~`` or ``W~``); None when its inputs are missing."""
-assert tuple(WEIGHT_SCORES) == LORAPRUNE_CRITERIA
+GROUP_CRITERIA = ("channel_taylor",)
+"""Criteria that score groups directly (``TaylorCapture``), not through weight-level products."""
+assert (*WEIGHT_SCORES, *GROUP_CRITERIA) == LORAPRUNE_CRITERIA
 
 
 def weight_importance(module: nn.Module, criterion: str, power: int = 1) -> torch.Tensor | None:
@@ -215,3 +225,82 @@ class GroupEma:
 
     def load_state_dict(self, state: dict[str, torch.Tensor], device: torch.device | None = None) -> None:
         self.values = {k: v.to(device) if device is not None else v.clone() for k, v in state.items()}
+
+
+# ---------------------------------------------------------------------------------- channel_taylor
+TAYLOR_INPUTS = ("o_proj", "down_proj")
+"""Projections whose input features are the groups' outputs: heads (o_proj), MLP channels (down_proj)."""
+
+
+class TaylorCapture:
+    """``Σ_t g_t,j h_t,j`` per input feature of ``o_proj`` and ``down_proj`` of the given layers (signed, float32).
+
+    A forward pre-hook on each projection sees its input ``h`` (after any structure mask's own pre-hook, so
+    pruned features score 0); in a forward that builds a graph it registers a gradient hook on ``h`` that adds
+    ``(g * h)`` summed over every token into the running sums during backward. ``take`` returns the sums of the
+    micro-batches since the last call and starts new ones.
+    """
+
+    def __init__(self, layers: dict[int, nn.Module]) -> None:
+        self.sums: dict[tuple[int, str], torch.Tensor] = {}
+        self._handles = []
+        for i, layer in layers.items():
+            for name in TAYLOR_INPUTS:
+                owner = layer.self_attn if name == "o_proj" else layer.mlp
+                self._handles.append(getattr(owner, name).register_forward_pre_hook(self._forward_hook((i, name))))
+
+    def _forward_hook(self, key: tuple[int, str]):
+        def forward_hook(module: nn.Module, args: tuple) -> None:
+            h = args[0]
+            if not (torch.is_grad_enabled() and h.requires_grad):
+                return  # evaluation, or nothing upstream trains: no gradient will come
+
+            def grad_hook(g: torch.Tensor) -> None:
+                dtype = torch.promote_types(g.dtype, torch.float32)  # at least float32 (bf16 sums drift)
+                term = (g.to(dtype) * h.detach().to(dtype)).reshape(-1, h.shape[-1]).sum(0)  # (d_in,)
+                total = self.sums.get(key)
+                self.sums[key] = term if total is None else total + term
+
+            h.register_hook(grad_hook)
+        return forward_hook
+
+    def take(self) -> dict[tuple[int, str], torch.Tensor]:
+        sums, self.sums = self.sums, {}
+        return sums
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    @staticmethod
+    def layer_scores(sums: dict[tuple[int, str], torch.Tensor], i: int, shape: AttentionShape,
+                     cfg: LoraPruneConfig) -> dict[str, torch.Tensor | None]:
+        """Layer ``i``'s normalised ``heads`` / ``channels`` vectors from ``take()``'s sums (None: no gradient)."""
+        scores = {}
+        if cfg.prune_heads:
+            scores["heads"] = taylor_head_scores(sums.get((i, "o_proj")), shape, cfg.score_power, cfg.gqa_policy)
+        if cfg.prune_channels:
+            scores["channels"] = taylor_channel_scores(sums.get((i, "down_proj")), cfg.score_power)
+        return scores
+
+
+def _magnitude_of(signed: torch.Tensor, power: int) -> torch.Tensor:
+    return signed.abs() if power == 1 else signed.pow(power)
+
+
+def taylor_head_scores(o_sums: torch.Tensor | None, shape: AttentionShape, power: int, policy: str
+                       ) -> torch.Tensor | None:
+    """Normalised ``|Σ g h|`` per query head (n_q,), or per KV group (n_kv,) for ``kv_group``, from the
+    o_proj input sums (n_q * d,); None when no gradient reached them this step."""
+    if o_sums is None:
+        return None
+    per_head = group_sum(o_sums, shape.head_dim)  # signed, (n_q,)
+    if policy == "kv_group":
+        per_head = per_head.view(shape.num_kv_heads, shape.group_size).sum(dim=1)
+    return l2_normalise(_magnitude_of(per_head, power))
+
+
+def taylor_channel_scores(down_sums: torch.Tensor | None, power: int) -> torch.Tensor | None:
+    """Normalised ``|Σ g h|`` per MLP channel (m,) from the down_proj input sums; None without a gradient."""
+    return None if down_sums is None else l2_normalise(_magnitude_of(down_sums, power))
