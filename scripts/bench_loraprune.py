@@ -54,7 +54,7 @@ POLICIES = {
     "kv_group": {"gqa_policy": "kv_group"},
 }
 SHAPES = [(4, 512), (1, 128)]
-MEMORY_CRITERIA = ["lora_guided", "true_gradient"]
+MEMORY_CRITERIA = ["lora_guided", "magnitude", "true_gradient", "channel_taylor"]
 MEMORY_SHAPES = [(1, 64), (2, 256)]
 
 
@@ -177,11 +177,11 @@ def memory_step(kind: str, criterion: str, batch: int, seq: int) -> dict[str, fl
             "base_grads_mib": base_grads / 2**20, "step_s": seconds}
 
 
-def memory_table(kind: str, threads: int) -> list[str]:
+def memory_table(kind: str, threads: int, shapes: list[tuple[int, int]] = MEMORY_SHAPES) -> list[str]:
     rows = ["| batch | criterion | RSS before the step (MiB) | peak RSS in the step (MiB) | step's extra (MiB) "
-            "| dL/dW0 held (MiB) | peak vs true_gradient | step (s) |",
-            "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for batch, seq in MEMORY_SHAPES:
+            "| dL/dW0 held (MiB) | peak vs true_gradient | peak vs lora_guided | step (s) |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for batch, seq in shapes:
         results = {}
         for criterion in MEMORY_CRITERIA:
             cmd = [sys.executable, __file__, "--memory-step", criterion, "--memory-shape", f"{batch}x{seq}",
@@ -192,11 +192,11 @@ def memory_table(kind: str, threads: int) -> list[str]:
             out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
             results[criterion] = json.loads(out.strip().splitlines()[-1])
             print(batch, seq, criterion, results[criterion], flush=True)
-        reference = results["true_gradient"]["peak_mib"]
+        reference, guided = results["true_gradient"]["peak_mib"], results["lora_guided"]["peak_mib"]
         for criterion, r in results.items():
             rows.append(f"| {batch} x {seq} | {criterion} | {r['rss_before_mib']:.0f} | {r['peak_mib']:.0f} "
                         f"| {r['step_extra_mib']:.0f} | {r['base_grads_mib']:.0f} | {r['peak_mib'] / reference:.2f}x "
-                        f"| {r['step_s']:.1f} |")
+                        f"| {r['peak_mib'] / guided:.2f}x | {r['step_s']:.1f} |")
     return rows
 
 
@@ -260,6 +260,29 @@ def _kv_summary(f: dict) -> str:
     return f"{'/'.join(map(str, values))}" + (f" (k/v expanded in {expanded} layers)" if expanded else "")
 
 
+MEMORY_TEXT = (
+    "Memory of one pruning step (forward + backward + scoring/EMA/masking + AdamW step; fresh process per run with "
+    "`MALLOC_MMAP_THRESHOLD_=65536`; weights paged in before the step). CPU resident set: activations, LoRA and "
+    "AdamW state, and for `true_gradient` the base-weight gradients dL/dW0 of the prunable projections (fp32, "
+    "'held' column); `channel_taylor` holds one vector per o_proj/down_proj input instead. The paper reports 18.3 "
+    "vs 38.6 GB (0.47x) GPU memory for LoRAPrune vs LLM-Pruner on LLaMA-7B, where the weights dwarf the "
+    "activations. On a 135M model with a 49k vocabulary the peak sits at the start of the backward pass (logits "
+    "and activations); the weight gradients accumulate as activations are freed, so once the batch is large they "
+    "no longer raise the peak.")
+
+
+def memory_only(args: argparse.Namespace, shapes: list[tuple[int, int]]) -> None:
+    """The pruning-step memory of every criterion alone, in section ``loraprune_step_memory``."""
+    load = os.getloadavg()[0]
+    rows = memory_table(args.model, args.threads, shapes)
+    text = "\n".join(["## LoRAPrune: memory of a pruning step per criterion", "",
+                      f"Model: {model_config(args.model)[1]}. {MEMORY_TEXT} Load average at start {load:.1f}.", "",
+                      *rows, "", f"Machine: {machine_description()}.", f"Command: `{command_line()}`."])
+    print(text)
+    if not args.no_write:
+        update_section("loraprune_step_memory", text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["auto", "smollm2", "tiny"], default="auto")
@@ -268,6 +291,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; on a shared 2-core machine 2 threads ran 3-4x slower than 1")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="only the pruning-step memory table, into its own section loraprune_step_memory")
+    parser.add_argument("--memory-shapes", default=",".join(f"{b}x{s}" for b, s in MEMORY_SHAPES),
+                        help="batch x tokens of the memory steps, comma-separated")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--memory-step", choices=MEMORY_CRITERIA, help=argparse.SUPPRESS)
     parser.add_argument("--memory-shape", default="2x256", help=argparse.SUPPRESS)
@@ -277,10 +304,14 @@ def main() -> None:
         batch, seq = (int(v) for v in args.memory_shape.split("x"))
         print(json.dumps(memory_step(args.model, args.memory_step, batch, seq)))
         return
+    shapes = [tuple(int(v) for v in shape.split("x")) for shape in args.memory_shapes.split(",")]
+    if args.memory_only:
+        memory_only(args, shapes)
+        return
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="bench-loraprune-") as tmp:
         rows, speed, label = compaction_rows(args.model, args.steps, args.reps, Path(tmp))
-    memory = [] if args.no_memory else memory_table(args.model, args.threads)
+    memory = [] if args.no_memory else memory_table(args.model, args.threads, shapes)
     md = [
         "## LoRAPrune: compacted model vs dense base, memory of a pruning step", "",
         f"Model: {label}. Masks chosen by `criterion=lora_guided` after {args.steps} optimizer steps "
@@ -294,15 +325,7 @@ def main() -> None:
         *rows, "", *speed, "",
     ]
     if memory:
-        md += ["Memory of one pruning step (forward + backward + scoring/EMA/masking + AdamW step; fresh process "
-               "per run with `MALLOC_MMAP_THRESHOLD_=65536`; weights paged in before the step). CPU resident set: "
-               "activations, LoRA and AdamW state, and for `true_gradient` the base-weight gradients dL/dW0 of the "
-               "prunable projections (fp32, 'held' column). The paper reports 18.3 vs 38.6 GB (0.47x) GPU memory "
-               "for LoRAPrune vs LLM-Pruner on LLaMA-7B, where the weights dwarf the activations. On a 135M model "
-               "with a 49k vocabulary the peak sits at the start of the backward pass (logits and activations); the "
-               "weight gradients accumulate as activations are freed, so once the batch is large they no longer "
-               "raise the peak.", "",
-               *memory, ""]
+        md += [MEMORY_TEXT, "", *memory, ""]
     md += [f"Machine: {machine_description()}.", f"Command: `{command_line()}`."]
     text = "\n".join(md)
     print(text)

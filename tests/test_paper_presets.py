@@ -55,6 +55,7 @@ def test_droplora_and_salr_presets():
     assert drop.distributed.name == "deepspeed_zero2"
     salr = compose_root(["experiment=paper_salr_gsm8k"])
     assert (salr.method.rank, salr.method.residual_rank, salr.sparsity.final) == (64, 64, 0.5)
+    assert salr.method.base_criterion == "magnitude"  # the paper's, not the project's default
 
 
 def test_metamathqa_rows_become_gsm8k_style_records(tmp_path):
