@@ -442,9 +442,10 @@ class EvalConfig:
     enabled: bool = True
     tasks: list[str] | None = None
     """null: the task's ``eval_tasks``."""
-    limit: int | None = None
+    limit: int | None = 50
     """Items per task, null: all. gsm8k, humaneval: the first ``limit`` test items; mmlu: ``limit`` questions
-    in total, spread evenly over the 57 subjects; wikitext2, ptb: the first ``limit`` windows."""
+    in total, spread evenly over the 57 subjects; wikitext2, ptb: the first ``limit`` windows. The default of
+    50 bounds a first run (``model=tiny`` lowers it to 8); the ``paper_*`` presets set null."""
     task_limits: dict[str, int | None] = field(default_factory=lambda: dict.fromkeys(EVAL_TASKS))
     """Per-task ``limit`` overriding the one above where set, e.g. ``eval.task_limits.gsm8k=16`` or
     ``eval.task_limits={gsm8k: 16, mmlu: 57}``; null: the task uses ``limit``. Every task is listed (null) so
@@ -494,6 +495,8 @@ class LoggingConfig:
 class DistributedConfig:
     name: str = "none"
     """none, deepspeed_zero2 or deepspeed_zero3."""
+    verbose: bool = False
+    """Keep the known-harmless messages of lm-eval, transformers and git that ``prunedlora.quiet`` drops."""
     deepspeed: dict[str, Any] = field(default_factory=dict)
     """DeepSpeed JSON config; any key can be overridden from the command line."""
 

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 from collections.abc import Iterator
 from contextlib import nullcontext
@@ -25,6 +26,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from prunedlora import quiet
 
 from .lm_tasks import DATASETS_CACHE
 
@@ -64,6 +67,61 @@ def preserved_rng() -> Iterator[None]:
             np.random.set_state(np_state)
 
 
+class TruncationCounter(logging.Filter):
+    """Counts (and drops) lm-eval's per-batch "Left truncation applied" warnings, for one summary line."""
+
+    PREFIX = "Left truncation applied"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches = 0
+        self.kept_tokens: int | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith(self.PREFIX):
+            return True
+        self.batches += 1
+        found = re.search(r"last (\d+) tokens", message)
+        if found:
+            self.kept_tokens = int(found.group(1))
+        return False
+
+
+@contextlib.contextmanager
+def _quiet_lm_eval(tokenizer, task_names: list[str]) -> Iterator[None]:
+    """lm-eval's known-harmless chatter off for one call (``prunedlora.quiet``); truncation reported once."""
+    if quiet.verbose():
+        yield
+        return
+    import datasets
+
+    counter = TruncationCounter()
+    hf_logger = logging.getLogger("lm_eval.models.huggingface")
+    hf_logger.addFilter(counter)
+    # The tokenizer's own warned-once flag: lm-eval tokenizes whole few-shot prompts, then left-truncates them.
+    flags = getattr(tokenizer, "deprecation_warnings", None)
+    flag = "sequence-length-is-longer-than-the-specified-maximum"
+    had_flag = isinstance(flags, dict) and flag in flags
+    if isinstance(flags, dict):
+        flags[flag] = True
+    bars_were_off = datasets.utils.logging.is_progress_bar_enabled() is False
+    datasets.disable_progress_bars()  # "Generating test split" bars of the generated task files
+    try:
+        with quiet.lm_eval_probes():
+            yield
+    finally:
+        hf_logger.removeFilter(counter)
+        if isinstance(flags, dict) and not had_flag:
+            flags.pop(flag, None)
+        if not bars_were_off:
+            datasets.enable_progress_bars()
+    if counter.batches:
+        log.warning("%s: lm-eval cut the prompts of %d batch(es) to their last %s tokens to fit the model's context "
+                    "(few-shot examples are lost first); lower eval.num_fewshot or eval.max_gen_toks to avoid it",
+                    ", ".join(task_names), counter.batches, counter.kept_tokens)
+
+
 def _device_type(model) -> str:
     try:
         return next(model.parameters()).device.type
@@ -82,7 +140,7 @@ def simple_evaluate_local(lm, tasks_dir: Path, task_names: list[str], *, allow_u
     from lm_eval.tasks import TaskManager
 
     for name in ("lm_eval", "lm-eval"):  # per-task info lines are noise inside a training run's log
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger(name).setLevel(logging.INFO if quiet.verbose() else logging.WARNING)
     try:
         with offline_env(), preserved_rng():
             manager = TaskManager(include_path=str(tasks_dir), include_defaults=False)
@@ -128,8 +186,9 @@ def run_lm_eval(
     amp = torch.autocast(_device_type(model), dtype=autocast_dtype) if autocast_dtype else nullcontext()
     try:
         with amp:
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
-            return simple_evaluate_local(lm, tasks_dir, task_names, allow_unsafe_code=allow_unsafe_code)
+            with _quiet_lm_eval(tokenizer, task_names):
+                lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+                return simple_evaluate_local(lm, tasks_dir, task_names, allow_unsafe_code=allow_unsafe_code)
     finally:
         model.train(was_training)  # HFLM switches the model to eval mode
 

@@ -53,6 +53,7 @@ def heldout_loss(model, tokenizer, dataset: str, data: DataConfig, *, limit: int
                  progress: bool = True) -> dict[str, Any]:
     """Answer-token loss of ``model`` on the first ``limit`` test examples of ``dataset`` (module docstring)."""
     records = load_records(dataset, "test", data)
+    available = len(records)
     records = records[:limit] if limit is not None else records
     rows = tokenize_examples([format_example(dataset, r) for r in records], tokenizer, seqlen)
     per_example = answer_nll(model, rows, pad_id_of(tokenizer), batch_size=batch_size,
@@ -64,4 +65,4 @@ def heldout_loss(model, tokenizer, dataset: str, data: DataConfig, *, limit: int
     stderr = (math.sqrt(n / (n - 1) * sum((s - loss * c) ** 2 for s, c in per_example)) / tokens
               if n > 1 else math.nan)
     return {"loss": loss, "ppl": math.exp(loss), "loss_stderr": stderr, "n": n, "n_tokens": tokens,
-            "n_records": len(records)}
+            "n_records": len(records), "n_available": available}

@@ -162,6 +162,7 @@ def gsm8k_task(tasks_dir: Path, data: DataConfig, *, limit: int | None, num_fews
     n_shot = GSM8K_DEFAULT_FEWSHOT if num_fewshot is None else int(num_fewshot)
     gen_toks = GSM8K_DEFAULT_MAX_GEN_TOKS if max_gen_toks is None else int(max_gen_toks)
     test, test_src = load_with_source("gsm8k", "test", data)
+    available = len(test)
     test = _first(test, limit)
     files = {"test": str(write_jsonl(tasks_dir / DATA_DIR / "gsm8k_test.jsonl", test).resolve())}
     sources = {"test": test_src}
@@ -186,7 +187,8 @@ def gsm8k_task(tasks_dir: Path, data: DataConfig, *, limit: int | None, num_fews
     }
     path = dump_yaml(doc, tasks_dir / "gsm8k.yaml")
     return TaskSpec("gsm8k", [GSM8K_TASK], n_shot, len(test), {
-        "split": "test", "fewshot_split": "train" if n_shot else None, "max_gen_toks": gen_toks,
+        "split": "test", "n_available": available, "fewshot_split": "train" if n_shot else None,
+        "max_gen_toks": gen_toks,
         "sources": sources, "task_yaml": str(path.resolve()),
     })
 
@@ -247,7 +249,8 @@ def mmlu_tasks(tasks_dir: Path, data: DataConfig, *, limit: int | None, num_fews
              "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}], "metadata": {"version": 2}}
     path = dump_yaml(group, tasks_dir / "mmlu.yaml")
     return TaskSpec("mmlu", [MMLU_GROUP], n_shot, sum(quotas.values()), {
-        "split": "test", "fewshot_split": "dev" if n_shot else None, "subjects": len(quotas),
+        "split": "test", "n_available": len(test), "fewshot_split": "dev" if n_shot else None,
+        "subjects": len(quotas),
         "items_per_subject": quotas, "sources": sources, "task_yaml": str(path.resolve()),
     })
 
@@ -271,6 +274,7 @@ def humaneval_task(tasks_dir: Path, data: DataConfig, *, limit: int | None, max_
     """
     gen_toks = HUMANEVAL_DEFAULT_MAX_GEN_TOKS if max_gen_toks is None else int(max_gen_toks)
     test, src = load_with_source("humaneval", "test", data)
+    available = len(test)
     test = _first(test, limit)
     files = {"test": str(write_jsonl(tasks_dir / DATA_DIR / "humaneval_test.jsonl", test).resolve())}
     (tasks_dir / f"{HUMANEVAL_SHIM}.py").write_text(SHIM_SOURCE, encoding="utf-8")
@@ -296,7 +300,8 @@ def humaneval_task(tasks_dir: Path, data: DataConfig, *, limit: int | None, max_
     }
     path = dump_yaml(doc, tasks_dir / "humaneval.yaml")
     return TaskSpec("humaneval", [HUMANEVAL_TASK], 0, len(test), {
-        "split": "test", "max_gen_toks": gen_toks, "timeout_s": float(timeout_s), "sandbox": sandbox,
+        "split": "test", "n_available": available, "max_gen_toks": gen_toks, "timeout_s": float(timeout_s),
+        "sandbox": sandbox,
         "sources": {"test": src},
         "task_yaml": str(path.resolve()),
     })

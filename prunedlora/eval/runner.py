@@ -204,8 +204,9 @@ def eval_gsm8k_loss(model, tokenizer, cfg: EvalConfig, data: DataConfig, *, work
     """Held-out GSM8K answer loss in the training format (``heldout.py``)."""
     out = heldout_loss(model, tokenizer, "gsm8k", data, limit=cfg.limit, seqlen=cfg.seqlen,
                        batch_size=cfg.batch_size, autocast_dtype=autocast_dtype, progress=progress)
-    settings = {"n": out["n"], "n_shot": 0, "seqlen": cfg.seqlen, "limit": cfg.limit, "split": "test",
-                "n_tokens": out["n_tokens"], "protocol": "answer tokens only, training format"}
+    settings = {"n": out["n"], "n_available": out["n_available"], "n_shot": 0, "seqlen": cfg.seqlen,
+                "limit": cfg.limit, "split": "test", "n_tokens": out["n_tokens"],
+                "protocol": "answer tokens only, training format"}
     return TaskResult({"loss": out["loss"], "ppl": out["ppl"]}, settings, {"loss": out["loss_stderr"]})
 
 
@@ -231,6 +232,31 @@ def task_config(cfg: EvalConfig, task: str) -> EvalConfig:
     """``cfg`` with ``limit`` replaced by ``cfg.task_limits[task]`` when the task has its own limit."""
     own = cfg.task_limits.get(task)
     return replace(cfg, limit=own) if own is not None else cfg
+
+
+UNITS = {"gsm8k": "questions", "mmlu": "questions", "humaneval": "problems", "gsm8k_loss": "examples"}
+"""What one evaluated item of each task is called in the budget line (perplexity tasks count windows)."""
+
+
+def budget_line(task: str, cfg: EvalConfig, settings: dict[str, Any]) -> str:
+    """One line saying what ``task`` evaluated and, when a limit cut it short, which key lifts the limit.
+
+    ``gsm8k: 50 of 1319 questions (eval.limit=50; set eval.limit=null for all)``, or ``wikitext2: all 140
+    windows of 2048 tokens``. A per-task limit names ``eval.task_limits.<task>`` instead.
+    """
+    own = cfg.task_limits.get(task)
+    key, limit = (f"eval.task_limits.{task}", own) if own is not None else ("eval.limit", cfg.limit)
+    lift = f"set {key}=null" + (" and eval.limit=null" if own is not None and cfg.limit is not None else "")
+    n = int(settings.get("n") or 0)
+    if task in UNITS:
+        available = settings.get("n_available")
+        what = f"{n} of {available} {UNITS[task]}" if available is not None else f"{n} {UNITS[task]}"
+        cut = limit is not None and available is not None and limit < int(available)
+        return f"{task}: {what} ({key}={limit}; {lift} for all)" if cut else f"{task}: all {what.split(' of ')[-1]}"
+    windows = f"{n} windows of {settings.get('seqlen')} tokens"
+    if limit is not None and n >= limit:  # the text may hold more windows than the limit took
+        return f"{task}: the first {windows} of the test split ({key}={limit}; {lift} for the whole split)"
+    return f"{task}: all {windows} of the test split"
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -346,7 +372,6 @@ def evaluate(
                            "timestamp": now.isoformat(timespec="seconds"), "results": {}, "stderr": {},
                            "settings": {}, "details": {}, "skipped": {}, "versions": _versions()}
     for task in tasks:
-        log.info("evaluating %s", task)
         res = EVALUATORS[task](model, tokenizer, task_config(cfg, task), data, work_dir=work_dir, progress=progress,
                                autocast_dtype=autocast_dtype)
         doc["settings"][task] = _plain(res.settings)
@@ -354,6 +379,7 @@ def evaluate(
             doc["skipped"][task] = res.skipped
             print(f"prunedlora: {task} {res.skipped}", flush=True)
             continue
+        log.info(budget_line(task, cfg, res.settings))
         doc["results"][task] = {k: float(v) for k, v in res.metrics.items()}
         if res.stderr:
             doc["stderr"][task] = {k: float(v) for k, v in res.stderr.items()}
@@ -363,4 +389,5 @@ def evaluate(
     table = format_results_table(doc)
     _write_text(eval_dir / "results.md", f"# Evaluation: {model_id}\n\n{table}\n", stamp)
     print(table, flush=True)
+    print(f"results: {(eval_dir / 'results.json').resolve()}", flush=True)
     return doc["results"]

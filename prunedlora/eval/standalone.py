@@ -15,23 +15,27 @@ What gets loaded:
   is loaded on its ``base_model_name_or_path`` through ``PeftModel``. Custom modelling code needs
   ``model.trust_remote_code=true``.
 
-Results go to this command's own output directory (Hydra's run dir), so an evaluation never overwrites what
-a training run wrote. The defaults of ``eval.tasks`` come from the run's ``summary.json`` (the tasks it was
-evaluated on), else from ``task.eval_tasks``.
+Results go to this command's own output directory (Hydra's run dir: ``<run dir>/evals/<time>`` for a run,
+``outputs/eval/<model name>/<time>`` for a model), so an evaluation never overwrites what a training run
+wrote. With ``run_dir=``, the run's own ``eval`` settings (its ``.hydra/config.yaml``: limit, task limits,
+seqlen, shots, ...) apply, except the keys given on this command line. The defaults of ``eval.tasks`` come
+from the command line, else the run's ``summary.json`` (the tasks it was evaluated on), else the run's
+``eval.tasks`` and ``task.eval_tasks``, else this config's ``task.eval_tasks``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import replace
+from collections.abc import Sequence
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 
-from prunedlora.config import ConfigError, ModelConfig, RootConfig, validate
+from prunedlora.config import ConfigError, EvalConfig, ModelConfig, RootConfig, validate
 from prunedlora.eval.runner import evaluate
 from prunedlora.eval.wandb_log import log_eval_run
 from prunedlora.models.load import load_model
@@ -125,22 +129,58 @@ def _load_named(cfg: RootConfig, device: torch.device) -> tuple[Any, Any, dict[s
                               "trust_remote_code": cfg.model.trust_remote_code}
 
 
-def _default_tasks(cfg: RootConfig) -> list[str]:
-    if cfg.eval.tasks is not None:
+def _run_config(run_dir: Path) -> dict[str, Any]:
+    """The run's composed config (``.hydra/config.yaml``) as plain data; ``{}`` when it has none."""
+    path = run_dir / ".hydra" / "config.yaml"
+    return OmegaConf.to_container(OmegaConf.load(path)) if path.is_file() else {}
+
+
+def run_eval_config(run_config: dict[str, Any], current: EvalConfig, overridden: Sequence[str]) -> EvalConfig:
+    """The run's ``eval`` section with the keys in ``overridden`` (``eval.limit``, ``eval``...) from ``current``.
+
+    Keys the run's config lacks (written by an older version) keep ``current``'s values.
+    """
+    if any(key == "eval" for key in overridden) or not isinstance(run_config.get("eval"), dict):
+        return current
+    known = {f.name for f in fields(EvalConfig)}
+    merged = OmegaConf.merge(OmegaConf.structured(current),
+                             {k: v for k, v in run_config["eval"].items() if k in known})
+    now = OmegaConf.structured(current)
+    for key in overridden:
+        path = key.removeprefix("eval.")
+        OmegaConf.update(merged, path, OmegaConf.select(now, path), merge=False)
+    return OmegaConf.to_object(merged)
+
+
+def _default_tasks(cfg: RootConfig, run_config: dict[str, Any], overridden: Sequence[str]) -> list[str]:
+    user_set = any(key in ("eval", "eval.tasks") for key in overridden)
+    if cfg.eval.tasks is not None and (user_set or cfg.run_dir is None):
         return list(cfg.eval.tasks)
     if cfg.run_dir is not None:
         summary = Path(cfg.run_dir).expanduser() / "summary.json"
-        if summary.is_file():
-            tasks = list(_read_json(summary).get("eval", {}))
-            if tasks:
-                return tasks
+        tasks = list(_read_json(summary).get("eval") or {}) if summary.is_file() else []
+        if tasks:
+            return tasks
+        if cfg.eval.tasks is not None:
+            return list(cfg.eval.tasks)
+        run_tasks = (run_config.get("task") or {}).get("eval_tasks")
+        if run_tasks:
+            return list(run_tasks)
     return list(cfg.task.eval_tasks)
 
 
-def run_eval(cfg: RootConfig, out_dir: Path) -> dict[str, Any]:
-    """Load the model named by ``run_dir`` or ``model``, evaluate it and return ``{task: {metric: value}}``."""
+def run_eval(cfg: RootConfig, out_dir: Path, eval_overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """Load the model named by ``run_dir`` or ``model``, evaluate it and return ``{task: {metric: value}}``.
+
+    Args:
+        eval_overrides: The ``eval`` keys set on the command line; with ``run_dir`` every other ``eval`` key
+            comes from the run's own config.
+    """
+    run_config = _run_config(Path(cfg.run_dir).expanduser()) if cfg.run_dir is not None else {}
+    if run_config:
+        cfg = replace(cfg, eval=run_eval_config(run_config, cfg.eval, eval_overrides))
     validate(cfg)
-    tasks = _default_tasks(cfg)
+    tasks = _default_tasks(cfg, run_config, eval_overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.run_dir is not None:
         model, tokenizer, identity = _load_run(cfg, Path(cfg.run_dir).expanduser(), device)
@@ -149,7 +189,8 @@ def run_eval(cfg: RootConfig, out_dir: Path) -> dict[str, Any]:
         model, tokenizer, identity = _load_named(cfg, device)
         model_id = cfg.model.name_or_path
     model.eval()
-    log.info("evaluating %s on %s", model_id, ", ".join(tasks))
+    settings = f" with the run's evaluation settings (eval.limit={cfg.eval.limit})" if run_config else ""
+    log.info("evaluating %s on %s%s", model_id, ", ".join(tasks), settings)
     results = evaluate(model, tokenizer, tasks, cfg.eval, cfg.data, out_dir, model_id=model_id, identity=identity,
                        autocast_dtype=torch.bfloat16 if cfg.train.bf16 else None, progress=cfg.logging.progress)
     log_eval_run(cfg.logging, out_dir, results, name=f"eval-{Path(model_id).name}",

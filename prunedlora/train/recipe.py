@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunedlora import quiet
 from prunedlora.config import ConfigError, RootConfig, validate
 from prunedlora.data.batching import ResumableBatches, ShardedBatches, build_train_examples
 from prunedlora.eval.runner import evaluate
@@ -35,7 +36,7 @@ from prunedlora.train.loop import MetricsWriter, train_loop
 from prunedlora.train.memory import peak_memory_mb, reset_peak_memory, resident_memory_mb
 from prunedlora.train.nonfinite import NonFiniteGuard, nonfinite_tensors
 from prunedlora.train.optim import build_optimizer, build_scheduler
-from prunedlora.train.preemption import Preempted, PreemptionGuard
+from prunedlora.train.preemption import Preempted, PreemptionGuard, resume_command
 from prunedlora.train.rundir import prepare_run_dir
 from prunedlora.train.tracking import log_eval, start_wandb
 
@@ -128,7 +129,7 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
                                   writer=writer, save=save, progress=cfg.logging.progress and is_main,
                                   preemption=guard, nonfinite=nonfinite)
             except Preempted as exc:
-                log.warning("%s; re-run the same command to resume", exc)
+                log.warning("%s. To resume: %s", exc, resume_command(run_dir))
                 guard.forward(exc.signum)  # submitit requeues, or exit 128+signum for sbatch scripts
         final_loss = last.loss if last is not None else _last_logged_loss(run_dir / "metrics.jsonl")
         memory["peak_memory_mb"] = peak_memory_mb(device)
@@ -152,7 +153,8 @@ def _finish(cfg: RootConfig, run_dir: Path, model: nn.Module, tokenizer: Any, me
     # ---------------------------------------------------------------- save
     model.eval()
     report = method.report(model)  # before export: export may merge or compact the adapters away
-    exported = method.export(model, tokenizer, run_dir, cfg.model.name_or_path)
+    with quiet.deepspeed_left_unimported():  # save_pretrained would import DeepSpeed just to rule it out
+        exported = method.export(model, tokenizer, run_dir, cfg.model.name_or_path)
 
     # ---------------------------------------------------------------- evaluate
     model.config.use_cache = True  # loaded for training without a KV cache; generation needs it
