@@ -32,7 +32,7 @@ def _fake_run(root: Path, num: int, method: str, sparsity: float, acc: float, pp
     (run / "eval").mkdir()
     (run / "eval" / "results.json").write_text(json.dumps({"results": {
         "gsm8k": {"exact_match_strict": acc, "exact_match_flexible": acc + 0.1}, "humaneval": {"pass@1": 0.05},
-        "wikitext2": {"ppl": ppl}}}))
+        "wikitext2": {"ppl": ppl}}, "settings": {"gsm8k": {"n": 16}}}))
     (run / "eval" / "results.prev-20250101-000000.json").write_text("{}")  # an earlier evaluation: ignored
 
 
@@ -59,6 +59,7 @@ def test_report_on_a_two_run_multirun(multirun: Path):
             "gsm8k/exact_match_flexible", "humaneval/pass@1", "wikitext2/ppl"} <= set(table[0])
     md = (multirun / "report" / "report.md").read_text()
     assert "| run | method | sparsity |" in md and "| 1 | prunedlora | 0.5 |" in md and md.count("\n| ") == 3
+    assert table[1]["gsm8k/n"] == "16" and "gsm8k/n" not in md  # items per run: in the CSV, on the plots' axes
     names = sorted(p.name for p in written["plots"])
     assert names == ["gsm8k_exact_match_flexible.png", "gsm8k_exact_match_strict.png", "humaneval_pass_at_1.png",
                      "wikitext2_ppl.png"]
@@ -67,10 +68,38 @@ def test_report_on_a_two_run_multirun(multirun: Path):
     assert len(report.write_report(multirun)["rows"]) == 2
 
 
-def test_series_average_runs_sharing_method_and_sparsity():
-    rows = [{"method": "lora", "sparsity": 0.5, "m": 1.0}, {"method": "lora", "sparsity": 0.5, "m": 3.0},
-            {"method": "lora", "sparsity": 0.2, "m": 5.0}, {"method": "salr", "sparsity": None, "m": 9.0}]
-    assert report._series(rows, "m", "sparsity") == {"lora": ([0.2, 0.5], [5.0, 2.0])}
+def _row(method: str, target: float, achieved: float | None, seed: int, value: float) -> dict:
+    """A report row of a finished run (``params_total`` set: it has a summary)."""
+    return {"method": method, "sparsity": target, "sparsity_achieved": achieved, "seed": seed, "params_total": 10,
+            "m": value}
+
+
+def test_points_sit_at_the_reached_sparsity_with_seed_error_bars():
+    """The sweep of issue 14: both prunedlora targets ended at 0.125; lora prunes nothing; two seeds per target."""
+    rows = [_row("prunedlora", 0.25, 0.125, 42, 1.0), _row("prunedlora", 0.25, 0.125, 1, 3.0),
+            _row("prunedlora", 0.5, 0.125, 42, 5.0), _row("salr", 0.5, 0.5, 42, 7.0),
+            _row("lora", 0.25, None, 42, 2.0), _row("lora", 0.5, None, 42, 2.0),  # one seed swept over targets
+            {"method": "salr", "sparsity": 0.5, "m": 9.0}]  # no summary, no reached sparsity: not placed
+    got = report.points(rows, "m")
+    assert set(got) == {"prunedlora", "salr", "lora"}
+    short25, short50 = got["prunedlora"]
+    assert (short25.x, short25.target, short25.reached, short25.runs) == (0.125, 0.25, False, 2)
+    assert short25.y == 2.0 and short25.err == pytest.approx(2 ** 0.5)  # mean and sample s.d. of 1 and 3
+    assert (short50.target, short50.reached, short50.err) == (0.5, False, None)
+    assert [(p.x, p.reached) for p in got["salr"]] == [(0.5, True)]
+    (dense,) = got["lora"]  # prunes nothing: x = 0, no target, the same seed twice is one sample
+    assert (dense.x, dense.target, dense.reached, dense.runs, dense.err) == (0.0, None, True, 1, None)
+
+
+def test_titles_say_which_direction_is_better_and_all_zero_metrics_get_no_plot(tmp_path: Path):
+    assert report.direction("wikitext2/ppl") == "lower is better"
+    assert report.direction("gsm8k_loss/loss") == "lower is better"
+    assert report.direction("gsm8k/exact_match_strict") == "higher is better"
+    assert report.direction("humaneval/pass@1") == "higher is better"
+    zeros = [_row("lora", 0.5, None, 42, 0.0), _row("prunedlora", 0.5, 0.25, 42, 0.0)]
+    assert report.plot_metric(zeros, "m", tmp_path / "zeros.png") is None and not (tmp_path / "zeros.png").exists()
+    some = [*zeros, _row("prunedlora", 0.75, 0.5, 42, 0.125)]
+    assert report.plot_metric(some, "m", tmp_path / "some.png").read_bytes().startswith(PNG_MAGIC)
 
 
 def test_report_cli(multirun: Path, tmp_path: Path, capsys):

@@ -285,8 +285,21 @@ def build_train_examples(
         examples = tokenize_examples(pairs, tokenizer, seq_len, answer_only_loss=True)
         examples = pack_examples(examples, seq_len) if packing else examples
     if not examples:
-        raise DataError(
-            f"No training example of task {task.name!r} ({task.dataset} {task.split}, {len(records)} records) fits "
-            f"train.seq_len={seq_len}{' with packing' if packing else ''}. Raise train.seq_len or task.max_samples."
-        )
+        raise DataError(_why_no_examples(task, len(records), seq_len, packing))
     return examples
+
+
+def _why_no_examples(task: TaskConfig, n_records: int, seq_len: int, packing: bool) -> str:
+    """The reason every record was filtered out, in the user's terms (the data itself is not empty)."""
+    source = f"task {task.name!r} ({task.dataset} {task.split}, {n_records} records)"
+    if task.max_samples is not None and task.max_samples < 1:
+        return f"task.max_samples={task.max_samples} keeps none of the {n_records} records of {source}; set it >= 1."
+    if task.kind == "text":
+        return (f"All {n_records} records of {source} were filtered out: the joined text is shorter than one row of "
+                f"train.seq_len={seq_len} tokens. Lower train.seq_len.")
+    if packing:
+        return (f"All {n_records} records of {source} were filtered out: packed together they do not fill one row of "
+                f"train.seq_len={seq_len} tokens with an answer token in it. Lower train.seq_len, set "
+                "train.packing=false, or raise task.max_samples.")
+    return (f"All {n_records} records of {source} were filtered out because their answers were truncated away at "
+            f"train.seq_len={seq_len}. Raise train.seq_len.")

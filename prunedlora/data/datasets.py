@@ -280,7 +280,8 @@ def load_records(dataset: str, split: str, data: DataConfig, path: str | None = 
         The records, in file order.
 
     Raises:
-        DataError: Unknown dataset or split, dataset found nowhere, or a malformed file (file and line named).
+        DataError: Unknown dataset or split, dataset found nowhere, a malformed file (file and line named), or
+            a source with no records.
     """
     info = _info(dataset)
     split = SPLIT_ALIASES.get(split, split)
@@ -293,9 +294,16 @@ def load_records(dataset: str, split: str, data: DataConfig, path: str | None = 
         )
     found = resolve(info.specs[split], data, explicit=path)
     if found.rows is not None:
-        return info.from_hub(found.rows)
-    assert found.path is not None
-    return info.parse_local(found.path, split)
+        records = info.from_hub(found.rows)
+        where = f"the Hugging Face hub's {dataset} {split} split"
+    else:
+        assert found.path is not None
+        records = info.parse_local(found.path, split)
+        where = f"{found.path} ({dataset} {split})"
+    if not records:
+        raise DataError(f"{where} has 0 records. Point task.path (or data.root) at a copy that holds the data; the "
+                        "file may be empty or hold only blank lines.")
+    return records
 
 
 def _joiner(dataset: str) -> Callable[[list[Record]], str]:

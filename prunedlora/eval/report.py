@@ -7,8 +7,16 @@ row: its path, Hydra overrides, method, sparsity (the configured ``sparsity.fina
 ``.hydra/config.yaml``; the achieved fraction from ``summary.json`` as ``sparsity_achieved``), final rank
 summary, parameter counts, final loss, peak memory during training and median training tokens/s
 (``metrics.jsonl``, first step left out), the run's wall time and every evaluation metric as ``<task>/<metric>`` (from
-``eval/results.json``, else ``summary.json``'s ``eval``). Then, for each metric, a PNG of the metric against
-sparsity with one line per method (runs sharing method and sparsity, e.g. seeds, are averaged).
+``eval/results.json``, else ``summary.json``'s ``eval``; standalone evaluations filed under the run in
+``evals/<time>/`` add the tasks the run's own evaluation lacks), with ``<task>/n``, the items it evaluated.
+
+Then, for each metric, a PNG of the metric against the sparsity each run *reached* (``sparsity_achieved``;
+methods that prune nothing sit at 0 and are drawn as a dashed reference line), one line per method. Runs
+sharing method and target (seeds) become one point: the mean, with a ±1 s.d. error bar when there are
+several. A point whose runs fell short of their target by more than ``TARGET_TOLERANCE`` is drawn hollow and
+labelled with the target. The title says whether lower or higher is better; the y label gives the items
+evaluated per run. A metric that is 0 for every run gets no plot (an axis around nothing but zeros says
+nothing); ``report.md`` lists it instead.
 
 Outputs go to ``<multirun dir>/report/`` (``--out`` to change): ``report.csv``, ``report.md`` and
 ``<task>_<metric>.png``; re-running regenerates them. Plots use matplotlib's Agg canvas directly (no
@@ -24,15 +32,22 @@ import math
 import re
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-FIXED_COLUMNS = ["run", "method", "sparsity", "sparsity_achieved", "ranks", "rank_mean", "params_total",
+FIXED_COLUMNS = ["run", "method", "sparsity", "sparsity_achieved", "seed", "ranks", "rank_mean", "params_total",
                  "params_trainable", "params_after_export", "final_loss", "peak_memory_mb", "tokens_per_s",
                  "wall_time_s", "overrides"]
 REPORT_DIR = "report"
+EVALS_DIR = "evals"
+"""Standalone evaluations of a run (``prunedlora-eval run_dir=...``) are filed in ``<run>/evals/<time>/``."""
+TARGET_TOLERANCE = 0.01
+"""A run whose reached sparsity is more than this below its target did not reach it."""
+LOWER_IS_BETTER = ("ppl", "nll", "loss", "word_perplexity", "byte_perplexity", "bits_per_byte")
+HIGHER_IS_BETTER = ("exact_match_strict", "exact_match_flexible", "acc", "acc_macro", "pass@1")
 
 
 # ------------------------------------------------------------------------------------------- reading
@@ -55,7 +70,9 @@ def find_runs(root: Path) -> list[Path]:
     found = {p.parent for p in root.rglob("summary.json")}
     found |= {p.parent.parent for p in root.rglob("results.json") if p.parent.name == "eval"}
     report = root / REPORT_DIR
-    return sorted(d for d in found if report not in d.parents and d != report)
+    # <run>/evals/<time>/ belongs to <run>'s row (collect_run reads it), unless it is all there is.
+    return sorted(d for d in found if report not in d.parents and d != report
+                  and not (d.parent.name == EVALS_DIR and d.parent.parent in found))
 
 
 def _number(v: Any) -> float | None:
@@ -134,10 +151,18 @@ def collect_run(run_dir: Path, root: Path) -> dict[str, Any]:
         "wall_time_s": _number(summary.get("wall_time_s")),
         "overrides": " ".join(str(o) for o in overrides),
     }
-    metrics = results.get("results") if isinstance(results.get("results"), dict) else summary.get("eval") or {}
-    for task, values in metrics.items():
-        for metric, value in (values or {}).items():
-            row[f"{task}/{metric}"] = _number(value)
+    row["seed"] = (config.get("train") or {}).get("seed")
+    evaluations = [results] + [_read_json(p) or {} for p in sorted((run_dir / EVALS_DIR).glob("*/eval/results.json"))]
+    for doc in evaluations:
+        metrics = doc.get("results") if isinstance(doc.get("results"), dict) else summary.get("eval") or {}
+        settings = doc.get("settings") if isinstance(doc.get("settings"), dict) else {}
+        for task, values in metrics.items():
+            if any(key.startswith(f"{task}/") for key in row):
+                continue  # the run's own evaluation first, then the standalone ones for tasks it lacked
+            for metric, value in (values or {}).items():
+                row[f"{task}/{metric}"] = _number(value)
+            n = _number((settings.get(task) or {}).get("n"))
+            row[f"{task}/n"] = int(n) if n is not None else None
     return row
 
 
@@ -147,12 +172,18 @@ def collect(root: Path) -> list[dict[str, Any]]:
 
 
 def metric_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """Evaluation metric columns (``<task>/<metric>``), in first-seen order; item counts left out."""
     seen: dict[str, None] = {}
     for row in rows:
         for key in row:
-            if key not in FIXED_COLUMNS:
+            if key not in FIXED_COLUMNS and not key.endswith("/n"):
                 seen.setdefault(key, None)
     return list(seen)
+
+
+def count_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """``<task>/n`` columns: the items each task evaluated per run."""
+    return list(dict.fromkeys(key for row in rows for key in row if key.endswith("/n")))
 
 
 # ------------------------------------------------------------------------------------------- writing
@@ -165,7 +196,7 @@ def _cell(v: Any) -> str:
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
-    columns = FIXED_COLUMNS + metric_columns(rows)
+    columns = FIXED_COLUMNS + metric_columns(rows) + count_columns(rows)
     with open(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
@@ -184,35 +215,114 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _series(rows: list[dict[str, Any]], metric: str, x: str) -> dict[str, tuple[list[float], list[float]]]:
-    """Per method: sorted x values and the mean metric at each (runs sharing method and x averaged)."""
-    points: dict[str, dict[float, list[float]]] = {}
-    for row in rows:
-        xv, yv = _number(row.get(x)), _number(row.get(metric))
-        if xv is None or yv is None:
+def direction(metric: str) -> str:
+    """``"lower is better"``, ``"higher is better"`` or ``""`` (unknown) for ``<task>/<metric>``."""
+    name = metric.rsplit("/", 1)[-1]
+    return "lower is better" if name in LOWER_IS_BETTER else "higher is better" if name in HIGHER_IS_BETTER else ""
+
+
+def _reached_x(row: dict[str, Any]) -> float | None:
+    """The sparsity a run reached; a finished run whose method reports none pruned nothing (0)."""
+    achieved = _number(row.get("sparsity_achieved"))
+    if achieved is not None:
+        return achieved
+    return 0.0 if row.get("params_total") is not None else None
+
+
+@dataclass
+class Point:
+    """One plotted point: the runs of one method at one target (seeds), averaged."""
+
+    x: float
+    y: float
+    err: float | None
+    """Standard deviation over seeds (None: one seed)."""
+    runs: int
+    """Distinct seeds behind the point."""
+    target: float | None
+    reached: bool
+
+
+def points(rows: list[dict[str, Any]], metric: str) -> dict[str, list[Point]]:
+    """Per method, its points sorted by reached sparsity (module docstring: grouping, error bars, targets)."""
+    groups: dict[tuple[str, float | None], dict[Any, list[tuple[float, float]]]] = {}
+    for i, row in enumerate(rows):
+        x, y = _reached_x(row), _number(row.get(metric))
+        if x is None or y is None:
             continue
-        points.setdefault(str(row.get("method")), {}).setdefault(xv, []).append(yv)
-    return {m: (sorted(p), [sum(p[k]) / len(p[k]) for k in sorted(p)]) for m, p in sorted(points.items())}
+        prunes = _number(row.get("sparsity_achieved")) is not None
+        target = _number(row.get("sparsity")) if prunes else None
+        seed = row.get("seed") if row.get("seed") is not None else f"row{i}"
+        # Runs of one seed (a dense method swept over targets it ignores) are one sample, not several.
+        groups.setdefault((str(row.get("method")), target), {}).setdefault(seed, []).append((x, y))
+    out: dict[str, list[Point]] = {}
+    for (method, target), by_seed in groups.items():
+        xs = [statistics.fmean(x for x, _ in xy) for xy in by_seed.values()]
+        ys = [statistics.fmean(y for _, y in xy) for xy in by_seed.values()]
+        x = statistics.fmean(xs)
+        reached = target is None or x >= target - TARGET_TOLERANCE
+        err = statistics.stdev(ys) if len(ys) > 1 else None
+        out.setdefault(method, []).append(Point(x, statistics.fmean(ys), err, len(ys), target, reached))
+    return {m: sorted(p, key=lambda q: (q.x, q.target or 0.0)) for m, p in sorted(out.items())}
 
 
-def plot_metric(rows: list[dict[str, Any]], metric: str, path: Path, x: str = "sparsity") -> Path | None:
-    """PNG of ``metric`` against ``x``, one line per method; None when no run has both values."""
+def _count_label(rows: list[dict[str, Any]], metric: str) -> str:
+    counts = sorted({int(n) for r in rows if (n := _number(r.get(metric.split("/")[0] + "/n"))) is not None})
+    if not counts:
+        return ""
+    return f" (n={counts[0]} per run)" if len(counts) == 1 else f" (n={counts[0]}-{counts[-1]} per run)"
+
+
+def plot_metric(rows: list[dict[str, Any]], metric: str, path: Path) -> Path | None:
+    """PNG of ``metric`` against the reached sparsity, one line per method; None when there is nothing to show
+    (no run has both values, or the metric is 0 for every run)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    series = _series(rows, metric, x)
-    if not series:
+    series = points(rows, metric)
+    ys = [p.y for pts in series.values() for p in pts]
+    if not ys or all(y == 0 for y in ys):
         return None
-    fig = Figure(figsize=(6, 4), dpi=100)
+    fig = Figure(figsize=(6.4, 4.4), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for method, (xs, ys) in series.items():
-        ax.plot(xs, ys, marker="o", label=method)
-    ax.set_xlabel(x)
-    ax.set_ylabel(metric)
-    ax.set_title(f"{metric} vs {x}")
+    colors = iter(f"C{i}" for i in range(100))
+    short = False
+    for method, pts in series.items():
+        color = next(colors)
+        if all(p.x == 0 for p in pts):  # prunes nothing: a reference level across the plot
+            mean = statistics.fmean(p.y for p in pts)
+            ax.axhline(mean, color=color, linestyle="--", linewidth=1, label=f"{method} (no pruning)")
+        xs, means = [p.x for p in pts], [p.y for p in pts]
+        errs = [p.err or 0.0 for p in pts]
+        ax.errorbar(xs, means, yerr=errs if any(errs) else None, color=color, marker="o", capsize=3,
+                    linestyle="-" if len(pts) > 1 else "none", label=None if xs == [0] * len(xs) else method)
+        at_x: dict[float, int] = {}
+        for p in pts:
+            if not p.reached:
+                short = True
+                ax.plot([p.x], [p.y], marker="o", markersize=11, markerfacecolor="white", markeredgecolor=color,
+                        markeredgewidth=2, linestyle="none", zorder=3)
+            label = ", ".join(([f"target {p.target:g}"] if not p.reached else [])
+                              + ([f"{p.runs} seeds"] if p.runs > 1 else []))
+            if label:  # points sharing an x (targets that ended at the same sparsity): labels alternate sides
+                k = at_x[round(p.x, 4)] = at_x.get(round(p.x, 4), -1) + 1
+                ax.annotate(label, (p.x, p.y), textcoords="offset points", xytext=(-9 if k % 2 else 9, 0),
+                            ha="right" if k % 2 else "left", va="center", fontsize=8, color=color)
+    if short:
+        ax.plot([], [], marker="o", markerfacecolor="white", markeredgecolor="black", linestyle="none",
+                label="target not reached")
+    targets = [p.target or 0.0 for pts in series.values() for p in pts]
+    xs_all = [p.x for pts in series.values() for p in pts]
+    ax.set_xlim(-0.02, max(0.1, max(xs_all + targets) * 1.1))
+    ax.set_xlabel("sparsity reached (fraction pruned)")
+    ax.set_ylabel(metric + _count_label(rows, metric))
+    several = any(p.runs > 1 for pts in series.values() for p in pts)
+    better = direction(metric)
+    ax.set_title(f"{metric}" + (f" ({better})" if better else "")
+                 + ("\nmean ± 1 s.d. where a point has several seeds" if several else "\none run per point"), fontsize=10)
     ax.grid(True, alpha=0.3)
-    ax.legend(title="method")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     return path
@@ -237,10 +347,17 @@ def write_report(root: Path, out_dir: Path | None = None) -> dict[str, Any]:
     out = Path(out_dir) if out_dir is not None else root / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rows)
-    (out / "report.md").write_text(f"# Sweep report: {root}\n\n{table}\n", encoding="utf-8")
-    plots = [p for m in metric_columns(rows) if (p := plot_metric(rows, m, out / plot_name(m))) is not None]
+    plots, unplotted = [], []
+    for metric in metric_columns(rows):
+        plot = plot_metric(rows, metric, out / plot_name(metric))
+        if plot is None:
+            unplotted.append(metric)
+        else:
+            plots.append(plot)
+    note = f"\nNot plotted (0 for every run, or no run with a sparsity): {', '.join(unplotted)}.\n" if unplotted else ""
+    (out / "report.md").write_text(f"# Sweep report: {root}\n\n{table}\n{note}", encoding="utf-8")
     return {"rows": rows, "csv": write_csv(rows, out / "report.csv"), "markdown": out / "report.md",
-            "table": table, "plots": plots}
+            "table": table, "plots": plots, "unplotted": unplotted}
 
 
 def main(argv: list[str] | None = None) -> int:
