@@ -21,14 +21,6 @@ from prunedlora.pruning.rank_criteria import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def problem(seed: int, d_out: int = 9, r: int = 6, tokens: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
     """B (d_out, r) and bottleneck activations Z (tokens, r) with correlated components, float64."""
     gen = torch.Generator().manual_seed(seed)
