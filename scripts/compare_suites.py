@@ -113,6 +113,10 @@ def _salr_base(criterion: str, pattern: str = "unstructured") -> Run:
                series=f"salr ({criterion}{', 2:4' if tag else ''})")
 
 
+SALR_DEFAULT = "salr-sparsegpt-s0.50"
+"""The quality suite's row of SALR's default base criterion (``method.base_criterion``: sparsegpt)."""
+
+
 def _one_shot(criterion: str) -> Run:
     """Training-free pruning at 50%: SALR's base alone (no residual adapter; the zero-init task LoRA adds
     nothing), evaluated with ``train.max_steps=0``."""
@@ -263,8 +267,19 @@ def _quality_verdicts(rows: dict[str, dict]) -> list[str]:
     for key, paper in (("wikitext2/ppl", "11.60 vs 16.41"), ("ptb/ppl", "17.39 vs 20.85")):
         out.append(_compare(rows, "loraprune-s0.50", "loraprune-magnitude-s0.50", key,
                             f"LoRA-guided criterion beats magnitude at 50% (paper, vs LLM-Pruner: {paper})"))
-    out.append(_compare(rows, "salr-s0.50", "loraprune-s0.50", "wikitext2/ppl",
+    out.append(_compare(rows, SALR_DEFAULT, "loraprune-s0.50", "wikitext2/ppl",
                         "Unstructured 50% (SALR) keeps perplexity closer to dense than structured 50% (LoRAPrune)"))
+    # Issue 12's targets: fine-tuning must add to the best one-shot base; channel_taylor at least as good as
+    # lora_guided; the stretch, SALR within 1.5x of dense LoRA's perplexity.
+    for key in ("wikitext2/ppl", "ptb/ppl"):
+        out.append(_compare(rows, SALR_DEFAULT, "oneshot-wanda-s0.50", key,
+                            "SALR's default at 50% ends below training-free Wanda (target)"))
+        out.append(_compare(rows, "loraprune-channel_taylor-s0.50", "loraprune-s0.50", key,
+                            "channel_taylor ends below lora_guided (target: at or below)"))
+        default, lora = _value(rows, SALR_DEFAULT, key), _value(rows, "lora-r8", key)
+        out.append("Stretch, SALR's default within 1.5x of dense LoRA: " + (
+            f"{'yes' if default <= 1.5 * lora else 'no'} ({default:.4g} vs {lora:.4g}: {default / lora:.2f}x, {key})."
+            if default is not None and lora is not None else f"not measured ({key} missing)."))
     return out
 
 

@@ -86,3 +86,26 @@ def test_a_runs_own_override_replaces_the_budgets() -> None:
     run = SUITES["prunedlora"].runs[-1]
     command = _command(run, Path("/tmp/x"), 1, BUDGETS["cpu"]["gsm8k"])
     assert [c for c in command if c.startswith("train.seed=")] == [f"train.seed={run.seed}"]
+
+
+def test_quality_suite_has_the_one_shot_baselines_and_checks_the_pruned_base_targets() -> None:
+    from compare_suites import SALR_DEFAULT
+
+    suite = SUITES["quality"]
+    runs = {r.label: r for r in suite.runs}
+    for criterion in ("magnitude", "wanda", "sparsegpt"):
+        cfg = compose_root([*BUDGETS["cpu-fp32"]["ptb"], *runs[f"oneshot-{criterion}-s0.50"].overrides])
+        assert (cfg.train.max_steps, cfg.method.residual_rank, cfg.method.base_criterion) == (0, 0, criterion)
+        assert cfg.train.bf16 is False and cfg.eval.limit == 40
+    default = compose_root([*BUDGETS["cpu"]["ptb"], *runs[SALR_DEFAULT].overrides])
+    assert default.method.base_criterion == compose_root(["method=salr"]).method.base_criterion  # the default
+    assert runs["salr-wanda-2of4-s0.50"].overrides[2] == "method.pattern='2:4'"
+    rows = {SALR_DEFAULT: {"wikitext2/ppl": 60.0, "ptb/ppl": 45.0},
+            "oneshot-wanda-s0.50": {"wikitext2/ppl": 67.2, "ptb/ppl": 40.0},
+            "lora-r8": {"wikitext2/ppl": 33.8, "ptb/ppl": 31.9}}
+    verdicts = suite.verdicts(rows)
+    assert "ends below training-free Wanda (target): yes (salr-sparsegpt-s0.50 60 vs oneshot-wanda-s0.50 67.2" in \
+        verdicts[3]
+    assert any("Wanda (target): no" in v and "ptb/ppl" in v for v in verdicts)
+    assert any("within 1.5x of dense LoRA: no (60 vs 33.8: 1.78x" in v for v in verdicts)
+    assert any("channel_taylor" in v and "not measured" in v for v in verdicts)
