@@ -425,6 +425,12 @@ class TrainConfig:
     num_threads: int | None = None
     """torch intra-op threads on CPU (null: torch default)."""
     keep_checkpoints: int = 2
+    compile: bool = False
+    """Run the training forward and backward through ``torch.compile`` (plain PyTorch engine; the first steps pay
+    the compilation). Export and evaluation run the same module eagerly."""
+    compile_backend: str = "inductor"
+    """torch.compile backend: inductor (generated kernels, the speed-up) or aot_eager (graph capture only, quick to
+    compile: a check that a method compiles, used by the tests)."""
     skip_nonfinite: int = 0
     """Optimizer steps whose loss or gradient norm is not finite that may be skipped (gradients dropped, logged
     in ``metrics.jsonl``) before the run stops; 0: the first one stops the run (plain PyTorch only)."""
@@ -541,6 +547,7 @@ def register_configs() -> None:
 
 
 # ---------------------------------------------------------------------------------------- validation
+COMPILE_BACKENDS = ("inductor", "aot_eager")
 SCHEDULES = ("auto", "none", "constant", "geometric", "linear", "cubic")
 TASK_KINDS = ("qa", "text", "mc", "code")
 LR_SCHEDULES = ("cosine", "linear", "constant")
@@ -594,6 +601,13 @@ def validate(cfg: RootConfig) -> None:
     for key in ("batch_size", "grad_accum", "save_every", "log_every"):
         _check(p, getattr(t, key) >= 1, f"train.{key}={getattr(t, key)} must be >= 1")
     _check(p, t.lr > 0, f"train.lr={t.lr} must be positive")
+    _one_of(p, "train.compile_backend", t.compile_backend, COMPILE_BACKENDS)
+    _check(p, not t.compile or cfg.distributed.name == "none",
+           f"train.compile=true with distributed={cfg.distributed.name}: DeepSpeed wraps and (ZeRO-3) partitions the "
+           "module behind hooks torch.compile does not trace; use train.compile=false, or distributed=none")
+    _check(p, not t.compile or cfg.model.quantization == "none",
+           f"train.compile=true with model.quantization={cfg.model.quantization}: bitsandbytes' 4-/8-bit layers are "
+           "opaque to torch.compile (graph breaks at every layer); use train.compile=false, or model.quantization=none")
     _check(p, t.skip_nonfinite >= 0, f"train.skip_nonfinite={t.skip_nonfinite} must be >= 0 (0: stop at the first)")
     _check(p, t.skip_nonfinite == 0 or cfg.distributed.name == "none",
            f"train.skip_nonfinite={t.skip_nonfinite} with distributed={cfg.distributed.name}: DeepSpeed applies the "

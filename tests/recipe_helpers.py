@@ -20,6 +20,16 @@ TINY_OVERRIDES = [
     "task.max_samples=64", "eval.enabled=false", "logging.progress=false",
 ]
 
+# What each registered method needs to prune (or allocate) within six steps of the tiny model.
+METHOD_OVERRIDES: dict[str, list[str]] = {
+    "lora": [],
+    "droplora": ["method.mask_mode=rank"],
+    "adalora": ["method.init_rank=8", "method.delta_t=1", "method.tinit_frac=0.2", "method.tfinal_frac=0.2"],
+    "prunedlora": ["method.init_rank=8", "method.rank=4", "sparsity.every=1"],
+    "loraprune": ["model.tiny.num_hidden_layers=3", "sparsity.every=1"],
+    "salr": [],
+}
+
 
 def compose_root(overrides: list[str], data_root: Path | None = None) -> RootConfig:
     """The typed config for ``overrides`` (reading the local mirror ``data_root`` only, when given)."""

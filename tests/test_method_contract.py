@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import torch
-from recipe_helpers import TINY_OVERRIDES, compose_root, crash_then_resume, metric_records
+from recipe_helpers import METHOD_OVERRIDES, TINY_OVERRIDES, compose_root, crash_then_resume, metric_records
 from transformers import AutoModelForCausalLM
 
 from prunedlora.config import RootConfig
@@ -30,21 +30,12 @@ from prunedlora.train import checkpoint as ckpt
 from prunedlora.train import recipe
 
 STEPS, SAVE_EVERY, GRAD_ACCUM = 6, 3, 2
-# What each method needs to prune (or allocate) inside six steps of the tiny model.
-OVERRIDES: dict[str, list[str]] = {
-    "lora": [],
-    "droplora": ["method.mask_mode=rank"],
-    "adalora": ["method.init_rank=8", "method.delta_t=1", "method.tinit_frac=0.2", "method.tfinal_frac=0.2"],
-    "prunedlora": ["method.init_rank=8", "method.rank=4", "sparsity.every=1"],
-    "loraprune": ["model.tiny.num_hidden_layers=3", "sparsity.every=1"],
-    "salr": [],
-}
 STARTS_ELSEWHERE = {"salr"}
 """Methods whose step-0 model is not the base (SALR prunes it); their start is checked against a max_steps=0 run."""
 
 
 def test_every_registered_method_is_covered() -> None:
-    assert set(OVERRIDES) == set(METHODS)
+    assert set(METHOD_OVERRIDES) == set(METHODS)
 
 
 @dataclass
@@ -113,7 +104,7 @@ def _instrument(monkeypatch: pytest.MonkeyPatch, seen: Observed) -> None:
 
 
 def _config(name: str, data_root: Path, *extra: str) -> RootConfig:
-    return compose_root([*TINY_OVERRIDES, f"method={name}", *OVERRIDES[name], f"train.max_steps={STEPS}",
+    return compose_root([*TINY_OVERRIDES, f"method={name}", *METHOD_OVERRIDES[name], f"train.max_steps={STEPS}",
                          f"train.save_every={SAVE_EVERY}", f"train.grad_accum={GRAD_ACCUM}", *extra], data_root)
 
 
@@ -141,7 +132,7 @@ def tokens() -> torch.Tensor:
 
 
 @pytest.mark.slow  # three tiny recipe runs per method (data, export): seconds each
-@pytest.mark.parametrize("name", sorted(OVERRIDES))
+@pytest.mark.parametrize("name", sorted(METHOD_OVERRIDES))
 def test_method_contract(name: str, data_root: Path, tmp_path: Path, tokens: torch.Tensor,
                          monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = _config(name, data_root)

@@ -35,19 +35,25 @@ def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str
 
 
 class TorchEngine:
-    """Single-process PyTorch training."""
+    """Single-process PyTorch training.
+
+    With ``compile_backend`` the training forward and backward run through ``torch.compile`` (``train.compile``).
+    Only the engine's training call is compiled: ``model`` itself stays the plain module, so checkpoints, export and
+    evaluation (generation with a growing KV cache would recompile at every length) see the same module as eager.
+    """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, *, grad_accum: int, max_grad_norm: float | None,
-                 device: torch.device, bf16: bool) -> None:
+                 device: torch.device, bf16: bool, compile_backend: str | None = None) -> None:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.grad_accum, self.max_grad_norm, self.device, self.bf16 = grad_accum, max_grad_norm, device, bf16
+        self.forward = torch.compile(model, backend=compile_backend) if compile_backend else model
 
     def micro_step(self, batch: dict[str, torch.Tensor], boundary: bool) -> tuple[float, int]:
         """Forward and backward of one micro-batch; returns (unscaled loss, non-pad tokens)."""
         batch = _to_device(batch, self.device)
         with autocast_context(self.device, self.bf16):
-            loss = self.model(**batch).loss
+            loss = self.forward(**batch).loss
         (loss / self.grad_accum).backward()
         # .item() is a host sync; one per micro-batch is what the progress bar and the log need anyway.
         return loss.item(), int(batch["attention_mask"].sum().item())

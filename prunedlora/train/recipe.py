@@ -93,7 +93,8 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
                                         bf16_autocast=cfg.train.bf16)
     else:
         engine = TorchEngine(model, optimizer, scheduler, grad_accum=cfg.train.grad_accum,
-                             max_grad_norm=cfg.train.max_grad_norm, device=device, bf16=cfg.train.bf16)
+                             max_grad_norm=cfg.train.max_grad_norm, device=device, bf16=cfg.train.bf16,
+                             compile_backend=cfg.train.compile_backend if cfg.train.compile else None)
     callbacks = method.callbacks()
     wandb_run = start_wandb(cfg.logging, run_dir, config_dict, f"{method.name}-{cfg.model.name}-{run_dir.name}") \
         if is_main else None
