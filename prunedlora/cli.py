@@ -35,7 +35,7 @@ from prunedlora.cli_errors import (
     override_keys,
     paragraph,
 )
-from prunedlora.config import ConfigError, RootConfig, register_configs
+from prunedlora.config import ConfigError, RootConfig, register_configs, validate
 
 log = logging.getLogger("prunedlora")
 
@@ -68,6 +68,7 @@ def _report_errors(fn: Callable[[RootConfig, Path], Any], cfg: DictConfig) -> An
     quiet.install(verbose=debug or bool(OmegaConf.select(cfg, "logging.verbose", default=False)))
     try:
         root: RootConfig = OmegaConf.to_object(cfg)
+        validate(root)  # before fn imports torch and loads anything: bad values fail in a second
         return fn(root, Path(HydraConfig.get().runtime.output_dir))
     except KeyboardInterrupt:
         if debug:
@@ -117,22 +118,31 @@ def _run(app: Callable[[], Any], prog: str) -> None:
             os.environ["HYDRA_FULL_ERROR"] = previous
 
 
-@hydra.main(version_base="1.3", config_path="pkg://prunedlora.configs", config_name="config")
-def _train(cfg: DictConfig) -> float | None:
-    from prunedlora.train.engine import release_between_jobs
+def _recipe_run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
     from prunedlora.train.recipe import run  # lazy: keeps `--help` and config errors fast
 
-    summary = _report_errors(run, cfg)
+    return run(cfg, run_dir)
+
+
+def _standalone_eval(cfg: RootConfig, out_dir: Path, eval_overrides: list[str]) -> dict[str, Any]:
+    from prunedlora.eval.standalone import run_eval  # lazy, as above
+
+    return run_eval(cfg, out_dir, eval_overrides)
+
+
+@hydra.main(version_base="1.3", config_path="pkg://prunedlora.configs", config_name="config")
+def _train(cfg: DictConfig) -> float | None:
+    summary = _report_errors(_recipe_run, cfg)
+    from prunedlora.train.engine import release_between_jobs
+
     release_between_jobs()  # the run's model and optimizer are gone now; return their GPU memory
     return summary.get("final_loss") if summary else None  # the value a sweeper optimises
 
 
 @hydra.main(version_base="1.3", config_path="pkg://prunedlora.configs", config_name="config")
 def _eval(cfg: DictConfig) -> None:
-    from prunedlora.eval.standalone import run_eval
-
     overridden = [k for k in override_keys(HydraConfig.get().overrides.task) if k == "eval" or k.startswith("eval.")]
-    _report_errors(partial(run_eval, eval_overrides=overridden), cfg)
+    _report_errors(partial(_standalone_eval, eval_overrides=overridden), cfg)
 
 
 def eval_output_dir(run_dir: str | None, name_or_path: str | None) -> str:

@@ -284,3 +284,21 @@ def test_build_train_examples(data, byte_tokenizer):
     text_task = TaskConfig(name="ptb", kind="text", dataset="ptb", split="valid", max_samples=8)
     chunks = build_train_examples(text_task, data, byte_tokenizer, seq_len=64, seed=0, packing=False)
     assert len(chunks) == 8 and all(len(c["input_ids"]) == 64 and c["labels"] == c["input_ids"] for c in chunks)
+
+
+def test_empty_and_all_filtered_data_get_their_own_messages(tmp_path, byte_tokenizer):
+    """An empty file says it has 0 records; data that exists but is all filtered out says why."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n", encoding="utf-8")
+    task = TaskConfig(name="gsm8k", kind="qa", dataset="gsm8k", split="train", path=str(empty))
+    with pytest.raises(DataError, match=rf"{empty} \(gsm8k train\) has 0 records"):
+        build_train_examples(task, DataConfig(root=None, hub=False), byte_tokenizer, 512, 0, False)
+
+    two = tmp_path / "two.jsonl"
+    two.write_text("".join(json.dumps({"question": "q" * 40, "answer": f"a #### {i}"}) + "\n" for i in range(2)))
+    short = TaskConfig(name="gsm8k", kind="qa", dataset="gsm8k", split="train", path=str(two))
+    with pytest.raises(DataError, match=r"All 2 records .* filtered out because their answers were truncated away "
+                                        r"at train.seq_len=16\. Raise train.seq_len"):
+        build_train_examples(short, DataConfig(root=None, hub=False), byte_tokenizer, 16, 0, False)
+    with pytest.raises(DataError, match=r"All 2 records .* do not fill one row of train.seq_len=4096"):
+        build_train_examples(short, DataConfig(root=None, hub=False), byte_tokenizer, 4096, 0, True)

@@ -256,6 +256,36 @@ def _fake_run_dir(run_dir: Path, byte_tokenizer) -> None:
     (run_dir / "summary.json").write_text(json.dumps({"method": "lora", "eval": {"ptb": {"ppl": 1.0}}}))
 
 
+def test_budget_line_says_what_was_evaluated_and_which_key_lifts_the_limit():
+    cfg = EvalConfig(limit=50)
+    assert runner.budget_line("gsm8k", cfg, {"n": 50, "n_available": 1319}) == \
+        "gsm8k: 50 of 1319 questions (eval.limit=50; set eval.limit=null for all)"
+    assert runner.budget_line("humaneval", cfg, {"n": 164, "n_available": 164}) == "humaneval: all 164 problems"
+    own = EvalConfig(limit=50, task_limits={"mmlu": 57})
+    assert runner.budget_line("mmlu", own, {"n": 57, "n_available": 14042}) == (
+        "mmlu: 57 of 14042 questions (eval.task_limits.mmlu=57; set eval.task_limits.mmlu=null and eval.limit=null "
+        "for all)")
+    assert runner.budget_line("wikitext2", cfg, {"n": 50, "seqlen": 512}) == (
+        "wikitext2: the first 50 windows of 512 tokens of the test split (eval.limit=50; set eval.limit=null for "
+        "the whole split)")
+    assert runner.budget_line("ptb", EvalConfig(limit=None), {"n": 40, "seqlen": 2048}) == \
+        "ptb: all 40 windows of 2048 tokens of the test split"
+
+
+def test_standalone_eval_reuses_the_runs_eval_settings_except_overridden_keys():
+    from prunedlora.eval.standalone import run_eval_config
+
+    run = {"eval": {"limit": 8, "seqlen": 128, "task_limits": {"gsm8k": 4}, "max_gen_toks": 32,
+                    "no_longer_a_key": 1}}  # a key an older version wrote is ignored
+    current = EvalConfig(limit=50, seqlen=2048, batch_size=2)
+    merged = run_eval_config(run, current, overridden=["eval.seqlen"])
+    assert (merged.limit, merged.seqlen, merged.max_gen_toks, merged.batch_size) == (8, 2048, 32, 2)
+    assert merged.task_limits["gsm8k"] == 4 and merged.task_limits["mmlu"] is None
+    assert run_eval_config(run, current, ["eval.task_limits.gsm8k"]).task_limits["gsm8k"] is None
+    assert run_eval_config(run, current, ["eval"]) is current  # eval=default on the command line: ours whole
+    assert run_eval_config({"model": {}}, current, []) is current  # a run without an eval section
+
+
 def test_prunedlora_eval_run_dir_merged_and_adapter_agree(tmp_path, data_root, byte_tokenizer):
     from prunedlora.eval.standalone import run_eval
 

@@ -251,7 +251,7 @@ def budget_line(task: str, cfg: EvalConfig, settings: dict[str, Any]) -> str:
     if task in UNITS:
         available = settings.get("n_available")
         what = f"{n} of {available} {UNITS[task]}" if available is not None else f"{n} {UNITS[task]}"
-        cut = limit is not None and available is not None and limit < int(available)
+        cut = limit is not None and available is not None and n < int(available)
         return f"{task}: {what} ({key}={limit}; {lift} for all)" if cut else f"{task}: all {what.split(' of ')[-1]}"
     windows = f"{n} windows of {settings.get('seqlen')} tokens"
     if limit is not None and n >= limit:  # the text may hold more windows than the limit took
