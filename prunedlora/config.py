@@ -546,6 +546,16 @@ def register_configs() -> None:
         cs.store(group="schema/method", name=name, node=schema)
 
 
+def compose_config(overrides: list[str]) -> RootConfig:
+    """The typed config that ``prunedlora-train <overrides>`` runs with (Hydra's compose API: scripts, tests)."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    register_configs()
+    with initialize_config_module(version_base="1.3", config_module="prunedlora.configs"):
+        return OmegaConf.to_object(compose("config", overrides=overrides))
+
+
 # ---------------------------------------------------------------------------------------- validation
 COMPILE_BACKENDS = ("inductor", "aot_eager")
 SCHEDULES = ("auto", "none", "constant", "geometric", "linear", "cubic")

@@ -7,10 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hydra import compose, initialize_config_module
-from omegaconf import OmegaConf
 
-from prunedlora.config import RootConfig, register_configs
+from prunedlora.config import RootConfig, compose_config
 from prunedlora.data import batching
 from prunedlora.train.recipe import run
 
@@ -33,9 +31,7 @@ METHOD_OVERRIDES: dict[str, list[str]] = {
 
 def compose_root(overrides: list[str], data_root: Path | None = None) -> RootConfig:
     """The typed config for ``overrides`` (reading the local mirror ``data_root`` only, when given)."""
-    register_configs()
-    with initialize_config_module(version_base="1.3", config_module="prunedlora.configs"):
-        cfg = OmegaConf.to_object(compose("config", overrides=overrides))
+    cfg = compose_config(overrides)
     if data_root is not None:
         cfg.data.root, cfg.data.hub = str(data_root), False
     return cfg

@@ -92,3 +92,18 @@ def test_compile_is_off_by_default_and_leaves_the_module_uncompiled() -> None:
                            device=torch.device("cpu"), bf16=False, compile_backend="aot_eager")
     assert compiled.forward is not model and compiled.model is model
     assert replace(cfg.train, compile=True).compile_backend == "inductor"
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(METHOD_OVERRIDES))
+def test_inductor_on_cuda_trains_like_eager(name: str, data_root: Path, tmp_path: Path) -> None:
+    """The real backend on the real device (``scripts/gpu_check.sh`` runs the ``gpu`` marker)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA: run scripts/gpu_check.sh on a GPU machine")
+    overrides = [*TINY_OVERRIDES, f"method={name}", *METHOD_OVERRIDES[name], *STEPS, "train.device=cuda"]
+    run(compose_root(overrides, data_root), tmp_path / "eager")
+    _fresh_dynamo()
+    run(compose_root([*overrides, "train.compile=true"], data_root), tmp_path / "compiled")
+    assert _graphs() == 1
+    assert _losses(tmp_path / "compiled") == pytest.approx(_losses(tmp_path / "eager"), rel=2e-2, abs=2e-2)
