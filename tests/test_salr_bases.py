@@ -204,3 +204,9 @@ def test_zero_steps_evaluates_the_starting_model(method: str, tmp_path: Path, da
     assert (run_dir / "model" / "config.json").exists()
     if method == "salr":
         assert summary["sparsity"] == pytest.approx(0.5)
+
+
+def test_a_quantized_base_must_use_the_dense_base_format() -> None:
+    method = build_method(SalrConfig(base_format="bitmap", base_criterion="magnitude"), SparsityConfig(final=0.5))
+    with pytest.raises(ConfigError, match="method.base_format=bitmap with model.quantization=nf4"):
+        method.prepare(AttachContext(quantization="nf4"))

@@ -214,6 +214,10 @@ class SalrMethod:
 
     def prepare(self, context: AttachContext) -> None:
         """What ``attach`` needs beyond the model: calibration data (wanda, sparsegpt), the quantization."""
+        if context.quantization != "none" and self.cfg.base_format != "dense":
+            raise ConfigError(f"method.base_format={self.cfg.base_format} with model.quantization="
+                              f"{context.quantization}: a quantized sparse base runs in bitsandbytes' own layers; use "
+                              "method.base_format=dense")
         self.context = context
 
     def _calibration(self, model: nn.Module, targets: dict[str, nn.Module]) -> dict[str, InputStats] | None:
