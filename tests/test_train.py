@@ -197,3 +197,35 @@ def test_training_peak_memory_leaves_out_what_came_before():
     reset_peak_memory(cpu)
     after = peak_memory_mb(cpu)
     assert after < before - 400 and after == pytest.approx(resident_memory_mb(cpu), abs=64)
+
+
+def test_the_deepspeed_resume_path_checks_the_adapter_keys_too() -> None:
+    """``trainable_too=False`` (DeepSpeed restores the trainables itself) loads only masks, and refuses a checkpoint
+    whose keys do not match the model, as the single-process path does."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from prunedlora.adapters.lora import inject_lora, mark_only_lora_as_trainable
+    from prunedlora.train.checkpoint import adapter_state_dict, load_adapter_state_dict
+
+    def model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        m = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+        inject_lora(m, ["q_proj"], 2, 4.0)
+        mark_only_lora_as_trainable(m)
+        return m
+
+    saved = adapter_state_dict(model())
+    mask_key = next(k for k in saved if k.endswith("rank_mask"))
+    b_key = next(k for k in saved if k.endswith("lora_B.weight"))
+    saved[mask_key] = torch.zeros_like(saved[mask_key])
+    saved[b_key] = torch.ones_like(saved[b_key])
+    target = model()
+    load_adapter_state_dict(target, saved, trainable_too=False)
+    state = target.state_dict()
+    assert torch.equal(state[mask_key], saved[mask_key]) and not torch.equal(state[b_key], saved[b_key])
+    with pytest.raises(RuntimeError, match="unexpected keys"):
+        load_adapter_state_dict(model(), {**saved, "model.layers.9.self_attn.q_proj.rank_mask": saved[mask_key]},
+                                trainable_too=False)
+    with pytest.raises(RuntimeError, match="trainable parameters missing"):
+        load_adapter_state_dict(model(), {k: v for k, v in saved.items() if k != b_key}, trainable_too=False)

@@ -38,7 +38,7 @@ from omegaconf import OmegaConf
 from prunedlora.config import ConfigError, EvalConfig, ModelConfig, RootConfig, validate
 from prunedlora.eval.runner import evaluate
 from prunedlora.eval.wandb_log import log_eval_run
-from prunedlora.models.load import load_model
+from prunedlora.models.load import load_model, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def run_eval(cfg: RootConfig, out_dir: Path, eval_overrides: Sequence[str] = ())
         cfg = replace(cfg, eval=run_eval_config(run_config, cfg.eval, eval_overrides))
     validate(cfg)
     tasks = _default_tasks(cfg, run_config, eval_overrides)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(cfg.train.device)
     if cfg.run_dir is not None:
         model, tokenizer, identity = _load_run(cfg, Path(cfg.run_dir).expanduser(), device)
         model_id = identity.get("model_dir") or identity.get("adapter") or str(cfg.run_dir)

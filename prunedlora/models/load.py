@@ -192,6 +192,13 @@ def _tokenizer_from(path: str, cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return _ensure_pad(tokenizer, cfg.name_or_path)
 
 
+def resolve_device(name: str) -> torch.device:
+    """``train.device``: auto (CUDA when available), cpu, cuda or cuda:N (training and standalone evaluation)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load model and tokenizer as ``cfg`` says, optionally bitsandbytes-quantized.
 

@@ -49,10 +49,15 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Load what ``adapter_state_dict`` saved; every saved key must land and every trainable be covered."""
-    result = model.load_state_dict(state, strict=False)
+def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], *, trainable_too: bool = True) -> None:
+    """Load what ``adapter_state_dict`` saved; every saved key must land and every trainable be covered.
+
+    ``trainable_too=False`` loads only the rest (masks): under DeepSpeed, its own checkpoint restores the trainable
+    parameters. The keys are checked the same way either way.
+    """
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    result = model.load_state_dict(state if trainable_too else {k: v for k, v in state.items() if k not in trainable},
+                                   strict=False)
     uncovered = sorted(trainable - set(state))
     if result.unexpected_keys or uncovered:
         raise RuntimeError(

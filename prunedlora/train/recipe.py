@@ -23,7 +23,7 @@ from prunedlora.data.batching import ResumableBatches, ShardedBatches, build_tra
 from prunedlora.eval.runner import evaluate
 from prunedlora.methods import Method, build_method
 from prunedlora.methods.base import AttachContext
-from prunedlora.models.load import count_parameters, load_model
+from prunedlora.models.load import count_parameters, load_model, resolve_device
 from prunedlora.train import checkpoint as ckpt
 from prunedlora.train.engine import (
     DeepSpeedEngine,
@@ -41,12 +41,6 @@ from prunedlora.train.rundir import prepare_run_dir
 from prunedlora.train.tracking import log_eval, start_wandb
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
@@ -208,12 +202,8 @@ def _maybe_resume(run_dir: Path, model: nn.Module, engine: TorchEngine | DeepSpe
     if latest is None:
         return 0
     state = ckpt.load_checkpoint(latest)
-    adapter = state[ckpt.ADAPTER_KEY]
-    if distributed:  # DeepSpeed restores the parameters itself; ours holds only what it doesn't (masks)
-        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        model.load_state_dict({k: v for k, v in adapter.items() if k not in trainable}, strict=False)
-    else:
-        ckpt.load_adapter_state_dict(model, adapter)
+    # Under DeepSpeed its own checkpoint restores the trainable parameters; ours adds what it lacks (masks).
+    ckpt.load_adapter_state_dict(model, state[ckpt.ADAPTER_KEY], trainable_too=not distributed)
     engine.load(latest, state)
     batches.load_state_dict(state[ckpt.DATA_KEY])
     for cb, cb_state in zip(callbacks, state[ckpt.CALLBACKS_KEY], strict=True):
