@@ -32,6 +32,8 @@ def preset(name: str, **overrides: object) -> ModelConfig:
     """A model preset from configs/model/, validated against the schema as Hydra would."""
     raw = OmegaConf.load(CONFIGS / f"{name}.yaml")
     raw.pop("defaults", None)  # schema links in the defaults list are Hydra's business, not ours
+    if "model" in raw:  # a global-package preset (tiny: it also sets the smoke-run eval budget)
+        raw = raw.model
     merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), raw, overrides)
     return OmegaConf.to_object(merged)
 
