@@ -273,6 +273,13 @@ def _count_label(rows: list[dict[str, Any]], metric: str) -> str:
     return f" (n={counts[0]} per run)" if len(counts) == 1 else f" (n={counts[0]}-{counts[-1]} per run)"
 
 
+def _offset_from(ax: Any, point: Point) -> Any:
+    """Text coordinates in points, measured from ``point`` (so labels of neighbouring points stack evenly)."""
+    from matplotlib.text import OffsetFrom
+
+    return OffsetFrom(ax.transData, (point.x, point.y), unit="points")
+
+
 def plot_metric(rows: list[dict[str, Any]], metric: str, path: Path) -> Path | None:
     """PNG of ``metric`` against the reached sparsity, one line per method; None when there is nothing to show
     (no run has both values, or the metric is 0 for every run)."""
@@ -290,14 +297,15 @@ def plot_metric(rows: list[dict[str, Any]], metric: str, path: Path) -> Path | N
     short = False
     for method, pts in series.items():
         color = next(colors)
-        if all(p.x == 0 for p in pts):  # prunes nothing: a reference level across the plot
+        if all(p.target is None and p.x == 0 for p in pts):  # prunes nothing: a reference level across the plot
             mean = statistics.fmean(p.y for p in pts)
             ax.axhline(mean, color=color, linestyle="--", linewidth=1, label=f"{method} (no pruning)")
         xs, means = [p.x for p in pts], [p.y for p in pts]
         errs = [p.err or 0.0 for p in pts]
+        dense = all(p.target is None and p.x == 0 for p in pts)
         ax.errorbar(xs, means, yerr=errs if any(errs) else None, color=color, marker="o", capsize=3,
-                    linestyle="-" if len(pts) > 1 else "none", label=None if xs == [0] * len(xs) else method)
-        at_x: dict[float, int] = {}
+                    linestyle="-" if len(pts) > 1 else "none", label=None if dense else method)
+        same_x: dict[float, list[tuple[Point, str]]] = {}
         for p in pts:
             if not p.reached:
                 short = True
@@ -305,22 +313,28 @@ def plot_metric(rows: list[dict[str, Any]], metric: str, path: Path) -> Path | N
                         markeredgewidth=2, linestyle="none", zorder=3)
             label = ", ".join(([f"target {p.target:g}"] if not p.reached else [])
                               + ([f"{p.runs} seeds"] if p.runs > 1 else []))
-            if label:  # points sharing an x (targets that ended at the same sparsity): labels alternate sides
-                k = at_x[round(p.x, 4)] = at_x.get(round(p.x, 4), -1) + 1
-                ax.annotate(label, (p.x, p.y), textcoords="offset points", xytext=(-9 if k % 2 else 9, 0),
-                            ha="right" if k % 2 else "left", va="center", fontsize=8, color=color)
+            if label:
+                same_x.setdefault(round(p.x, 4), []).append((p, label))
+        for group in same_x.values():  # targets that ended at the same sparsity: one column of linked labels
+            group.sort(key=lambda item: -item[0].y)
+            top = group[0][0]
+            for k, (p, label) in enumerate(group):
+                ax.annotate(label, (p.x, p.y), xytext=(14, -13 * k), textcoords=_offset_from(ax, top), ha="left",
+                            va="center", fontsize=8, color=color,
+                            arrowprops={"arrowstyle": "-", "color": color, "lw": 0.6} if len(group) > 1 else None)
     if short:
         ax.plot([], [], marker="o", markerfacecolor="white", markeredgecolor="black", linestyle="none",
                 label="target not reached")
     targets = [p.target or 0.0 for pts in series.values() for p in pts]
     xs_all = [p.x for pts in series.values() for p in pts]
     ax.set_xlim(-0.02, max(0.1, max(xs_all + targets) * 1.1))
+    ax.margins(y=0.12)  # room for the labels of the lowest and highest points
     ax.set_xlabel("sparsity reached (fraction pruned)")
     ax.set_ylabel(metric + _count_label(rows, metric))
     several = any(p.runs > 1 for pts in series.values() for p in pts)
     better = direction(metric)
-    ax.set_title(f"{metric}" + (f" ({better})" if better else "")
-                 + ("\nmean ± 1 s.d. where a point has several seeds" if several else "\none run per point"), fontsize=10)
+    subtitle = "mean ± 1 s.d. where a point has several seeds" if several else "one run per point"
+    ax.set_title(f"{metric}" + (f" ({better})" if better else "") + f"\n{subtitle}", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
