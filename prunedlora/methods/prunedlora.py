@@ -173,7 +173,8 @@ def global_plan(active: dict[str, int], r0: int, target: int, min_rank: int,
 
 def uniform_select(saliencies: dict[str, torch.Tensor], capacity: dict[str, int], budget: int,
                    relative: bool = True) -> dict[str, list[int]]:
-    """The ``capacity[m]`` lowest saliencies of each module, lowest first."""
+    """The ``capacity[m]`` lowest saliencies of each module, lowest first (``relative`` cannot change an order
+    within one module; it is accepted so both allocations share one signature)."""
     return {name: lowest(s, capacity[name]) for name, s in saliencies.items()}
 
 
