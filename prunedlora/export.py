@@ -13,6 +13,7 @@ from torch import nn
 
 from prunedlora.adapters.lora import merge_lora
 from prunedlora.models.load import count_parameters
+from prunedlora.models.surgery import dequantize_linears
 
 __all__ = ["count_parameters", "dequantize_base", "save_merged_model", "save_pretrained_dir"]
 
@@ -34,9 +35,9 @@ def dequantize_base(model: nn.Module) -> None:
 
     Packed 4/8-bit weights cannot absorb a LoRA update; the merged export is therefore a float model of the
     dequantized base plus the adapter (the adapter-only export in ``adapter/`` keeps the quantized path).
+    ``dequantize_linears`` also reads the layout bitsandbytes repacks 4-bit weights into for its CPU kernel.
     """
-    if getattr(model, "hf_quantizer", None) is not None:
-        model.dequantize()
+    dequantize_linears(model)
 
 
 def save_merged_model(model: nn.Module, tokenizer: Any, out_dir: Path) -> None:

@@ -24,6 +24,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from prunedlora.models.surgery import replace_module, target_module_names
+
 
 class LoRALinear(nn.Module):
     """A base linear plus a rank-``r`` low-rank update with a rank mask.
@@ -123,14 +125,8 @@ class LoRALinear(nn.Module):
 
 
 # ------------------------------------------------------------------------------------- model helpers
-def _is_target(name: str, module: nn.Module, target_modules: Iterable[str]) -> bool:
-    targets = list(target_modules)
-    if not isinstance(module, nn.Linear) or isinstance(module, LoRALinear):
-        return False
-    leaf = name.rsplit(".", 1)[-1]
-    if "all-linear" in targets:
-        return leaf != "lm_head"
-    return leaf in targets
+def _is_wrappable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) and not isinstance(module, LoRALinear)
 
 
 def inject_lora(
@@ -147,21 +143,11 @@ def inject_lora(
     Modules are visited in ``named_modules`` order (as PEFT does), so seeded initialisation matches.
 
     Raises:
-        ValueError: when no module matches ``target_modules`` (names and the fix in the message).
+        ConfigError: when no module matches ``target_modules`` (names and the fix in the message).
     """
-    targets = list(target_modules)
-    names = [name for name, module in model.named_modules() if _is_target(name, module, targets)]
-    if not names:
-        linear_leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ValueError(
-            f"method.target_modules={targets} matches no linear layer of this model. "
-            f"Its linear layers are named {linear_leaves}; set method.target_modules to some of these, "
-            "or to [all-linear]."
-        )
+    names = target_module_names(model, target_modules, _is_wrappable)
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer_cls(getattr(parent, child), rank, alpha, dropout, use_rslora))
+        replace_module(model, name, layer_cls(model.get_submodule(name), rank, alpha, dropout, use_rslora))
     return names
 
 
@@ -183,8 +169,6 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """
     for name, module in list(lora_modules(model).items()):
         module.merge()
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, module.base_layer)
+        replace_module(model, name, module.base_layer)
     return model
 

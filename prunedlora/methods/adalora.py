@@ -36,8 +36,9 @@ import torch
 from torch import nn
 
 from prunedlora.config import AdaLoraConfig, ConfigError, SparsityConfig
-from prunedlora.export import count_parameters, dequantize_base, save_pretrained_dir
+from prunedlora.export import count_parameters, save_pretrained_dir
 from prunedlora.methods.base import Callback, default_parameter_groups
+from prunedlora.models.surgery import dequantize_linears, dequantized_weight, replace_module, target_module_names
 
 log = logging.getLogger(__name__)
 
@@ -83,17 +84,6 @@ def build_peft_config(cfg: AdaLoraConfig, target_rank: int) -> Any:
     )
 
 
-def _check_targets(model: nn.Module, targets: list[str]) -> None:
-    """Fail with our message (names and fix) before PEFT fails with its own."""
-    leaves = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)}
-    if "all-linear" in targets or leaves & set(targets):
-        return
-    raise ValueError(
-        f"method.target_modules={targets} matches no linear layer of this model. Its linear layers are named "
-        f"{sorted(leaves)}; set method.target_modules to some of these, or to [all-linear]."
-    )
-
-
 def attach_adalora(model: nn.Module, cfg: AdaLoraConfig, target_rank: int) -> Any:
     """Inject PEFT's AdaLoRA layers into ``model`` in place; returns the ``PeftModel`` handle.
 
@@ -102,7 +92,7 @@ def attach_adalora(model: nn.Module, cfg: AdaLoraConfig, target_rank: int) -> An
     """
     from peft import get_peft_model
 
-    _check_targets(model, list(cfg.target_modules))
+    target_module_names(model, cfg.target_modules)  # our message (names and fix) before PEFT fails with its own
     with warnings.catch_warnings():  # PEFT probes transformers' deprecated `is_gradient_checkpointing`
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*is_gradient_checkpointing.*")
         return get_peft_model(model, build_peft_config(cfg, target_rank), adapter_name=ADAPTER)
@@ -308,22 +298,19 @@ def merge_into_dequantized_base(model: nn.Module) -> nn.Module:
     the remaining quantized linears are dequantized as they are (the QLoRA-style merged export).
     """
     from peft.tuners.adalora import AdaLoraLayer
-    from peft.utils.integrations import dequantize_bnb_weight
 
     for name, module in list(model.named_modules()):
         if not isinstance(module, AdaLoraLayer):
             continue
         base = module.get_base_layer()
-        weight = dequantize_bnb_weight(base.weight, state=getattr(base, "state", None)).float()
-        weight = weight + adalora_delta_weight(module)
+        weight = dequantized_weight(base) + adalora_delta_weight(module)
         linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None, device=weight.device)
         with torch.no_grad():
             linear.weight.copy_(weight)
             if base.bias is not None:
                 linear.bias.copy_(base.bias.float())
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
-    dequantize_base(model)
+        replace_module(model, name, linear)
+    dequantize_linears(model)
     return model
 
 

@@ -42,13 +42,12 @@ import torch
 from torch import nn
 
 from prunedlora.adapters.lora import LoRALinear
+from prunedlora.models.surgery import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, projection
 
 ROW_PROJECTIONS = {"q_proj": "q", "k_proj": "kv", "v_proj": "kv", "gate_proj": "channel", "up_proj": "channel"}
 """Linears whose *output rows* belong to a group, and which group mask covers them."""
 COLUMN_PROJECTIONS = {"o_proj": "q", "down_proj": "channel"}
 """Linears whose *input columns* belong to a group."""
-ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 MASK_MODULE = "structure_mask"
 """Attribute name of the ``StructureMask`` child added to each prunable decoder layer."""
 
@@ -165,9 +164,9 @@ def attach_structure_masks(model: nn.Module, layer_indices: list[int]) -> dict[i
         mask.to(device=layer.input_layernorm.weight.device)
         layer.add_module(MASK_MODULE, mask)
         for name, kind in ROW_PROJECTIONS.items():
-            mask._handles.append(_projection(layer, name).register_forward_hook(_output_hook(mask, kind)))
+            mask._handles.append(projection(layer, name).register_forward_hook(_output_hook(mask, kind)))
         for name, kind in COLUMN_PROJECTIONS.items():
-            mask._handles.append(_projection(layer, name).register_forward_pre_hook(_input_hook(mask, kind)))
+            mask._handles.append(projection(layer, name).register_forward_pre_hook(_input_hook(mask, kind)))
         masks[i] = mask
     return masks
 
@@ -183,10 +182,6 @@ def detach_structure_masks(model: nn.Module) -> dict[int, StructureMask]:
             mask._handles.clear()
             masks[i] = mask
     return masks
-
-
-def _projection(layer: nn.Module, name: str) -> nn.Module:
-    return getattr(layer.self_attn if name in ATTENTION_PROJECTIONS else layer.mlp, name)
 
 
 # ------------------------------------------------------------------------------------- selection
