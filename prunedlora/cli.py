@@ -169,6 +169,14 @@ def eval_main() -> None:
         if not any(k in ("run_dir", "model", "experiment") or k.startswith("model.") for k in keys):
             print(f"prunedlora-eval: error: {EVAL_USAGE}", file=sys.stderr)
             sys.exit(EXIT_CONFIG_ERROR)
+    multirun = any(arg in ("-m", "--multirun") for arg in argv)
+    for arg in argv:  # results are filed under the run: a mistyped run_dir must not create a directory
+        key, _, value = arg.lstrip("+").partition("=")
+        if key == "run_dir" and value and not multirun and not Path(value).expanduser().is_dir():
+            print(format_error(f"run_dir={value} is not a directory. Give a prunedlora-train run directory (it "
+                               "holds model/ and summary.json), or evaluate a model with "
+                               "model.name_or_path=<hub id or local dir>."), file=sys.stderr)
+            sys.exit(EXIT_CONFIG_ERROR)
     if not any(k.startswith("hydra.run.dir") for k in keys):
         OmegaConf.register_new_resolver("prunedlora_eval_dir", eval_output_dir, replace=True)
         sys.argv.append(EVAL_RUN_DIR)

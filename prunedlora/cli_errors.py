@@ -58,7 +58,9 @@ def valid_keys(method_schema: type | None = None) -> list[str]:
     for schema in methods:
         keys += [k for k in _schema_keys(schema, "method.") if k not in keys]
     keys += [f"eval.task_limits.{task}" for task in EVAL_TASKS]
-    return keys
+    from hydra.conf import HydraConf  # hydra.run.dir, hydra.sweep.dir, ... (Hydra's own schema)
+
+    return keys + _schema_keys(HydraConf, "hydra.")
 
 
 def _method_schema(cause: BaseException | None) -> type | None:

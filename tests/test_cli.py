@@ -99,6 +99,11 @@ def test_eval_without_a_model_shows_both_forms(data_root: Path, tmp_path: Path) 
     assert "prunedlora-eval run_dir=<run dir>" in proc.stderr and "model.name_or_path=" in proc.stderr
     assert not (tmp_path / "outputs").exists()  # nothing started, nothing written
 
+    missing = tmp_path / "no_such_run"  # results are filed under run_dir: a typo must not create it
+    proc = run_cli(["prunedlora-eval", f"run_dir={missing}"], data_root)
+    assert proc.returncode == 2 and ONE_PARAGRAPH.fullmatch(proc.stderr), proc.stderr
+    assert f"run_dir={missing}" in proc.stderr and not missing.exists()
+
 
 @pytest.mark.parametrize("prog", ["prunedlora-train", "prunedlora-eval"])
 def test_help_opens_with_what_the_command_does(prog: str, data_root: Path) -> None:
