@@ -130,3 +130,17 @@ def test_report_on_a_real_tiny_multirun(tmp_path: Path, data_root: Path):
         ("lora", 0.25), ("lora", 0.5), ("prunedlora", 0.25), ("prunedlora", 0.5)]
     assert all(float(r["ptb/ppl"]) > 1 for r in rows)
     assert (sweep / "report" / "ptb_ppl.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_standalone_evals_filed_under_a_run_fill_its_row(multirun: Path):
+    """``prunedlora-eval run_dir=<run>`` writes <run>/evals/<time>/eval/: its new tasks join the run's row (the run's
+    own evaluation wins for tasks both have), and it is not a run of its own."""
+    later = multirun / "1" / "evals" / "2026-01-02_00-00-00-000000" / "eval"
+    later.mkdir(parents=True)
+    (later / "results.json").write_text(json.dumps({
+        "results": {"mmlu": {"acc": 0.31}, "wikitext2": {"ppl": 99.0}}, "settings": {"mmlu": {"n": 57}},
+        "model": {"run_dir": str(multirun / "1")}}))
+    rows = report.collect(multirun)
+    assert [r["run"] for r in rows] == ["0", "1"]
+    assert rows[1]["mmlu/acc"] == 0.31 and rows[1]["mmlu/n"] == 57 and rows[1]["wikitext2/ppl"] == 13.5
+    assert "mmlu/acc" not in rows[0]
