@@ -16,6 +16,8 @@ from compare_suites import Suite
 
 SMOOTH = 5
 """Training-loss plot: centred moving average over this many steps (one step is 2 x 256 tokens, a noisy loss)."""
+REFERENCE = "lora r8"
+"""The series the loss plot's lower panel subtracts, seed by seed."""
 
 
 def series_values(rows: dict[str, dict], series: str, key: str) -> list[float]:
@@ -108,35 +110,52 @@ def _smooth(values: list[float], width: int) -> list[float]:
             for i in range(len(values))]
 
 
-def loss_plot(suite: Suite, run_dirs: dict[str, Path], finished: set[str], path: Path) -> Path | None:
-    """Training loss (mean over the finished seeds, moving average) per series; the pruning events marked."""
+def _mean_curve(curves: list[dict[int, float]]) -> tuple[list[int], list[float]]:
+    steps = sorted(set.intersection(*(set(c) for c in curves)))
+    return steps, [sum(c[s] for c in curves) / len(curves) for s in steps]
+
+
+def loss_plot(suite: Suite, run_dirs: dict[str, Path], finished: set[str], path: Path,
+              reference: str = REFERENCE) -> Path | None:
+    """Training loss per series (mean over the finished seeds, moving average), pruning events dotted.
+
+    Top: the loss itself. Bottom: the loss minus ``reference``'s in the same seed. Runs of one seed see the
+    same batches in the same order, so the difference removes most of the batch-to-batch noise and shows
+    what each pruning event costs and how fast it is recovered.
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(9, 5), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    drawn = 0
-    for k, name in enumerate(dict.fromkeys(run.series for run in suite.runs if run.series)):
-        dirs = [run_dirs[r.label] for r in suite.runs if r.series == name and r.label in finished]
-        curves = [_losses(d) for d in dirs]
-        curves = [c for c in curves if c]
-        if not curves:
-            continue
-        steps = sorted(set.intersection(*(set(c) for c in curves)))
-        mean = [sum(c[s] for c in curves) / len(curves) for s in steps]
-        color = f"C{k}"
-        ax.plot(steps, _smooth(mean, SMOOTH), color=color, label=f"{name} ({len(curves)} seed(s))")
-        for step in _events(dirs[0]):
-            ax.axvline(step, color=color, alpha=0.25, linestyle=":")
-        drawn += 1
-    if not drawn:
+    runs = {name: {r.seed: run_dirs[r.label] for r in suite.runs if r.series == name and r.label in finished}
+            for name in dict.fromkeys(run.series for run in suite.runs if run.series)}
+    runs = {name: dirs for name, dirs in runs.items() if dirs}
+    if not runs:
         return None
-    ax.set_xlabel("optimizer step (dotted: pruning events, in the line's colour)")
-    ax.set_ylabel(f"training loss (mean over seeds, moving average of {SMOOTH})")
-    ax.set_title(f"{suite.title}: training loss around the pruning events")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
+    fig = Figure(figsize=(9, 7), dpi=100)
+    FigureCanvasAgg(fig)
+    top, bottom = fig.add_subplot(2, 1, 1), fig.add_subplot(2, 1, 2, sharex=None)
+    ref = {seed: _losses(d) for seed, d in runs.get(reference, {}).items()}
+    for k, (name, dirs) in enumerate(runs.items()):
+        color = f"C{k}"
+        steps, mean = _mean_curve([_losses(d) for d in dirs.values()])
+        top.plot(steps, _smooth(mean, SMOOTH), color=color, label=f"{name} ({len(dirs)} seed(s))")
+        paired = [{s: c[s] - ref[seed][s] for s in c if s in ref[seed]}
+                  for seed, c in ((seed, _losses(d)) for seed, d in dirs.items()) if seed in ref]
+        if paired and name != reference:
+            steps, diff = _mean_curve(paired)
+            bottom.plot(steps, _smooth(diff, SMOOTH), color=color, label=f"{name} ({len(paired)} seed(s))")
+        for ax in (top, bottom):
+            for step in _events(next(iter(dirs.values()))):
+                ax.axvline(step, color=color, alpha=0.3, linestyle=":")
+    top.set_ylabel(f"training loss\n(seed mean, moving avg {SMOOTH})")
+    top.set_title(f"{suite.name}: training loss; dotted lines: pruning events (line colour)")
+    bottom.axhline(0.0, color="black", linewidth=0.8)
+    bottom.set_ylabel(f"minus {reference}, same seed\n(seed mean, moving avg {SMOOTH})")
+    bottom.set_xlabel("optimizer step")
+    for ax in (top, bottom):
+        ax.grid(True, alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
     return path

@@ -44,7 +44,7 @@ def test_prunedlora_runs_reach_their_rank_within_the_cpu_budget() -> None:
     for s in (0.25, 0.5, 0.75):
         cfg = compose_root([*BUDGETS["cpu"]["gsm8k"], *next(r for r in SUITES["sweep"].runs
                                                              if r.label == f"prunedlora-s{s:.2f}").overrides])
-        target = cfg.method.target_rank(cfg.sparsity.final)
+        target = cfg.method.final_rank(cfg.sparsity.final)
         events = (cfg.method.init_rank - target) // cfg.sparsity.per_event
         assert target == round(32 * (1 - s)) and events * cfg.sparsity.every <= steps // 2  # half the steps recover
 
@@ -59,7 +59,7 @@ def test_prunedlora_suite_runs_every_variant_over_the_seeds_to_rank_8() -> None:
         seeds.setdefault(run.series, set()).add(run.seed)
         cfg = compose_root([*BUDGETS["cpu"]["gsm8k"], *suite.eval_overrides, *run.overrides])
         if cfg.method.name == "prunedlora":
-            assert (cfg.method.init_rank, cfg.method.target_rank(cfg.sparsity.final)) == (32, 8), run.label
+            assert (cfg.method.init_rank, cfg.method.final_rank(cfg.sparsity.final)) == (32, 8), run.label
             sparsity = sparsity_for_target(cfg.sparsity, 32, 8)  # what the method runs: method.rank wins
             final = target_fraction(sparsity, 36, 60, units=32, default=DEFAULT_SCHEDULE)
             assert final == pytest.approx(0.75), run.label  # rank 8 by 60% of the 60 steps: time to recover
@@ -109,3 +109,22 @@ def test_quality_suite_has_the_one_shot_baselines_and_checks_the_pruned_base_tar
     assert any("Wanda (target): no" in v and "ptb/ppl" in v for v in verdicts)
     assert any("within 1.5x of dense LoRA: no (60 vs 33.8: 1.78x" in v for v in verdicts)
     assert any("channel_taylor" in v and "not measured" in v for v in verdicts)
+
+
+def test_loss_plot_draws_finished_runs_and_their_difference_to_lora_r8(tmp_path: Path) -> None:
+    import json
+
+    from compare_seeds import _events, _losses, loss_plot
+
+    suite = SUITES["prunedlora"]
+    dirs, finished = {}, set()
+    for run in suite.runs[:2]:  # the default and LoRA r8, seed 42
+        d = tmp_path / run.label
+        d.mkdir()
+        records = [{"step": s, "loss": 1.0 / s, "pruned_this_step": 4 if s % 5 == 0 else 0} for s in range(1, 11)]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        dirs[run.label], finished = d, finished | {run.label}
+    assert _events(dirs[suite.runs[0].label]) == [5, 10] and _losses(dirs[suite.runs[0].label])[2] == 0.5
+    assert loss_plot(suite, dirs, set(), tmp_path / "none.png") is None
+    assert loss_plot(suite, dirs, finished, tmp_path / "loss.png") == tmp_path / "loss.png"
+    assert (tmp_path / "loss.png").stat().st_size > 10_000
