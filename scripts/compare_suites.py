@@ -320,7 +320,7 @@ SUITES: dict[str, Suite] = {
         "ptb", (("wikitext2/ppl", "WikiText-2 PPL"), ("ptb/ppl", "PTB PPL")), _quality_setup, _quality_verdicts,
         papers=LORAPRUNE_PAPER),
     "prunedlora": Suite(
-        "prunedlora", "PrunedLoRA 32 -> 8 against LoRA at ranks 8 and 16, three seeds", _prunedlora_runs(),
+        "prunedlora", "PrunedLoRA 32 -> 8 against LoRA at ranks 8 and 16, seeds 42, 1, 2", _prunedlora_runs(),
         "gsm8k", (("gsm8k_loss/loss", "GSM8K held-out loss"), ("wikitext2/ppl", "WikiText-2 PPL")),
         _prunedlora_setup, _prunedlora_verdicts, eval_overrides=("eval.tasks=[gsm8k_loss,wikitext2]",),
         seeded=True),
