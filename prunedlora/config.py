@@ -6,7 +6,7 @@ with an error that names the key. ``OmegaConf.to_object`` turns the composed con
 dataclasses; code below the recipe only ever sees dataclasses, never a raw ``DictConfig``.
 
 Groups with several shapes (``method``) get one dataclass per option, all sharing ``MethodConfig``.
-Derived quantities are methods (``PrunedLoraConfig.target_rank``), not stored fields that can drift.
+Derived quantities are methods (``PrunedLoraConfig.final_rank``), not stored fields that can drift.
 """
 
 from __future__ import annotations
@@ -98,6 +98,14 @@ class DropLoraConfig(MethodConfig):
 
 PRUNEDLORA_CRITERIA = ("obs", "obs_grad", "magnitude", "taylor", "activation")
 PRUNEDLORA_RECOVERY_FACTORS = ("b", "a", "both")
+
+
+def rank_after_pruning(init_rank: int, sparsity_final: float, explicit: int | None = None) -> int:
+    """The final rank of a rank-pruning method: ``explicit`` when given, else ``init_rank * (1 - sparsity_final)``,
+    at least 1 (PrunedLoRA's and AdaLoRA's ``final_rank``)."""
+    if explicit is not None:
+        return explicit
+    return max(1, round(init_rank * (1.0 - sparsity_final)))
 PRUNEDLORA_ALLOCATIONS = ("uniform", "global")
 
 
@@ -130,16 +138,14 @@ class PrunedLoraConfig(MethodConfig):
     """obs_grad: the factor its recovery moves, b or a; both is the paper's two-sided update, which double
     counts the removed term (methods.md Decisions item 0) and is there to reproduce the paper."""
 
-    def target_rank(self, sparsity_final: float) -> int:
-        """Final rank: ``rank`` when set, else ``init_rank * (1 - sparsity_final)`` (at least 1)."""
-        if self.rank is not None:
-            return self.rank
-        return max(1, round(self.init_rank * (1.0 - sparsity_final)))
+    def final_rank(self, sparsity_final: float) -> int:
+        """The rank training ends at: ``rank`` when set, else ``init_rank * (1 - sparsity_final)``."""
+        return rank_after_pruning(self.init_rank, sparsity_final, self.rank)
 
     def validate(self, sparsity: SparsityConfig) -> list[str]:
         """PrunedLoRA's own checks (methods.md §3, §8 items 1-6); module shapes are checked at attach."""
         p: list[str] = []
-        target = self.target_rank(sparsity.final)
+        target = self.final_rank(sparsity.final)
         _check(p, self.init_rank >= 1, f"method.init_rank={self.init_rank} must be >= 1")
         _check(p, 1 <= target <= self.init_rank,
                f"prunedlora's target rank {target} (method.rank={self.rank}, sparsity.final={sparsity.final}) "
@@ -186,10 +192,8 @@ class AdaLoraConfig(MethodConfig):
     """Weight of the orthogonality regulariser on P and Q (the AdaLoRA examples; PEFT's default is 0.5)."""
 
     def final_rank(self, sparsity_final: float) -> int:
-        """Average final rank: ``target_rank`` when set, else ``init_rank * (1 - sparsity_final)`` (at least 1)."""
-        if self.target_rank is not None:
-            return self.target_rank
-        return max(1, round(self.init_rank * (1.0 - sparsity_final)))
+        """The average rank training ends at: ``target_rank`` when set, else ``init_rank * (1 - sparsity_final)``."""
+        return rank_after_pruning(self.init_rank, sparsity_final, self.target_rank)
 
     def validate(self, sparsity: SparsityConfig) -> list[str]:
         """AdaLoRA's own checks (methods.md §2, §8 item 26)."""
@@ -495,14 +499,14 @@ class LoggingConfig:
     """online, offline or disabled (null: WANDB_MODE or online)."""
     progress: bool = True
     """tqdm progress bars."""
+    verbose: bool = False
+    """Keep the known-harmless messages of lm-eval, transformers and git that ``prunedlora.quiet`` drops."""
 
 
 @dataclass
 class DistributedConfig:
     name: str = "none"
     """none, deepspeed_zero2 or deepspeed_zero3."""
-    verbose: bool = False
-    """Keep the known-harmless messages of lm-eval, transformers and git that ``prunedlora.quiet`` drops."""
     deepspeed: dict[str, Any] = field(default_factory=dict)
     """DeepSpeed JSON config; any key can be overridden from the command line."""
 

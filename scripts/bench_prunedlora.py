@@ -84,7 +84,7 @@ def run_arm(method_cfg, sparsity: SparsityConfig, train: TrainConfig, batches: l
     mean = (time.perf_counter() - t0) / len(batches)
     if method_cfg.name == "prunedlora":  # every event happened: the run ends at the target rank
         ranks = set(method.report(model)["ranks"].values())
-        assert ranks == {method_cfg.target_rank(sparsity.final)}, ranks
+        assert ranks == {method_cfg.final_rank(sparsity.final)}, ranks
     return mean, (callbacks[0] if callbacks else None)
 
 

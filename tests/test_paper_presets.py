@@ -30,7 +30,7 @@ def test_preset_composes_validates_and_cites(preset):
 def test_prunedlora_preset_reaches_the_paper_ranks():
     cfg = compose_root(["experiment=paper_prunedlora_gsm8k"])
     assert cfg.model.name_or_path == "meta-llama/Meta-Llama-3-8B" and cfg.task.max_samples == 100_000
-    assert (cfg.method.init_rank, cfg.method.target_rank(cfg.sparsity.final)) == (512, 64)
+    assert (cfg.method.init_rank, cfg.method.final_rank(cfg.sparsity.final)) == (512, 64)
     # 448 components, 2 per event every 10 steps: the target rank is reached at step 2240 of 5000
     events = (512 - 64) // cfg.sparsity.per_event
     assert events * cfg.sparsity.every == 2240 < cfg.train.max_steps

@@ -149,7 +149,7 @@ def test_sweep_over_sparsity_final_composes_for_prunedlora(final: float, target:
     cfg = compose_root(["model=tiny", "method=prunedlora", f"sparsity.final={final}"])
     validate(cfg)
     assert cfg.sparsity.final == final and cfg.method.init_rank == 32
-    assert cfg.method.target_rank(cfg.sparsity.final) == target
+    assert cfg.method.final_rank(cfg.sparsity.final) == target
 
 
 @pytest.mark.parametrize("option", ["default", "constant", "geometric", "linear", "cubic"])

@@ -61,14 +61,14 @@ def schedule_steps(max_steps: int, tinit_frac: float, tfinal_frac: float) -> tup
     return math.floor(tinit_frac * max_steps), math.floor(tfinal_frac * max_steps)
 
 
-def build_peft_config(cfg: AdaLoraConfig, target_rank: int) -> Any:
+def build_peft_config(cfg: AdaLoraConfig, final_rank: int) -> Any:
     """``peft.AdaLoraConfig`` from ours, with the provisional ``total_step`` (set at train start)."""
     from peft import AdaLoraConfig as PeftAdaLoraConfig  # lazy: importing peft costs seconds
 
     targets = "all-linear" if "all-linear" in cfg.target_modules else list(cfg.target_modules)
     return PeftAdaLoraConfig(
         init_r=cfg.init_rank,
-        target_r=target_rank,
+        target_r=final_rank,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=targets,
@@ -84,7 +84,7 @@ def build_peft_config(cfg: AdaLoraConfig, target_rank: int) -> Any:
     )
 
 
-def attach_adalora(model: nn.Module, cfg: AdaLoraConfig, target_rank: int) -> Any:
+def attach_adalora(model: nn.Module, cfg: AdaLoraConfig, final_rank: int) -> Any:
     """Inject PEFT's AdaLoRA layers into ``model`` in place; returns the ``PeftModel`` handle.
 
     The base stays frozen and only ``lora_A`` (Q), ``lora_E`` (λ) and ``lora_B`` (P) train; PEFT
@@ -95,7 +95,7 @@ def attach_adalora(model: nn.Module, cfg: AdaLoraConfig, target_rank: int) -> An
     target_module_names(model, cfg.target_modules)  # our message (names and fix) before PEFT fails with its own
     with warnings.catch_warnings():  # PEFT probes transformers' deprecated `is_gradient_checkpointing`
         warnings.filterwarnings("ignore", category=FutureWarning, message=".*is_gradient_checkpointing.*")
-        return get_peft_model(model, build_peft_config(cfg, target_rank), adapter_name=ADAPTER)
+        return get_peft_model(model, build_peft_config(cfg, final_rank), adapter_name=ADAPTER)
 
 
 # ----------------------------------------------------------------------------------- model inspection
@@ -238,12 +238,12 @@ class AdaLoraMethod:
 
     def __init__(self, cfg: AdaLoraConfig, sparsity: SparsityConfig) -> None:
         self.cfg = cfg
-        self.target_rank = cfg.final_rank(sparsity.final)
+        self.final_rank = cfg.final_rank(sparsity.final)
         self.peft_model: Any = None
         self._allocator: AdaLoraAllocator | None = None
 
     def attach(self, model: nn.Module) -> list[str]:
-        self.peft_model = attach_adalora(model, self.cfg, self.target_rank)
+        self.peft_model = attach_adalora(model, self.cfg, self.final_rank)
         return list(singular_values(model))
 
     def callbacks(self) -> list[Callback]:
@@ -269,7 +269,7 @@ class AdaLoraMethod:
         shapes = {n: (m.in_features, m.out_features) for n, m in model.named_modules() if n in ranks}
         effective = sum(r * (shapes[n][0] + shapes[n][1] + 1) for n, r in ranks.items())  # Q rows, P cols, λ
         total = self.cfg.init_rank * len(ranks)
-        return {"ranks": ranks, "sparsity": 1.0 - sum(ranks.values()) / total, "target_rank": self.target_rank,
+        return {"ranks": ranks, "sparsity": 1.0 - sum(ranks.values()) / total, "target_rank": self.final_rank,
                 "params_adapter_effective": effective,
                 "adalora_allocations": self._allocator.allocations if self._allocator else 0}
 

@@ -359,7 +359,7 @@ class PrunedLoraMethod:
 
     def __init__(self, cfg: PrunedLoraConfig, sparsity: SparsityConfig) -> None:
         self.cfg = cfg
-        self.target = cfg.target_rank(sparsity.final)
+        self.target = cfg.final_rank(sparsity.final)
         self.sparsity = sparsity_for_target(sparsity, cfg.init_rank, self.target)
         self._callback: PrunedLoraCallback | None = None
 
