@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from prunedlora.config import DistributedConfig, TrainConfig
 from prunedlora.train.checkpoint import OPTIMIZER_KEY, SCHEDULER_KEY
 
 DEEPSPEED_TAG = "deepspeed"
@@ -208,3 +209,35 @@ def build_deepspeed_engine(model: nn.Module, optimizer: torch.optim.Optimizer,
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
     return DeepSpeedEngine(engine, device=device, bf16_autocast=bf16_autocast)
+
+
+def build_engine(train: TrainConfig, distributed: DistributedConfig, model: nn.Module,
+                 optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, *,
+                 device: torch.device, world_size: int) -> TorchEngine | DeepSpeedEngine:
+    """The engine ``train`` and ``distributed`` ask for, around an existing model, optimizer and schedule."""
+    if distributed.name == "none":
+        return TorchEngine(model, optimizer, scheduler, grad_accum=train.grad_accum,
+                           max_grad_norm=train.max_grad_norm, device=device, bf16=train.bf16,
+                           compile_backend=train.compile_backend if train.compile else None)
+    config = deepspeed_config(distributed.deepspeed, batch_size=train.batch_size, grad_accum=train.grad_accum,
+                              max_grad_norm=train.max_grad_norm, world_size=world_size)
+    return build_deepspeed_engine(model, optimizer, scheduler, config, device=device, bf16_autocast=train.bf16)
+
+
+def broadcast_from_rank0(obj: Any, distributed: bool) -> Any:
+    """Rank 0's value of ``obj`` on every rank (``obj`` itself in a single process)."""
+    if not distributed:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(distributed: bool) -> None:
+    """Wait for every rank (nothing to wait for in a single process)."""
+    if distributed:
+        import torch.distributed as dist
+
+        dist.barrier()

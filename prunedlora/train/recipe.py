@@ -22,19 +22,21 @@ from prunedlora.config import ConfigError, RootConfig, validate
 from prunedlora.data.batching import ResumableBatches, ShardedBatches, build_train_examples
 from prunedlora.eval.runner import evaluate
 from prunedlora.methods import Method, build_method
-from prunedlora.methods.base import AttachContext
+from prunedlora.methods.base import AttachContext, Callback
 from prunedlora.models.load import count_parameters, load_model, resolve_device
 from prunedlora.train import checkpoint as ckpt
+from prunedlora.train.checkpointer import Checkpointer
 from prunedlora.train.engine import (
     DeepSpeedEngine,
     TorchEngine,
-    build_deepspeed_engine,
-    deepspeed_config,
+    barrier,
+    broadcast_from_rank0,
+    build_engine,
     init_distributed,
 )
 from prunedlora.train.loop import MetricsWriter, train_loop
 from prunedlora.train.memory import peak_memory_mb, reset_peak_memory, resident_memory_mb
-from prunedlora.train.nonfinite import NonFiniteGuard, nonfinite_tensors
+from prunedlora.train.nonfinite import NonFiniteGuard
 from prunedlora.train.optim import build_optimizer, build_scheduler
 from prunedlora.train.preemption import Preempted, PreemptionGuard, resume_command
 from prunedlora.train.rundir import prepare_run_dir
@@ -66,68 +68,29 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
     method = build_method(cfg.method, cfg.sparsity)
     model, tokenizer, examples = _load(cfg, method, device)
     params_total, _ = count_parameters(model)
-    adapted = method.attach(model)
-    model.to(device)
-    if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    _, params_trainable = count_parameters(model)
-    log.info("%s on %s: %d adapted modules, %d trainable of %d parameters",
-             method.name, cfg.model.name, len(adapted), params_trainable, params_total)
-
+    params_trainable = _attach(method, model, cfg, device)
     batches = ResumableBatches(examples, cfg.train.batch_size, cfg.train.seed, tokenizer.pad_token_id)
     if world > 1:
         batches = ShardedBatches(batches, rank, world)
     optimizer = build_optimizer(method.parameter_groups(model, cfg.train.weight_decay), cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train)
-    if distributed:
-        ds_config = deepspeed_config(cfg.distributed.deepspeed, batch_size=cfg.train.batch_size,
-                                     grad_accum=cfg.train.grad_accum, max_grad_norm=cfg.train.max_grad_norm,
-                                     world_size=world)
-        engine = build_deepspeed_engine(model, optimizer, scheduler, ds_config, device=device,
-                                        bf16_autocast=cfg.train.bf16)
-    else:
-        engine = TorchEngine(model, optimizer, scheduler, grad_accum=cfg.train.grad_accum,
-                             max_grad_norm=cfg.train.max_grad_norm, device=device, bf16=cfg.train.bf16,
-                             compile_backend=cfg.train.compile_backend if cfg.train.compile else None)
+    engine = build_engine(cfg.train, cfg.distributed, model, optimizer, build_scheduler(optimizer, cfg.train),
+                          device=device, world_size=world)
     callbacks = method.callbacks()
     wandb_run = start_wandb(cfg.logging, run_dir, config_dict, f"{method.name}-{cfg.model.name}-{run_dir.name}") \
         if is_main else None
     writer = MetricsWriter(run_dir / "metrics.jsonl" if is_main else None, wandb_run)
-    start_step = _maybe_resume(run_dir, model, engine, batches, callbacks, writer, distributed)
     nonfinite = NonFiniteGuard(cfg.train.skip_nonfinite, run_dir / "checkpoints")
-
-    def save(step: int) -> None:
-        adapter = ckpt.adapter_state_dict(model)  # collective under ZeRO-3
-        if bad := nonfinite_tensors(adapter):  # never let a poisoned state rotate the last good one away
-            raise nonfinite.refuse_checkpoint(step, bad)
-        staging = ckpt.staging_dir(run_dir / "checkpoints", step)
-        state = {
-            ckpt.STEP_KEY: step,
-            ckpt.ADAPTER_KEY: adapter,
-            **engine.save(staging),  # DeepSpeed writes its partitions here, every rank
-            ckpt.RNG_KEY: ckpt.rng_state(),
-            ckpt.DATA_KEY: batches.state_dict(),
-            ckpt.CALLBACKS_KEY: [cb.state_dict() for cb in callbacks],
-            ckpt.CONFIG_KEY: config_dict,
-        }
-        _barrier(distributed)
-        if is_main:
-            ckpt.commit_checkpoint(run_dir / "checkpoints", step, state, cfg.train.keep_checkpoints)
+    checkpointer = Checkpointer(run_dir, model, engine, batches, callbacks, config_dict,
+                                keep=cfg.train.keep_checkpoints, nonfinite=nonfinite, distributed=distributed,
+                                is_main=is_main)
+    start_step = checkpointer.resume(writer)
 
     try:
         # ------------------------------------------------------------ train
-        memory = {"memory_before_training_mb": resident_memory_mb(device)}  # model, adapters, optimizer, data
-        reset_peak_memory(device)  # the training peak, without the loading spikes before it
-        with PreemptionGuard() as guard:
-            try:
-                last = train_loop(model, engine, batches, callbacks, cfg.train, start_step=start_step,
-                                  writer=writer, save=save, progress=cfg.logging.progress and is_main,
-                                  preemption=guard, nonfinite=nonfinite)
-            except Preempted as exc:
-                log.warning("%s. To resume: %s", exc, resume_command(run_dir))
-                guard.forward(exc.signum)  # submitit requeues, or exit 128+signum for sbatch scripts
-        final_loss = last.loss if last is not None else _last_logged_loss(run_dir / "metrics.jsonl")
-        memory["peak_memory_mb"] = peak_memory_mb(device)
+        final_loss, memory = _train(model, engine, batches, callbacks, cfg, run_dir, start_step=start_step,
+                                    writer=writer, checkpointer=checkpointer, nonfinite=nonfinite,
+                                    progress=cfg.logging.progress and is_main)
+        # ------------------------------------------------------------ save, evaluate (rank 0)
         if distributed:
             # Export from a plain copy on rank 0: full adapter weights gathered, no DeepSpeed hooks.
             adapter = ckpt.adapter_state_dict(model)
@@ -138,8 +101,30 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
     finally:
         if wandb_run is not None:
             wandb_run.finish()
-    _barrier(distributed)
+    barrier(distributed)
     return summary
+
+
+def _train(model: nn.Module, engine: TorchEngine | DeepSpeedEngine, batches: ResumableBatches | ShardedBatches,
+           callbacks: list[Callback], cfg: RootConfig, run_dir: Path, *, start_step: int, writer: MetricsWriter,
+           checkpointer: Checkpointer, nonfinite: NonFiniteGuard, progress: bool) -> tuple[float | None, dict]:
+    """Train to ``train.max_steps``; on a preemption signal, checkpoint and hand the signal on (it exits).
+
+    Returns the final loss and the memory figures: resident before training, and the training peak, measured from
+    the start of training so that loading spikes do not count.
+    """
+    memory = {"memory_before_training_mb": resident_memory_mb(engine.device)}  # model, adapters, optimizer, data
+    reset_peak_memory(engine.device)
+    with PreemptionGuard() as guard:
+        try:
+            last = train_loop(model, engine, batches, callbacks, cfg.train, start_step=start_step, writer=writer,
+                              save=checkpointer.save, progress=progress, preemption=guard, nonfinite=nonfinite)
+        except Preempted as exc:
+            log.warning("%s. To resume: %s", exc, resume_command(run_dir))
+            guard.forward(exc.signum)  # submitit requeues, or exit 128+signum for sbatch scripts
+    memory["peak_memory_mb"] = peak_memory_mb(engine.device)
+    final_loss = last.loss if last is not None else _last_logged_loss(run_dir / "metrics.jsonl")
+    return final_loss, memory
 
 
 def _finish(cfg: RootConfig, run_dir: Path, model: nn.Module, tokenizer: Any, method: Method, wandb_run: Any,
@@ -195,26 +180,6 @@ def _claim_run_dir(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | Co
         return exc
 
 
-def _maybe_resume(run_dir: Path, model: nn.Module, engine: TorchEngine | DeepSpeedEngine, batches, callbacks,
-                  writer: MetricsWriter, distributed: bool) -> int:
-    """Restore the newest checkpoint in ``run_dir`` if there is one; returns the completed step count."""
-    latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
-    if latest is None:
-        return 0
-    state = ckpt.load_checkpoint(latest)
-    # Under DeepSpeed its own checkpoint restores the trainable parameters; ours adds what it lacks (masks).
-    ckpt.load_adapter_state_dict(model, state[ckpt.ADAPTER_KEY], trainable_too=not distributed)
-    engine.load(latest, state)
-    batches.load_state_dict(state[ckpt.DATA_KEY])
-    for cb, cb_state in zip(callbacks, state[ckpt.CALLBACKS_KEY], strict=True):
-        cb.load_state_dict(cb_state)
-    ckpt.set_rng_state(state[ckpt.RNG_KEY])
-    step = int(state[ckpt.STEP_KEY])
-    writer.truncate_after(step)
-    log.info("resuming from %s (step %d)", latest, step)
-    return step
-
-
 def _load(cfg: RootConfig, method: Method, device: torch.device) -> tuple[nn.Module, Any, list[dict]]:
     """Model, tokenizer and training rows; then the method's optional ``prepare`` (methods/base.py).
 
@@ -230,6 +195,18 @@ def _load(cfg: RootConfig, method: Method, device: torch.device) -> tuple[nn.Mod
     return model, tokenizer, examples
 
 
+def _attach(method: Method, model: nn.Module, cfg: RootConfig, device: torch.device) -> int:
+    """Attach the method, move the model, turn on gradient checkpointing; returns the trainable parameter count."""
+    adapted = method.attach(model)
+    model.to(device)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    total, trainable = count_parameters(model)
+    log.info("%s on %s: %d adapted modules, %d trainable of %d parameters",
+             method.name, cfg.model.name, len(adapted), trainable, total)
+    return trainable
+
+
 def _rebuild_on_rank0(cfg: RootConfig, adapter: dict[str, torch.Tensor],
                       device: torch.device) -> tuple[nn.Module, Method]:
     """A fresh model with the trained adapter state, outside DeepSpeed, for export and evaluation."""
@@ -241,23 +218,11 @@ def _rebuild_on_rank0(cfg: RootConfig, adapter: dict[str, torch.Tensor],
 
 
 def _broadcast(obj: Any, distributed: bool) -> Any:
-    """Rank 0's value on every rank (a ConfigError on rank 0 is raised on every rank)."""
-    if distributed:
-        import torch.distributed as dist
-
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        obj = box[0]
+    """Rank 0's value on every rank; a ConfigError on rank 0 is raised on every rank."""
+    obj = broadcast_from_rank0(obj, distributed)
     if isinstance(obj, ConfigError):
         raise obj
     return obj
-
-
-def _barrier(distributed: bool) -> None:
-    if distributed:
-        import torch.distributed as dist
-
-        dist.barrier()
 
 
 def _last_logged_loss(metrics_path: Path) -> float | None:

@@ -1,0 +1,72 @@
+"""The run's checkpointer: it owns ``run_dir/checkpoints``, saving the whole training state and resuming from it.
+
+``save(step)`` writes what ``checkpoint.py`` describes (adapter and masks, engine state, RNG, data position,
+callback state, config) through a staging directory, and refuses a state that holds a non-finite tensor, so the last
+good checkpoint is never rotated away by a diverged one. ``resume()`` restores the newest checkpoint into the same
+objects. Under DeepSpeed every rank calls both (reading ZeRO-3 weights and DeepSpeed's own save are collective);
+only rank 0 writes ``state.pt``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from prunedlora.data.batching import ResumableBatches, ShardedBatches
+from prunedlora.methods.base import Callback
+from prunedlora.train import checkpoint as ckpt
+from prunedlora.train.engine import DeepSpeedEngine, TorchEngine, barrier
+from prunedlora.train.loop import MetricsWriter
+from prunedlora.train.nonfinite import NonFiniteGuard, nonfinite_tensors
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer:
+    """Saves and restores one run's training state (see the module docstring)."""
+
+    def __init__(self, run_dir: Path, model: nn.Module, engine: TorchEngine | DeepSpeedEngine,
+                 batches: ResumableBatches | ShardedBatches, callbacks: list[Callback], config: dict[str, Any], *,
+                 keep: int, nonfinite: NonFiniteGuard, distributed: bool, is_main: bool) -> None:
+        self.root = run_dir / "checkpoints"
+        self.model, self.engine, self.batches, self.callbacks, self.config = model, engine, batches, callbacks, config
+        self.keep, self.nonfinite, self.distributed, self.is_main = keep, nonfinite, distributed, is_main
+
+    def save(self, step: int) -> None:
+        adapter = ckpt.adapter_state_dict(self.model)  # collective under ZeRO-3
+        if bad := nonfinite_tensors(adapter):  # never let a poisoned state rotate the last good one away
+            raise self.nonfinite.refuse_checkpoint(step, bad)
+        staging = ckpt.staging_dir(self.root, step)
+        state = {
+            ckpt.STEP_KEY: step,
+            ckpt.ADAPTER_KEY: adapter,
+            **self.engine.save(staging),  # DeepSpeed writes its partitions here, every rank
+            ckpt.RNG_KEY: ckpt.rng_state(),
+            ckpt.DATA_KEY: self.batches.state_dict(),
+            ckpt.CALLBACKS_KEY: [cb.state_dict() for cb in self.callbacks],
+            ckpt.CONFIG_KEY: self.config,
+        }
+        barrier(self.distributed)
+        if self.is_main:
+            ckpt.commit_checkpoint(self.root, step, state, self.keep)
+
+    def resume(self, writer: MetricsWriter) -> int:
+        """Restore the newest checkpoint, if any; returns the completed step count (0 for a fresh run)."""
+        latest = ckpt.latest_checkpoint(self.root)
+        if latest is None:
+            return 0
+        state = ckpt.load_checkpoint(latest)
+        # Under DeepSpeed its own checkpoint restores the trainable parameters; ours adds what it lacks (masks).
+        ckpt.load_adapter_state_dict(self.model, state[ckpt.ADAPTER_KEY], trainable_too=not self.distributed)
+        self.engine.load(latest, state)
+        self.batches.load_state_dict(state[ckpt.DATA_KEY])
+        for cb, cb_state in zip(self.callbacks, state[ckpt.CALLBACKS_KEY], strict=True):
+            cb.load_state_dict(cb_state)
+        ckpt.set_rng_state(state[ckpt.RNG_KEY])
+        step = int(state[ckpt.STEP_KEY])
+        writer.truncate_after(step)
+        log.info("resuming from %s (step %d)", latest, step)
+        return step
