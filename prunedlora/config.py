@@ -80,7 +80,12 @@ class LoraConfig(MethodConfig):
 
 @dataclass
 class DropLoraConfig(MethodConfig):
+    """DropLoRA (methods.md §4), with the authors' scripts' values (§4.3): lora_dropout 0.05 and adapters on
+    q, k, v, up and down (no o_proj, no gate_proj)."""
+
     name: str = "droplora"
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"])
     p: float = 0.5
     """Drop probability on the rank bottleneck; kept entries are rescaled by 1/(1-p)."""
     mask_mode: str = "element"
@@ -235,6 +240,8 @@ class LoraPruneConfig(MethodConfig):
     """
 
     name: str = "loraprune"
+    dropout: float = 0.05
+    """lora_dropout 0.05, as the authors' script (methods.md §5.3)."""
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
