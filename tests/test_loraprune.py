@@ -409,27 +409,6 @@ def test_masks_and_ema_resume_from_a_checkpoint() -> None:
         assert torch.equal(fresh_method.masks[i].head_mask, method.masks[i].head_mask)
 
 
-def test_recipe_resume_restores_masks_and_ema(data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Crash in step 5 after a checkpoint at 4 (events every 2 steps), resume: same losses, masks, export."""
-    from recipe_helpers import TINY_OVERRIDES, compose_root, crash_then_resume, metric_records
-
-    from prunedlora.train.recipe import run
-
-    cfg = compose_root([*TINY_OVERRIDES, "model.tiny.num_hidden_layers=3", "method=loraprune", "train.max_steps=8",
-                        "train.save_every=4", "task.max_samples=32", "sparsity.every=2"], data_root)
-    full = run(cfg, tmp_path / "full")
-    resumed = crash_then_resume(cfg, tmp_path / "resumed", 4, monkeypatch)  # the fifth batch is step 5
-    records = lambda name: metric_records(tmp_path / name)  # noqa: E731
-
-    for a, b in zip(records("full"), records("resumed"), strict=True):
-        assert (a["loss"], a["sparsity"]) == pytest.approx((b["loss"], b["sparsity"]), abs=1e-6)
-    assert full["sparsity"] == 0.5 and full["prunable_layers"] == [0, 1]
-    for key in ("kept_heads_per_layer", "kept_channels_per_layer", "params_after_export"):
-        assert resumed[key] == full[key]
-    manifest = [json.loads((tmp_path / n / "model" / "pruning_manifest.json").read_text()) for n in ("full", "resumed")]
-    assert manifest[0] == manifest[1]
-
-
 @pytest.mark.parametrize("quantization", ["nf4", "int8"])
 def test_quantized_base_trains_with_output_masks_and_exports_a_float_model(quantization: str, tmp_path: Path) -> None:
     """bitsandbytes base: lora_guided scores (W0 dequantized per module), masks act on outputs; export dequantizes."""
@@ -444,7 +423,7 @@ def test_quantized_base_trains_with_output_masks_and_exports_a_float_model(quant
     assert method.report(model)["sparsity"] > 0
     x = batch(8)
     # Reference in train mode (no dropout here): bitsandbytes dequantizes and multiplies in float32. An eval-mode
-    # forward would repack the weights for its bf16 CPU kernel, lossily (see structured_criteria.dense_weight).
+    # forward would repack the weights for its bf16 CPU kernel, lossily (see models.surgery.dequantized_weight).
     model.train()
     masked = logits(model, x)
     model.eval()

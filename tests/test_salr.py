@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from adapter_helpers import randomize_b
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from prunedlora.adapters.salr import SalrLinear, residual_factors, salr_modules, truncated_svd
 from prunedlora.config import ConfigError, SalrConfig, SparsityConfig
 from prunedlora.methods import build_method
-from prunedlora.methods.salr import BITMAP_FILE, STORAGE_FILE, SalrMethod, dense_weight, load_salr_export
+from prunedlora.methods.salr import BITMAP_FILE, STORAGE_FILE, SalrMethod, load_salr_export, sparse_base_weight
 from prunedlora.pruning.bitmap import (
     BitmapLinear,
     BitmapTensor,
@@ -41,6 +42,8 @@ VOCAB = 97
 R_RES, RANK, ALPHA = 4, 4, 8.0
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+TASK_B = r"lora_B\.weight$"
+"""The task adapter's B (at B = 0 it contributes nothing); the residual adapter's factors are named otherwise."""
 
 
 @pytest.fixture(autouse=True)
@@ -65,15 +68,6 @@ def attach(model: nn.Module, final: float = 0.5, **kw) -> SalrMethod:
     method = build_method(salr_cfg(**kw), SparsityConfig(final=final))
     method.attach(model)
     return method
-
-
-def randomize_task_b(model: nn.Module, seed: int = 3) -> None:
-    """Non-zero task B, as after training (at B = 0 the task adapter contributes nothing)."""
-    gen = torch.Generator().manual_seed(seed)
-    for name, param in sorted(model.named_parameters()):
-        if name.endswith("lora_B.weight"):
-            with torch.no_grad():
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
 
 
 @pytest.fixture
@@ -344,7 +338,7 @@ def test_trainable_parameters_and_groups() -> None:
 def test_checkpoint_holds_adapters_only_and_restores_them(tokens: torch.Tensor) -> None:
     model = tiny_llama()
     attach(model)
-    randomize_task_b(model)
+    randomize_b(model, pattern=TASK_B)
     state = adapter_state_dict(model)
     assert not any(k.endswith("base_layer.weight") for k in state)
     assert any(k.endswith("rank_scale") for k in state)
@@ -430,7 +424,7 @@ def test_validate_is_wired_into_the_root_config() -> None:
 def exported(tmp_path: Path, byte_tokenizer) -> tuple[nn.Module, Path, dict]:
     model = tiny_llama(tie=True)
     method = attach(model)
-    randomize_task_b(model)
+    randomize_b(model, pattern=TASK_B)
     figures = method.export(model, byte_tokenizer, tmp_path, "tiny")
     return model, tmp_path, figures
 
@@ -465,7 +459,7 @@ def test_export_files_and_figures(exported) -> None:
     assert figures["bitmap_ratio"] == pytest.approx(figures["bytes_bitmap"] / figures["bytes_dense"])
     bitmaps, _ = load_bitmaps(model_dir / BITMAP_FILE)
     for name, wrapper in salr_modules(model).items():  # the bitmap form is the trained base, bit for bit
-        assert torch.equal(decode(bitmaps[f"{name}.weight"]), dense_weight(wrapper.base_layer))
+        assert torch.equal(decode(bitmaps[f"{name}.weight"]), sparse_base_weight(wrapper.base_layer))
 
 
 # ----------------------------------------------------------------------------------------------- GPU

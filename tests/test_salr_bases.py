@@ -15,7 +15,7 @@ from prunedlora.adapters.salr import residual_factors, salr_modules
 from prunedlora.config import ConfigError, SalrConfig, SparsityConfig
 from prunedlora.methods import build_method
 from prunedlora.methods.base import AttachContext
-from prunedlora.methods.salr import SalrMethod, dense_weight, export_salr, pruned_weights
+from prunedlora.methods.salr import SalrMethod, export_salr, pruned_weights, sparse_base_weight
 from prunedlora.pruning.activation_aware import sparsegpt_prune, wanda_mask
 from prunedlora.pruning.calibration import calibration_rows, collect_input_stats
 from prunedlora.pruning.magnitude import per_matrix_mask, two_four_mask
@@ -177,7 +177,7 @@ def test_quantized_sparse_base_keeps_pruned_entries_exactly_zero(quantization: s
         assert type(wrapper.base_layer).__name__ == ("Linear8bitLt" if quantization == "int8" else "Linear4bit")
         reference = salr_modules(float_model)[name]
         pruned = reference.base_layer.weight == 0
-        quantized = dense_weight(wrapper.base_layer)
+        quantized = sparse_base_weight(wrapper.base_layer)
         assert torch.all(quantized[pruned] == 0)  # exact zeros, after a training and an eval forward
         assert torch.count_nonzero(quantized[~pruned]) > 0.95 * int((~pruned).sum())
         # the residual adapter comes from the float residual, not from the quantized weights

@@ -49,6 +49,7 @@ from prunedlora.export import count_parameters, save_pretrained_dir
 from prunedlora.methods.base import Callback
 from prunedlora.methods.lora import attach_lora
 from prunedlora.models import pruned_llama
+from prunedlora.models.surgery import dequantize_linears, projection
 from prunedlora.pruning.schedules import is_event, target_fraction
 from prunedlora.pruning.structure import (
     ATTENTION_PROJECTIONS,
@@ -68,7 +69,6 @@ from prunedlora.pruning.structured_criteria import (
     TaylorCapture,
     base_linear,
     channel_scores,
-    dense_weight,
     head_scores,
 )
 
@@ -178,8 +178,7 @@ class LoraPruneCallback(Callback):
         weights = []
         for i in self.masks:
             for name in names:
-                owner = self.layers[i].self_attn if name in ATTENTION_PROJECTIONS else self.layers[i].mlp
-                linear = base_linear(getattr(owner, name))
+                linear = base_linear(projection(self.layers[i], name))
                 if type(linear) is not nn.Linear or not linear.weight.is_floating_point():
                     raise ValueError(
                         f"method.criterion=true_gradient needs float base weights, but layer {i} {name} is "
@@ -226,39 +225,11 @@ def sparsity_figures(masks: dict[int, StructureMask]) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------- export
-def dequantize_linears(model: nn.Module) -> int:
-    """Replace every bitsandbytes 4/8-bit linear by an ``nn.Linear`` of its dequantized weight.
-
-    Dequantizes in float32 through ``dense_weight`` (which also reads bitsandbytes' CPU-repacked 4-bit
-    layout, where transformers' ``model.dequantize()`` does not) and stores the result in the dtype of the
-    model's embeddings, the dtype its unquantized layers run in. Adapters stay in place (their
-    ``base_layer`` is swapped). Returns how many linears were replaced.
-    """
-    dtype = model.get_input_embeddings().weight.dtype
-    replaced = 0
-    for module in list(model.modules()):
-        for child_name, child in list(module.named_children()):
-            if type(getattr(child, "weight", None)).__name__ not in ("Params4bit", "Int8Params"):
-                continue
-            weight = dense_weight(child).to(dtype)  # (d_out, d_in)
-            linear = nn.Linear(weight.shape[1], weight.shape[0], bias=child.bias is not None, device="meta")
-            linear.weight = nn.Parameter(weight, requires_grad=False)
-            if child.bias is not None:
-                linear.bias = nn.Parameter(child.bias.detach().to(dtype, copy=True), requires_grad=False)
-            setattr(module, child_name, linear)
-            replaced += 1
-    quantizer = getattr(model, "hf_quantizer", None)
-    if replaced and quantizer is not None:  # nothing quantized is left: drop the quantization config
-        quantizer.remove_quantization_config(model)
-    return replaced
-
-
 def _check_exportable(model: nn.Module) -> None:
     """Physical compaction slices float ``nn.Linear`` weights (after ``dequantize_linears``)."""
     for i, layer in enumerate(decoder_layers(model)):
         for proj in ATTENTION_PROJECTIONS + MLP_PROJECTIONS:
-            owner = layer.self_attn if proj in ATTENTION_PROJECTIONS else layer.mlp
-            linear = base_linear(getattr(owner, proj))
+            linear = base_linear(projection(layer, proj))
             if type(linear) is not nn.Linear:
                 raise NotImplementedError(
                     f"loraprune export: layer {i} {proj} is a {type(linear).__name__}. Physical compaction slices "

@@ -42,6 +42,7 @@ from prunedlora.config import ConfigError, SalrConfig, SparsityConfig
 from prunedlora.export import count_parameters, save_pretrained_dir
 from prunedlora.methods.base import AttachContext, Callback
 from prunedlora.models.quantize import quantize_linear
+from prunedlora.models.surgery import dequantized_weight, replace_module, target_module_names
 from prunedlora.pruning.activation_aware import sparsegpt_prune, wanda_mask
 from prunedlora.pruning.bitmap import (
     BitmapLinear,
@@ -54,7 +55,6 @@ from prunedlora.pruning.bitmap import (
 )
 from prunedlora.pruning.calibration import InputStats, calibration_rows, collect_input_stats
 from prunedlora.pruning.magnitude import mask_function, sparsity_of
-from prunedlora.pruning.structured_criteria import dense_weight as float_weight
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +81,10 @@ BASE_FORMATS: dict[str, Callable[[nn.Linear], nn.Module]] = {
 }
 
 
-def dense_weight(base: nn.Module) -> torch.Tensor:
+def sparse_base_weight(base: nn.Module) -> torch.Tensor:
     """The (pruned) base weight as a dense tensor, whatever implementation holds it (bitsandbytes: float32)."""
     reader = _DENSE_WEIGHT.get(type(base))
-    return reader(base) if reader is not None else float_weight(base)
+    return reader(base) if reader is not None else dequantized_weight(base)
 
 
 def dense_linear(base: nn.Module) -> nn.Linear:
@@ -92,7 +92,7 @@ def dense_linear(base: nn.Module) -> nn.Linear:
     if type(base) is nn.Linear:
         return base
     linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
-    weight = dense_weight(base)
+    weight = sparse_base_weight(base)
     linear.to(device=weight.device, dtype=weight.dtype)
     linear.weight = nn.Parameter(weight.detach(), requires_grad=False)
     if base.bias is not None:
@@ -100,22 +100,17 @@ def dense_linear(base: nn.Module) -> nn.Linear:
     return linear
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
-
-
 @contextlib.contextmanager
 def plain_bases(model: nn.Module) -> Iterator[dict[str, SalrLinear]]:
     """Temporarily put dense ``nn.Linear`` bases where the ``SalrLinear`` wrappers are (for saving)."""
     wrappers = salr_modules(model)
     for name, wrapper in wrappers.items():
-        _set_module(model, name, dense_linear(wrapper.base_layer))
+        replace_module(model, name, dense_linear(wrapper.base_layer))
     try:
         yield wrappers
     finally:
         for name, wrapper in wrappers.items():
-            _set_module(model, name, wrapper)
+            replace_module(model, name, wrapper)
 
 
 # -------------------------------------------------------------------------------------------- attach
@@ -125,15 +120,10 @@ def target_linears(model: nn.Module, target_modules: list[str]) -> dict[str, nn.
     Raises:
         ConfigError: nothing matches, or a target is not a float ``nn.Linear`` (a base quantized at load).
     """
-    def wanted(name: str, module: nn.Module) -> bool:
-        leaf = name.rsplit(".", 1)[-1]
-        linear_like = hasattr(module, "in_features") and not isinstance(module, SalrLinear)
-        return linear_like and (leaf in target_modules or ("all-linear" in target_modules and leaf != "lm_head"))
+    def candidate(module: nn.Module) -> bool:
+        return hasattr(module, "in_features") and not isinstance(module, SalrLinear)
 
-    targets = {name: m for name, m in model.named_modules() if name and wanted(name, m)}
-    if not targets:
-        raise ConfigError(f"method.target_modules={target_modules} matches no linear layer of this model; name "
-                          "some of its projections (q_proj, ..., down_proj) or use [all-linear]")
+    targets = {name: model.get_submodule(name) for name in target_module_names(model, target_modules, candidate)}
     for name, module in targets.items():
         weight = getattr(module, "weight", None)
         if type(module) is not nn.Linear or weight is None or not weight.is_floating_point():
@@ -208,7 +198,7 @@ class SalrMethod:
 
     def __init__(self, cfg: SalrConfig, sparsity: SparsityConfig) -> None:
         self.cfg = cfg
-        self.sparsity = sparsity.final if cfg.pattern != "2:4" else 0.5
+        self.base_sparsity = sparsity.final if cfg.pattern != "2:4" else 0.5
         self.init_stats: dict[str, dict[str, float]] = {}
         self.context = AttachContext()
 
@@ -222,7 +212,7 @@ class SalrMethod:
 
     def _calibration(self, model: nn.Module, targets: dict[str, nn.Module]) -> dict[str, InputStats] | None:
         criterion, ctx = self.cfg.base_criterion, self.context
-        if criterion == "magnitude" or self.sparsity == 0:
+        if criterion == "magnitude" or self.base_sparsity == 0:
             return None
         if not ctx.train_examples:
             raise ConfigError(f"method.base_criterion={criterion} prunes from a calibration pass over training data, "
@@ -241,7 +231,7 @@ class SalrMethod:
         for param in model.parameters():
             param.requires_grad_(False)
         started, cpu = time.perf_counter(), time.process_time()
-        weights = pruned_weights(targets, cfg.base_criterion, self.sparsity, cfg.scope, cfg.pattern, stats)
+        weights = pruned_weights(targets, cfg.base_criterion, self.base_sparsity, cfg.scope, cfg.pattern, stats)
         for name, sparse in weights:
             linear = targets[name]
             b_res, a_res, self.init_stats[name] = sparsify_linear(linear, sparse, cfg.residual_rank, cfg.svd)
@@ -251,8 +241,8 @@ class SalrMethod:
             wrapper.set_residual(b_res, a_res)
             wrapper.residual_A.weight.requires_grad_(cfg.residual_trainable)
             wrapper.residual_B.weight.requires_grad_(cfg.residual_trainable)
-            _set_module(model, name, wrapper)
-        if self.sparsity == 0 and cfg.residual_rank:
+            replace_module(model, name, wrapper)
+        if self.base_sparsity == 0 and cfg.residual_rank:
             log.warning("sparsity.final=0: the residual is zero, so the residual adapter stays zero")
         log.info("salr: pruned %d matrices to %.3f sparsity (%s, %s, %s; %.1f s wall, %.1f s CPU), residual rank %d, "
                  "task rank %d%s", len(targets), self._achieved(), cfg.base_criterion, cfg.scope, cfg.pattern,
@@ -289,7 +279,7 @@ def salr_report(model: nn.Module, init_stats: dict[str, dict[str, float]]) -> di
     ``1 - r/n`` per matrix (methods.md §6.2 item 3).
     """
     wrappers = salr_modules(model)
-    zeros = {name: int((dense_weight(w.base_layer) == 0).sum()) for name, w in wrappers.items()}
+    zeros = {name: int((sparse_base_weight(w.base_layer) == 0).sum()) for name, w in wrappers.items()}
     numel = {name: w.in_features * w.out_features for name, w in wrappers.items()}
     norm2 = sum(s["residual_norm2"] for s in init_stats.values())
     return {
@@ -392,11 +382,11 @@ def load_salr_export(model_dir: Path | str, base_format: str = "dense", with_ada
     model.to(device)
     names = [key.removesuffix(".weight") for key in bitmaps]
     for name in names:
-        _set_module(model, name, BASE_FORMATS[base_format](model.get_submodule(name)))
+        replace_module(model, name, BASE_FORMATS[base_format](model.get_submodule(name)))
     if with_adapter:
         for name, (a, b) in load_fused_adapter(model_dir).items():
             wrapper = SalrLinear(model.get_submodule(name), residual_rank=a.shape[0], rank=0, alpha=0.0)
             wrapper.set_residual(b, a)
             wrapper.requires_grad_(False)
-            _set_module(model, name, wrapper)
+            replace_module(model, name, wrapper)
     return model.eval()

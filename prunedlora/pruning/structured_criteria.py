@@ -53,6 +53,7 @@ from torch import nn
 from prunedlora.adapters.lora import LoRALinear
 from prunedlora.config import LORAPRUNE_CRITERIA, LoraPruneConfig
 from prunedlora.distributed import full_grad, gathered
+from prunedlora.models.surgery import dequantized_weight
 from prunedlora.pruning.structure import AttentionShape
 
 NORM_EPS = 1e-8
@@ -64,32 +65,9 @@ def base_linear(module: nn.Module) -> nn.Module:
     return module.base_layer if isinstance(module, LoRALinear) else module
 
 
-def dense_weight(linear: nn.Module) -> torch.Tensor:
-    """A float32 copy of ``W0`` (d_out, d_in); bitsandbytes 4/8-bit weights are dequantized."""
-    weight = linear.weight
-    kind = type(weight).__name__  # name check: no bitsandbytes import unless the base is quantized
-    if kind == "Params4bit":
-        import bitsandbytes.functional as bnbf
-
-        if getattr(weight.quant_state, "packing_format_for_cpu", False):
-            # bitsandbytes 0.50 repacks 4-bit weights for its AVX512-bf16 CPU kernel at the first eval-mode
-            # forward without gradients; dequantize_4bit cannot read that layout. Its state_dict() restores the
-            # standard packing in place (as before any save), but lossily (max weight error ~0.03 measured on
-            # the tiny model). Training forwards never repack, so scores and exports after training are exact.
-            linear.state_dict()
-            weight = linear.weight
-        return bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
-    if kind == "Int8Params":
-        from peft.utils.integrations import dequantize_bnb_weight
-
-        # after the first forward the row scales live in the layer's matmul state, not on the weight
-        return dequantize_bnb_weight(weight, state=linear.state).float()
-    return weight.detach().to(torch.float32, copy=True)  # a copy: callers modify it in place
-
-
 def effective_weight(module: nn.Module) -> torch.Tensor:
     """``W~ = W0 + s*BA`` (float32, (d_out, d_in)); ``W0`` for a projection without an adapter."""
-    weight = dense_weight(base_linear(module))
+    weight = dequantized_weight(base_linear(module))
     if isinstance(module, LoRALinear) and not module.merged:
         weight = weight + module.delta_weight().detach()
     return weight
