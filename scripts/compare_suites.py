@@ -176,7 +176,13 @@ def _prunedlora_runs() -> tuple[Run, ...]:
 
 
 def _prunedlora_setup(budget: str) -> str:
-    return (f"{_methods_setup(budget)} Variants: LoRA r8 (alpha 16) and r16 (alpha 32); PrunedLoRA r0 = 32 (alpha "
+    precision = "float32" if "train.bf16=false" in BUDGETS[budget]["gsm8k"] else "bf16 autocast"
+    return (f"Every run: SmolLM2-135M-Instruct, GSM8K train, the same steps, batch, tokens and learning rate, adapters "
+            f"on all seven projections, {precision}; runs of one seed see the same batches in the same order. "
+            f"Overrides shared by every run: {_budget_text('gsm8k', budget)}. Held-out loss = mean answer-token NLL "
+            "on the first 64 GSM8K test answers (the training format; per-run stderr about 0.03, mostly the spread "
+            "between answers, which paired runs share); WikiText-2 token perplexity on the first 16 windows of 512. "
+            "Variants: LoRA r8 (alpha 16) and r16 (alpha 32); PrunedLoRA r0 = 32 (alpha "
             "64, scaling 2) pruned to rank 8 with (i) the default criterion `obs` (output OBS, B-only recovery) and "
             "the default geometric schedule (every 5 steps the same fraction of the remaining rank, 32 -> 26 -> "
             "22 -> 18 -> 14 -> 12 -> 10 -> 8 at steps 5-35, then 25 steps at rank 8), (ii) the paper's variant "
