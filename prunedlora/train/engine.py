@@ -13,6 +13,7 @@ scales the loss for accumulation, clips, steps the scheduler and clears gradient
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -64,12 +65,13 @@ class TorchEngine:
         the run or counts the step as skipped)."""
         params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if torch.isfinite(norm):
+        grad_norm = float(norm)  # the one host sync: logged, and decides whether the update is applied
+        if math.isfinite(grad_norm):
             if self.max_grad_norm is not None:
                 torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, norm)
             self.optimizer.step()
         self._advance_schedule()
-        return {"grad_norm": float(norm)}
+        return {"grad_norm": grad_norm}
 
     def skip_step(self) -> None:
         """Drop this step's gradients without an update; the schedule still advances with the step count."""

@@ -68,7 +68,7 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
     method = build_method(cfg.method, cfg.sparsity)
     model, tokenizer, examples = _load(cfg, method, device)
     params_total, _ = count_parameters(model)
-    params_trainable = _attach(method, model, cfg, device)
+    params_trainable = _attach(method, model, cfg, device, params_total)
     batches = ResumableBatches(examples, cfg.train.batch_size, cfg.train.seed, tokenizer.pad_token_id)
     if world > 1:
         batches = ShardedBatches(batches, rank, world)
@@ -195,15 +195,15 @@ def _load(cfg: RootConfig, method: Method, device: torch.device) -> tuple[nn.Mod
     return model, tokenizer, examples
 
 
-def _attach(method: Method, model: nn.Module, cfg: RootConfig, device: torch.device) -> int:
+def _attach(method: Method, model: nn.Module, cfg: RootConfig, device: torch.device, params_total: int) -> int:
     """Attach the method, move the model, turn on gradient checkpointing; returns the trainable parameter count."""
     adapted = method.attach(model)
     model.to(device)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    total, trainable = count_parameters(model)
+    _, trainable = count_parameters(model)
     log.info("%s on %s: %d adapted modules, %d trainable of %d parameters",
-             method.name, cfg.model.name, len(adapted), trainable, total)
+             method.name, cfg.model.name, len(adapted), trainable, params_total)
     return trainable
 
 
