@@ -29,11 +29,14 @@ bwrap:
 		|| echo "warning: could not install bubblewrap; the HumanEval sandbox's bwrap tests will skip"; \
 	fi
 
+# Two one-thread workers: on 2 cores they beat one two-thread process (the suite is small tensor ops and CLI
+# subprocesses), and worksteal keeps both busy through the long end-to-end tests. TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
 test: install bwrap
-	$(BIN)/python -m pytest
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal
 
 test-fast: install bwrap
-	$(BIN)/python -m pytest -m "not slow"
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist worksteal -m "not slow"
 
 run: install
 	$(BIN)/prunedlora-train experiment=quickstart
