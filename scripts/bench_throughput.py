@@ -18,7 +18,7 @@ frozen parameter and token (forward 2, input gradients 2; frozen weights get no 
 parameter.
 
     python scripts/bench_throughput.py [--methods lora,prunedlora,...] [--compile-methods lora] [--rounds 2]
-        [--steps 12] [--warmup 3] [--threads 2] [--device cpu|cuda] [--no-write]
+        [--steps 12] [--warmup 3] [--threads 2] [--device cpu|cuda] [--profile STEPS] [--no-write]
 
 Writes the ``throughput`` section of ``docs/RESULTS.md``.
 """
@@ -76,6 +76,18 @@ def run_hf_peft(compiled: bool, args: argparse.Namespace, out: Path) -> list[flo
     return json.loads(result.read_text())
 
 
+def profile_section(args: argparse.Namespace) -> str:
+    """The profiler table of :func:`profile_ours`, run as ``--arm profile`` in its own subprocess."""
+    with tempfile.TemporaryDirectory(prefix="bench_profile_") as tmp:
+        result = Path(tmp) / "profile.txt"
+        subprocess.run([sys.executable, __file__, "--arm", "profile", "--result", str(result), *sys.argv[1:]],
+                       cwd=REPO, check=True, env=_env(args))
+        table = result.read_text()
+    return "\n".join([f"Where the time goes: `torch.profiler` over a {args.profile}-step eager LoRA run of ours (the "
+                      "same shapes; model load and export included), top ops by self time:", "", "```", table.rstrip(),
+                      "```"])
+
+
 def _env(args: argparse.Namespace) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": str(args.threads), "WANDB_MODE": "disabled"}
 
@@ -110,6 +122,26 @@ def hf_peft_loop(args: argparse.Namespace) -> list[float]:
         loss.item()  # the loss a progress bar shows: one host sync, as in our loop
         times.append(time.perf_counter() - start)
     return times
+
+
+def profile_ours(args: argparse.Namespace) -> str:
+    """Where our eager LoRA step spends its time: ``torch.profiler`` around a short ``prunedlora-train`` run
+    (``--profile`` steps; model load and export included, so the table shows them too), top ops by self time."""
+    from prunedlora.config import compose_config
+    from prunedlora.train.recipe import run
+
+    torch.set_num_threads(args.threads)
+    overrides = [o for o in shared_overrides(args) if not o.startswith(("train.max_steps", "train.save_every"))]
+    cfg = compose_config(["method=lora", f"method.target_modules=[{','.join(LORA_TARGETS)}]", *overrides,
+                          f"train.max_steps={args.profile}", f"train.save_every={args.profile}"])
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if args.device == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with tempfile.TemporaryDirectory(prefix="bench_profile_") as tmp, torch.profiler.profile(
+            activities=activities) as prof:
+        run(cfg, Path(tmp) / "run")
+    sort = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=48)
 
 
 def matmul_peak(dtype: torch.dtype, device: str, threads: int, repeats: int = 5) -> float:
@@ -165,6 +197,8 @@ def main() -> None:
     parser.add_argument("--precision", choices=("bf16", "fp32"), default="bf16",
                         help="bf16 autocast (the issue's setting) or fp32 (CPUs without native bf16)")
     parser.add_argument("--no-compile", action="store_true", help="skip every compiled arm (HF + PEFT's included)")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="also profile STEPS steps of our eager LoRA arm and add the top ops to the section")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--arm", help=argparse.SUPPRESS)
     parser.add_argument("--arm-compile", action="store_true", help=argparse.SUPPRESS)
@@ -173,6 +207,9 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     if args.arm == "hf_peft":
         Path(args.result).write_text(json.dumps(hf_peft_loop(args)))
+        return
+    if args.arm == "profile":
+        Path(args.result).write_text(profile_ours(args))
         return
 
     methods = [m for m in args.methods.split(",") if m]
@@ -216,6 +253,8 @@ def main() -> None:
         f"Machine: {machine_description()}.",
         f"Command: `{command_line()}`.",
     ])
+    if args.profile:
+        markdown += "\n\n" + profile_section(args)
     print(markdown)
     if not args.no_write:
         update_section("throughput", markdown)
