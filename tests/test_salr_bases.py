@@ -16,7 +16,13 @@ from prunedlora.config import ConfigError, SalrConfig, SparsityConfig
 from prunedlora.methods import build_method
 from prunedlora.methods.base import AttachContext
 from prunedlora.methods.salr import SalrMethod, export_salr, pruned_weights, sparse_base_weight
-from prunedlora.pruning.activation_aware import sparsegpt_prune, wanda_mask
+from prunedlora.pruning.activation_aware import (
+    _inverse_cholesky,
+    _lowest_out,
+    sparsegpt_factor,
+    sparsegpt_prune,
+    wanda_mask,
+)
 from prunedlora.pruning.calibration import calibration_rows, collect_input_stats
 from prunedlora.pruning.magnitude import per_matrix_mask, two_four_mask
 
@@ -102,6 +108,29 @@ def test_sparsegpt_without_correlation_or_damping_is_wanda_squared() -> None:
     pruned = sparsegpt_prune(weight, torch.diag(sq_norm), 0.5, "2:4", damp=0.0)
     expected = weight.masked_fill(~wanda_mask(weight, sq_norm, 0.5, "2:4"), 0.0)
     torch.testing.assert_close(pruned, expected)
+
+
+def test_sparsegpt_lazy_blocks_and_a_shared_factor_change_nothing() -> None:
+    """2:4 picks its mask every 4 columns whatever the block, so the lazy block updates must give the result of
+    one block over all columns; and a factor computed once for several linears of one input is the same."""
+    weight, x = calibration_problem()
+    gram = x.T @ x
+    one_block = sparsegpt_prune(weight, gram, 0.5, "2:4", block=32)
+    torch.testing.assert_close(sparsegpt_prune(weight, gram, 0.5, "2:4", block=8), one_block, rtol=1e-5, atol=1e-5)
+    factor = sparsegpt_factor(gram)
+    assert torch.equal(sparsegpt_prune(weight, None, 0.5, "2:4", block=32, factor=factor), one_block)
+    u = _inverse_cholesky(gram, 0.01)  # upper, U^T U = (H + damping)^-1
+    damped = gram.double() + 0.01 * float(gram.diagonal().mean()) * torch.eye(32, dtype=torch.float64)
+    assert torch.equal(u, u.triu())
+    torch.testing.assert_close(u.T @ u, torch.linalg.inv(damped))
+
+
+def test_lowest_out_prunes_exactly_n_and_breaks_ties_by_position() -> None:
+    scores = torch.tensor([[3.0, 1.0, 2.0, 1.0], [1.0, 0.0, 1.0, 5.0]])
+    for n in range(9):
+        expected = torch.ones(8, dtype=torch.bool)
+        expected[torch.argsort(scores.flatten(), stable=True)[:n]] = False
+        assert torch.equal(_lowest_out(scores, n), expected.view(2, 4)), n
 
 
 # ------------------------------------------------------------------------------------------ calibration

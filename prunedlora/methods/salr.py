@@ -43,7 +43,7 @@ from prunedlora.export import count_parameters, save_pretrained_dir
 from prunedlora.methods.base import AttachContext, Callback
 from prunedlora.models.quantize import quantize_linear
 from prunedlora.models.surgery import dequantized_weight, replace_module, target_module_names
-from prunedlora.pruning.activation_aware import sparsegpt_prune, wanda_mask
+from prunedlora.pruning.activation_aware import sparsegpt_factor, sparsegpt_prune, wanda_mask
 from prunedlora.pruning.bitmap import (
     BitmapLinear,
     SemiStructuredLinear,
@@ -180,12 +180,15 @@ def pruned_weights(targets: dict[str, nn.Linear], criterion: str, sparsity: floa
         return
     if stats is None:
         raise ValueError(f"base_criterion={criterion} needs calibration statistics")
+    shared: tuple[InputStats, tuple[torch.Tensor, torch.Tensor]] | None = None  # q/k/v share one input's factor
     for name, linear in targets.items():
         if criterion == "wanda":
             mask = wanda_mask(linear.weight, stats[name].sq_norm, sparsity, pattern)
             yield name, linear.weight.detach().float().masked_fill(~mask, 0.0)
-        else:
-            yield name, sparsegpt_prune(linear.weight, stats[name].gram, sparsity, pattern)
+            continue
+        if shared is None or shared[0] is not stats[name]:
+            shared = stats[name], sparsegpt_factor(stats[name].gram)
+        yield name, sparsegpt_prune(linear.weight, None, sparsity, pattern, factor=shared[1])
 
 
 class SalrMethod:
