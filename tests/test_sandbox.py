@@ -61,9 +61,10 @@ def _snapshot(*roots: Path) -> dict[str, bytes]:
     return {str(p): p.read_bytes() for r in roots for p in sorted(r.rglob("*")) if p.is_file()}
 
 
-def _processes_with(marker: str, deadline_s: float = 10.0) -> list[str]:
+def _processes_with(marker: str, deadline_s: float = 30.0) -> list[str]:
     """Processes whose command line contains ``marker``, once none is left or after ``deadline_s``
-    (a killed PID namespace is torn down asynchronously)."""
+    (a killed PID namespace is torn down asynchronously: a fork loop's thousands of processes took over 10 s
+    on 2 busy cores, and all were gone soon after; a real leak stays forever)."""
     end = time.monotonic() + deadline_s
     while True:
         found = []
