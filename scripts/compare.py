@@ -218,9 +218,11 @@ def main(argv: list[str] | None = None) -> int:
     markdown = write_section(suite, args.budget, rows, outcomes, jobs=args.jobs, threads=args.threads,
                              write=not args.no_write)
     print(markdown)
-    failed = [o.run.label for o in outcomes if o.returncode != 0]
+    failed = [o.run.label for o in outcomes if o.run.label in done and o.returncode != 0]
     if failed:
         print(f"failed runs (logs beside their run dirs in {folder}): {', '.join(failed)}")
+    if missing := [o.run.label for o in outcomes if o.run.label not in done and o.returncode != 0]:
+        print(f"not run in this call and not finished before: {', '.join(missing)}")
     return 1 if failed else 0
 
 
