@@ -12,7 +12,8 @@ them alike:
   ``AutoModelForCausalLM``, the same data, optimizer and autocast (this script, ``--arm hf_peft``).
 
 The first ``--warmup`` steps of every arm (compilation, allocator growth) are left out; each arm's figure is the
-median step time over its remaining steps and over the rounds. The machine's matmul peak in that precision is
+median step time over its remaining steps and over the rounds, and its ratio to HF + PEFT is taken within each
+round (the median of the per-round ratios). The machine's matmul peak in that precision is
 measured in the same run (a square GEMM, the best of its repeats). The fraction of it an arm reaches counts 4 FLOPs per
 frozen parameter and token (forward 2, input gradients 2; frozen weights get no weight gradient) and 6 per trained
 parameter.
@@ -219,6 +220,7 @@ def main() -> None:
     arms = [("hf_peft", False), *([] if args.no_compile else [("hf_peft", True)]),
             *((m, False) for m in methods), *((m, True) for m in compiled)]
     times: dict[tuple[str, bool], list[float]] = {arm: [] for arm in arms}
+    per_round: dict[tuple[str, bool], list[float]] = {arm: [] for arm in arms}  # each round's median step
     with tempfile.TemporaryDirectory(prefix="bench_throughput_") as tmp:
         for round_ in range(args.rounds):
             for arm in arms if round_ % 2 == 0 else arms[::-1]:
@@ -226,18 +228,22 @@ def main() -> None:
                 steps = run_hf_peft(comp, args, Path(tmp)) if name == "hf_peft" else run_ours(name, comp, args,
                                                                                                Path(tmp))
                 times[arm].extend(steps[args.warmup:])
+                per_round[arm].append(statistics.median(steps[args.warmup:]))
                 print(f"round {round_ + 1}: {name}{'+compile' if comp else ''} "
-                      f"median {statistics.median(steps[args.warmup:]):.3f} s/step", flush=True)
+                      f"median {per_round[arm][-1]:.3f} s/step", flush=True)
     peak = matmul_peak(torch.bfloat16 if args.precision == "bf16" else torch.float32, args.device, args.threads)
     tokens = args.batch_size * args.seq_len
-    hf = statistics.median(times[("hf_peft", False)])
-    rows = ["| arm | median step (s) | tokens/s | vs HF + PEFT eager | of the matmul peak |",
-            "|---|---:|---:|---:|---:|"]
-    for (name, comp), values in times.items():
+    hf_rounds = per_round[("hf_peft", False)]
+    rows = ["| arm | median step (s) | tokens/s | vs HF + PEFT eager | per round | of the matmul peak |",
+            "|---|---:|---:|---:|---|---:|"]
+    for arm, values in times.items():
+        name, comp = arm
         step = statistics.median(values)
+        # Ratios within a round (the two arms ran minutes apart under the same load), then their median.
+        ratios = [hf / ours for hf, ours in zip(hf_rounds, per_round[arm], strict=True)]
         fraction = tokens * flops_per_token("lora" if name == "hf_peft" else name, args.model) / step / peak
-        rows.append(f"| {name}{' + compile' if comp else ''} | {step:.3f} | {tokens / step:.0f} | {hf / step:.2f}x | "
-                    f"{fraction:.1%} |")
+        rows.append(f"| {name}{' + compile' if comp else ''} | {step:.3f} | {tokens / step:.0f} | "
+                    f"{statistics.median(ratios):.2f}x | {', '.join(f'{r:.2f}x' for r in ratios)} | {fraction:.1%} |")
     markdown = "\n".join([
         "## Training throughput against HF + PEFT",
         "",
