@@ -174,14 +174,19 @@ def flops_per_token(method: str, model_name: str) -> float:
     """~4 FLOPs per frozen parameter per token (forward, input gradients) and 6 per trained one."""
     from prunedlora.config import compose_config
     from prunedlora.methods import build_method
+    from prunedlora.methods.salr import target_linears
     from prunedlora.models.load import count_parameters, load_model
 
     cfg = compose_config([f"method={method}", f"model={model_name}"])
     model, _ = load_model(cfg.model, "cpu")
     total, _ = count_parameters(model)
-    if method != "salr":  # SALR's attach prunes from calibration data: its adapters count like LoRA's below
+    if method == "salr":  # its attach calibrates on data; count its two adapters (residual + task) directly
+        rank = cfg.method.residual_rank + cfg.method.rank
+        trainable = sum(rank * (m.in_features + m.out_features)
+                        for m in target_linears(model, cfg.method.target_modules).values())
+    else:
         build_method(cfg.method, cfg.sparsity).attach(model)
-    _, trainable = count_parameters(model)
+        _, trainable = count_parameters(model)
     return 4.0 * total + 6.0 * trainable
 
 
