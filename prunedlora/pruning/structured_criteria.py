@@ -232,10 +232,14 @@ class TaylorCapture:
             h = args[0]
             if not (torch.is_grad_enabled() and h.requires_grad):
                 return  # evaluation, or nothing upstream trains: no gradient will come
+            # The hook must not close over ``h`` itself: ``h`` owns its hooks, so ``h -> hook -> h`` would be a
+            # reference cycle keeping the step's whole autograd graph alive until the cycle collector ran
+            # (about 1 GB a step on SmolLM2: an OOM kill after 20 steps). The detached view shares only storage.
+            h_values = h.detach()
 
             def grad_hook(g: torch.Tensor) -> None:
                 dtype = torch.promote_types(g.dtype, torch.float32)  # at least float32 (bf16 sums drift)
-                term = (g.to(dtype) * h.detach().to(dtype)).reshape(-1, h.shape[-1]).sum(0)  # (d_in,)
+                term = (g.to(dtype) * h_values.to(dtype)).reshape(-1, h_values.shape[-1]).sum(0)  # (d_in,)
                 total = self.sums.get(key)
                 self.sums[key] = term if total is None else total + term
 
