@@ -245,9 +245,10 @@ class LoraPruneConfig(MethodConfig):
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
-    criterion: str = "lora_guided"
-    """lora_guided (default: |(G_B A + B G_A - G_B G_A) * (W0 + s BA)|), magnitude, true_gradient, or
-    channel_taylor (|sum_t g * h| over a head's slice of the o_proj input / a channel of the down_proj input)."""
+    criterion: str = "channel_taylor"
+    """channel_taylor (default, beyond the paper: |sum_t g * h| over a head's slice of the o_proj input / a
+    channel of the down_proj input; it measures best, docs/RESULTS.md), lora_guided (the paper's:
+    |(G_B A + B G_A - G_B G_A) * (W0 + s BA)|), magnitude, or true_gradient (LLM-Pruner's, memory-heavy)."""
     ema: float = 0.9
     """Moving-average factor of the group importance, updated every optimizer step."""
     score_power: int = 1
@@ -296,7 +297,7 @@ class LoraPruneConfig(MethodConfig):
             missing = [name for name in needed if name not in self.target_modules]
             _check(p, not missing, f"method.target_modules lacks {missing}: criterion lora_guided scores a group "
                                    "from the LoRA gradients of every projection in it; add them, or use "
-                                   "method.criterion=magnitude")
+                                   "method.criterion=channel_taylor (the default) or magnitude")
         return p
 
 
@@ -615,7 +616,7 @@ def validate(cfg: RootConfig) -> None:
     _check(p, not (getattr(m, "criterion", None) == "true_gradient" and zero_stage == 3),
            "method.criterion=true_gradient with distributed=deepspeed_zero3: the criterion reads the frozen base "
            "weights' own gradients, which ZeRO-3 partitions outside any optimizer; use distributed=deepspeed_zero2 "
-           "(or none), or criterion lora_guided / magnitude, which work under ZeRO-3")
+           "(or none), or criterion channel_taylor / lora_guided / magnitude, which work under ZeRO-3")
     t = cfg.train
     _check(p, t.max_steps >= 0, f"train.max_steps={t.max_steps} must be >= 0 (0: evaluate the method's starting "
            "model without training)")

@@ -43,11 +43,12 @@ ZERO3_PARTITION_ALL = ["distributed=deepspeed_zero3",
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["loraprune", "salr"])
+@pytest.mark.parametrize("method", ["method=loraprune", "method=loraprune method.criterion=lora_guided", "method=salr"])
 def test_base_pruning_methods_under_zero3_match_plain_pytorch(tmp_path: Path, data_root: Path, method: str) -> None:
-    """LoRAPrune's scores read whole base weights (gathered under ZeRO-3); SALR prunes the base before the
-    engine exists. Same losses, same pruning decisions, same exported model as without DeepSpeed."""
-    args = [*ARGS, f"method={method}", "sparsity.every=2", "train.max_steps=4"]
+    """LoRAPrune's default scores read activations and their gradients, the paper's whole base weights (gathered
+    under ZeRO-3); SALR prunes the base before the engine exists. Same losses, same pruning decisions, same
+    exported model as without DeepSpeed."""
+    args = [*ARGS, *method.split(), "sparsity.every=2", "train.max_steps=4"]
     plain = run_cli(["prunedlora-train", *args, f"hydra.run.dir={tmp_path / 'plain'}"], data_root)
     assert plain.returncode == 0, plain.stderr[-3000:]
     zero = run_cli(["prunedlora-train", *args, *ZERO3_PARTITION_ALL, f"hydra.run.dir={tmp_path / 'zero'}"], data_root)

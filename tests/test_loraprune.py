@@ -198,6 +198,27 @@ def test_channel_taylor_frees_each_step_without_the_cycle_collector() -> None:
     assert set(callback.taylor.take()) == {(i, name) for i in method.masks for name in ("o_proj", "down_proj")}
 
 
+def test_channel_taylor_default_and_unchanged_by_gradient_checkpointing() -> None:
+    """The default criterion; the recipe's non-reentrant checkpointing recomputes each layer's forward in backward,
+    and the capture must still count every micro-batch exactly once."""
+    assert LoraPruneConfig().criterion == "channel_taylor"
+    sums = []
+    for checkpointing in (False, True):
+        model = tiny_llama()
+        method = attach(model)
+        (callback,) = method.callbacks()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        x = batch(0)
+        model(input_ids=x, labels=x).loss.backward()
+        sums.append(callback.taylor.take())
+    assert sums[0].keys() == sums[1].keys() and len(sums[0]) == 2 * len(method.masks)
+    for key, total in sums[0].items():
+        assert total.abs().max() > 0
+        torch.testing.assert_close(sums[1][key], total)
+
+
 def test_channel_taylor_needs_no_adapter_on_the_grouped_projections() -> None:
     sparsity = SparsityConfig(schedule="auto")
     assert LoraPruneConfig(criterion="channel_taylor", target_modules=["q_proj", "v_proj"]).validate(sparsity) == []
@@ -410,7 +431,7 @@ def test_config_validation() -> None:
     for key in ("method.prune_every=5", "sparsity.every=5", "method.criterion=grad", "method.gqa_policy=x",
                 "method.score_power=3", "sparsity.schedule=constant"):
         assert key in text, key
-    (problem,) = LoraPruneConfig(target_modules=["q_proj", "up_proj"]).validate(sparsity)
+    (problem,) = LoraPruneConfig(criterion="lora_guided", target_modules=["q_proj", "up_proj"]).validate(sparsity)
     assert "lacks ['k_proj', 'v_proj', 'o_proj', 'gate_proj', 'down_proj']" in problem
     assert LoraPruneConfig(criterion="magnitude", target_modules=["q_proj"]).validate(sparsity) == []
     assert "gqa_balanced" in LoraPruneConfig(gqa_policy="kv_group", gqa_balanced=True).validate(sparsity)[0]
@@ -418,14 +439,15 @@ def test_config_validation() -> None:
         build_method(LoraPruneConfig(name="nope"), sparsity)
 
 
-def test_masks_and_ema_resume_from_a_checkpoint() -> None:
+@pytest.mark.parametrize("criterion", ["channel_taylor", "lora_guided"])
+def test_masks_and_ema_resume_from_a_checkpoint(criterion: str) -> None:
     model = tiny_llama()
-    method = attach(model, every=2)
+    method = attach(model, every=2, criterion=criterion)
     callback = train(model, method, steps=6)
     adapter, state = adapter_state_dict(model), callback.state_dict()
     assert "model.layers.1.structure_mask.head_mask" in adapter
     fresh = tiny_llama()
-    fresh_method = attach(fresh, every=2)
+    fresh_method = attach(fresh, every=2, criterion=criterion)
     load_adapter_state_dict(fresh, adapter)
     (fresh_callback,) = fresh_method.callbacks()
     fresh_callback.load_state_dict(state)
@@ -436,16 +458,19 @@ def test_masks_and_ema_resume_from_a_checkpoint() -> None:
         assert torch.equal(fresh_method.masks[i].head_mask, method.masks[i].head_mask)
 
 
-@pytest.mark.parametrize("quantization", ["nf4", "int8"])
-def test_quantized_base_trains_with_output_masks_and_exports_a_float_model(quantization: str, tmp_path: Path) -> None:
-    """bitsandbytes base: lora_guided scores (W0 dequantized per module), masks act on outputs; export dequantizes."""
+@pytest.mark.parametrize(("quantization", "criterion"),
+                         [("nf4", "lora_guided"), ("int8", "lora_guided"), ("nf4", "channel_taylor")])
+def test_quantized_base_trains_with_output_masks_and_exports_a_float_model(quantization: str, criterion: str,
+                                                                          tmp_path: Path) -> None:
+    """bitsandbytes base: lora_guided scores W0 dequantized per module, channel_taylor the activations; masks act
+    on outputs; export dequantizes."""
     pytest.importorskip("bitsandbytes")
     from prunedlora.config import ModelConfig, TinyModelConfig
     from prunedlora.models.load import load_model
 
     model, tokenizer = load_model(ModelConfig(name="tiny", name_or_path="tiny", quantization=quantization,
                                               tiny=TinyModelConfig(num_hidden_layers=3)))
-    method = attach(model, every=1)
+    method = attach(model, every=1, criterion=criterion)
     train(model, method, steps=3)
     assert method.report(model)["sparsity"] > 0
     x = batch(8)

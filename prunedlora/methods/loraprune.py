@@ -4,9 +4,9 @@ Attach: LoRA on the seven projections, then a ``StructureMask`` with masking hoo
 decoder layer (all but the first ``exempt_first_frac`` of the layers and the last ``exempt_last``).
 
 Every optimizer step (``on_before_optimizer_step``, complete unscaled gradients), per prunable layer:
-head and channel importance (``structured_criteria``: ``lora_guided`` by default, ``magnitude``,
-``true_gradient``, or ``channel_taylor``, captured by hooks on the inputs of o_proj/down_proj during the step's
-backward passes) is averaged into an EMA (0.9). At pruning events (every ``sparsity.every`` steps) the
+head and channel importance (``structured_criteria``: ``channel_taylor`` by default, captured by hooks on the
+inputs of o_proj/down_proj during the step's backward passes; the paper's ``lora_guided``, ``magnitude``, or
+``true_gradient``) is averaged into an EMA (0.9). At pruning events (every ``sparsity.every`` steps) the
 target fraction ``sparsity.final`` follows the cubic schedule (``sparsity.schedule: auto``) with the
 group's warm-up/cool-down, and each layer independently masks its lowest-EMA fraction of query heads
 (or KV groups) and of MLP channels. Masks are cumulative: masked units rank lowest and are never
