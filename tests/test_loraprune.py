@@ -155,7 +155,7 @@ def test_channel_taylor_equals_the_autograd_first_order_loss_change_of_removing_
     for micro in range(2):  # a step of two micro-batches, each loss halved as the engine does
         x = batch(micro)
         (model(input_ids=x, labels=x).loss / 2).backward()
-    sums = callback.taylor.take()
+    sums = {key: total.double() for key, total in callback.taylor.take().items()}  # accumulated in float32
     cfg = method.cfg
     for i, (heads, channels) in alphas.items():
         per_head = group_sum(sums[(i, "o_proj")], HEAD_DIM)

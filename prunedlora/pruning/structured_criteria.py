@@ -3,7 +3,7 @@
 Per projection, a weight-level importance ``I`` (d_out x d_in) from one of three criteria, all
 multiplied against the effective weight ``W~ = W0 + s*BA``:
 
-- ``lora_guided`` (default, the paper's): ``|G^ ⊙ W~|`` with the LoRA-guided gradient estimate
+- ``lora_guided`` (the paper's): ``|G^ ⊙ W~|`` with the LoRA-guided gradient estimate
   ``G^ = G_B A + B G_A - G_B G_A``, minus one SGD step's change of ``BA`` at step size 1:
   ``B'A' - BA = -(G_B A + B G_A) + G_B G_A`` for ``B' = B - G_B``, ``A' = A - G_A``. Only LoRA weights
   and LoRA gradients are needed: the frozen ``W0`` never gets a gradient. ``G^`` is not multiplied by
@@ -32,8 +32,9 @@ A fourth criterion scores the groups directly instead of summing weight scores (
 (Molchanov et al. 2019). With ``h`` the input of ``down_proj`` (or ``o_proj``) and ``g = dL/dh``, a channel
 scores ``|Σ_t g_t,c h_t,c|`` and a query head ``|Σ_t Σ_{j in head} g_t,j h_t,j|`` (a KV group, for
 ``kv_group``: the signed sums of its query heads added before the absolute value). ``TaylorCapture`` gets
-them from a forward pre-hook and a tensor gradient hook on those inputs, summed over the step's micro-batches:
-no weight gradient and no ``d_out x d_in`` matrix. Each vector is then L2-normalised like the others.
+them from a forward pre-hook that passes those inputs through an identity autograd function whose backward
+adds ``Σ_t g ⊙ h`` to a probe vector's gradient, summed over the step's micro-batches: no weight gradient and
+no ``d_out x d_in`` matrix. Each vector is then L2-normalised like the others.
 
 ``G^`` and ``W~`` are formed per module and dropped at once, so the extra peak memory of
 ``lora_guided`` scoring is a few ``d_out x d_in`` float32 matrices, one module at a time.
@@ -54,7 +55,7 @@ from prunedlora.adapters.lora import LoRALinear
 from prunedlora.config import LORAPRUNE_CRITERIA, LoraPruneConfig
 from prunedlora.distributed import full_grad, gathered
 from prunedlora.models.surgery import dequantized_weight
-from prunedlora.pruning.structure import AttentionShape
+from prunedlora.pruning.structure import AttentionShape, intermediate_size
 
 NORM_EPS = 1e-8
 
@@ -210,44 +211,63 @@ TAYLOR_INPUTS = ("o_proj", "down_proj")
 """Projections whose input features are the groups' outputs: heads (o_proj), MLP channels (down_proj)."""
 
 
+class _TaylorProbe(torch.autograd.Function):
+    """Identity on ``h`` whose backward also returns ``Σ_tokens g ⊙ h`` as the gradient of a dummy ``probe``.
+
+    The probe is a leaf vector of ones that the forward never reads, so ``probe.grad`` accumulates the sums
+    of every backward pass until it is cleared. A plain autograd function (no tensor hook, no Python side
+    effect) keeps ``torch.compile`` to one graph, and ``h`` is saved as a view, so nothing is copied: the
+    linear that follows saves the same storage.
+    """
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, probe: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(h)
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        (h,) = ctx.saved_tensors
+        dtype = torch.promote_types(g.dtype, torch.float32)  # at least float32 (bf16 sums drift)
+        sums = (g.to(dtype) * h.to(dtype)).reshape(-1, h.shape[-1]).sum(0)  # (d_in,)
+        return g, sums
+
+
 class TaylorCapture:
     """``Σ_t g_t,j h_t,j`` per input feature of ``o_proj`` and ``down_proj`` of the given layers (signed, float32).
 
-    A forward pre-hook on each projection sees its input ``h`` (after any structure mask's own pre-hook, so
-    pruned features score 0); in a forward that builds a graph it registers a gradient hook on ``h`` that adds
-    ``(g * h)`` summed over every token into the running sums during backward. ``take`` returns the sums of the
-    micro-batches since the last call and starts new ones.
+    A forward pre-hook on each projection passes its input ``h`` (after any structure mask's own pre-hook, so
+    pruned features score 0) through ``_TaylorProbe`` in every forward that builds a graph; backward adds
+    ``Σ_t g ⊙ h`` into that projection's probe gradient. ``take`` returns the sums of the micro-batches since
+    the last call and starts new ones.
     """
 
     def __init__(self, layers: dict[int, nn.Module]) -> None:
-        self.sums: dict[tuple[int, str], torch.Tensor] = {}
+        self.probes: dict[tuple[int, str], torch.Tensor] = {}
         self._handles = []
         for i, layer in layers.items():
+            device = layer.input_layernorm.weight.device
+            shape = AttentionShape.of(layer.self_attn)
+            widths = {"o_proj": shape.num_heads * shape.head_dim, "down_proj": intermediate_size(layer.mlp)}
             for name in TAYLOR_INPUTS:
                 owner = layer.self_attn if name == "o_proj" else layer.mlp
-                self._handles.append(getattr(owner, name).register_forward_pre_hook(self._forward_hook((i, name))))
+                probe = torch.ones(widths[name], device=device, requires_grad=True)
+                self.probes[(i, name)] = probe
+                self._handles.append(getattr(owner, name).register_forward_pre_hook(self._forward_hook(probe)))
 
-    def _forward_hook(self, key: tuple[int, str]):
-        def forward_hook(module: nn.Module, args: tuple) -> None:
-            h = args[0]
-            if not (torch.is_grad_enabled() and h.requires_grad):
-                return  # evaluation, or nothing upstream trains: no gradient will come
-            # The hook must not close over ``h`` itself: ``h`` owns its hooks, so ``h -> hook -> h`` would be a
-            # reference cycle keeping the step's whole autograd graph alive until the cycle collector ran
-            # (about 1 GB a step on SmolLM2: an OOM kill after 20 steps). The detached view shares only storage.
-            h_values = h.detach()
-
-            def grad_hook(g: torch.Tensor) -> None:
-                dtype = torch.promote_types(g.dtype, torch.float32)  # at least float32 (bf16 sums drift)
-                term = (g.to(dtype) * h_values.to(dtype)).reshape(-1, h_values.shape[-1]).sum(0)  # (d_in,)
-                total = self.sums.get(key)
-                self.sums[key] = term if total is None else total + term
-
-            h.register_hook(grad_hook)
+    @staticmethod
+    def _forward_hook(probe: torch.Tensor):
+        def forward_hook(module: nn.Module, args: tuple) -> tuple | None:
+            if not torch.is_grad_enabled():
+                return None  # evaluation: no gradient will come
+            return (_TaylorProbe.apply(args[0], probe), *args[1:])
         return forward_hook
 
     def take(self) -> dict[tuple[int, str], torch.Tensor]:
-        sums, self.sums = self.sums, {}
+        sums = {}
+        for key, probe in self.probes.items():
+            if probe.grad is not None:
+                sums[key], probe.grad = probe.grad, None
         return sums
 
     def remove(self) -> None:
