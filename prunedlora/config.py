@@ -324,9 +324,10 @@ class SalrConfig(MethodConfig):
     base_format: str = "dense"
     """Sparse base during training: dense (masked, reference), bitmap (decode then GEMM) or semi_structured
     (PyTorch 2:4 kernels, CUDA, pattern=2:4)."""
-    base_criterion: str = "sparsegpt"
-    """How the base is pruned: sparsegpt (default: OBS with weight updates, from a calibration pass), wanda
-    (|W_ij| * ||X_j||, per output row) or magnitude (the SALR paper's). Pruning methods, methods.md Decisions 0."""
+    base_criterion: str = "wanda"
+    """How the base is pruned: wanda (default: |W_ij| * ||X_j||, per output row, from a calibration pass; it
+    measures best after fine-tuning, docs/RESULTS.md), sparsegpt (OBS with weight updates, same pass) or magnitude
+    (the SALR paper's). Pruning methods, methods.md Decisions 0."""
     calibration_sequences: int = 32
     """wanda/sparsegpt: rows of train.seq_len tokens cut from the training data for the calibration pass."""
 

@@ -113,8 +113,8 @@ def _salr_base(criterion: str, pattern: str = "unstructured") -> Run:
                series=f"salr ({criterion}{', 2:4' if tag else ''})")
 
 
-SALR_DEFAULT = "salr-sparsegpt-s0.50"
-"""The quality suite's row of SALR's default base criterion (``method.base_criterion``: sparsegpt)."""
+SALR_DEFAULT = "salr-wanda-s0.50"
+"""The quality suite's row of SALR's default base criterion (``method.base_criterion``: wanda)."""
 
 
 def _one_shot(criterion: str) -> Run:

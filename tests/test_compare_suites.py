@@ -104,7 +104,7 @@ def test_quality_suite_has_the_one_shot_baselines_and_checks_the_pruned_base_tar
             "oneshot-wanda-s0.50": {"wikitext2/ppl": 67.2, "ptb/ppl": 40.0},
             "lora-r8": {"wikitext2/ppl": 33.8, "ptb/ppl": 31.9}}
     verdicts = suite.verdicts(rows)
-    assert "ends below training-free Wanda (target): yes (salr-sparsegpt-s0.50 60 vs oneshot-wanda-s0.50 67.2" in \
+    assert "ends below training-free Wanda (target): yes (salr-wanda-s0.50 60 vs oneshot-wanda-s0.50 67.2" in \
         verdicts[3]
     assert any("Wanda (target): no" in v and "ptb/ppl" in v for v in verdicts)
     assert any("within 1.5x of dense LoRA: no (60 vs 33.8: 1.78x" in v for v in verdicts)
