@@ -174,9 +174,9 @@ def test_channel_taylor_equals_the_autograd_first_order_loss_change_of_removing_
 
 
 def test_channel_taylor_frees_each_step_without_the_cycle_collector() -> None:
-    """The capture's gradient hooks must not keep a step's autograd graph alive: with the cycle collector off,
-    reference counting alone has to free every o_proj/down_proj input once backward is done (a hook closing
-    over its own tensor leaked the whole graph, about 1 GB a step on SmolLM2, until the OOM killer came)."""
+    """The capture must not keep a step's autograd graph alive: with the cycle collector off, reference counting
+    alone has to free every o_proj/down_proj input once backward is done (an earlier tensor hook closing over its
+    own tensor leaked the whole graph, about 1 GB a step on SmolLM2, until the OOM killer came)."""
     model = tiny_llama()
     method = attach(model, criterion="channel_taylor")
     (callback,) = method.callbacks()

@@ -54,7 +54,7 @@ from torch import nn
 from prunedlora.adapters.lora import LoRALinear
 from prunedlora.config import LORAPRUNE_CRITERIA, LoraPruneConfig
 from prunedlora.distributed import full_grad, gathered
-from prunedlora.models.surgery import dequantized_weight
+from prunedlora.models.surgery import dequantized_weight, projection
 from prunedlora.pruning.structure import AttentionShape, intermediate_size
 
 NORM_EPS = 1e-8
@@ -250,10 +250,9 @@ class TaylorCapture:
             shape = AttentionShape.of(layer.self_attn)
             widths = {"o_proj": shape.num_heads * shape.head_dim, "down_proj": intermediate_size(layer.mlp)}
             for name in TAYLOR_INPUTS:
-                owner = layer.self_attn if name == "o_proj" else layer.mlp
                 probe = torch.ones(widths[name], device=device, requires_grad=True)
                 self.probes[(i, name)] = probe
-                self._handles.append(getattr(owner, name).register_forward_pre_hook(self._forward_hook(probe)))
+                self._handles.append(projection(layer, name).register_forward_pre_hook(self._forward_hook(probe)))
 
     @staticmethod
     def _forward_hook(probe: torch.Tensor):
