@@ -105,24 +105,32 @@ def _salr(s: float) -> Run:
     return Run(f"salr-s{s:.2f}", ("method=salr", f"sparsity.final={s}"), s)
 
 
+def _pattern_tag(pattern: str) -> str:
+    """The label suffix of a sparsity pattern: nothing for unstructured, ``-2of4`` for 2:4."""
+    return "-2of4" if pattern == "2:4" else ""
+
+
 def _salr_base(criterion: str, pattern: str = "unstructured") -> Run:
     """SALR at 50% with an explicit base criterion (label independent of the default)."""
-    tag = "-2of4" if pattern == "2:4" else ""
+    tag = _pattern_tag(pattern)
     return Run(f"salr-{criterion}{tag}-s0.50", ("method=salr", f"method.base_criterion={criterion}",
                                                f"method.pattern='{pattern}'", "sparsity.final=0.5"), 0.5,
                series=f"salr ({criterion}{', 2:4' if tag else ''})")
 
 
-SALR_DEFAULT = "salr-wanda-s0.50"
-"""The quality suite's row of SALR's default base criterion (``method.base_criterion``: wanda)."""
+SALR_DEFAULT, SALR_DEFAULT_2OF4 = _salr_base("wanda").label, _salr_base("wanda", "2:4").label
+"""The quality suite's rows of SALR's default base criterion (``method.base_criterion``: wanda)."""
 
 
-def _one_shot(criterion: str) -> Run:
+def _one_shot(criterion: str, pattern: str = "unstructured") -> Run:
     """Training-free pruning at 50%: SALR's base alone (no residual adapter; the zero-init task LoRA adds
     nothing), evaluated with ``train.max_steps=0``."""
-    return Run(f"oneshot-{criterion}-s0.50", ("method=salr", f"method.base_criterion={criterion}",
-                                              "method.residual_rank=0", "sparsity.final=0.5", "train.max_steps=0"),
-               0.5, series=f"one-shot {criterion}, no training")
+    tag = _pattern_tag(pattern)
+    pattern_override = (f"method.pattern='{pattern}'",) if tag else ()  # the unstructured rows predate the key
+    return Run(f"oneshot-{criterion}{tag}-s0.50", ("method=salr", f"method.base_criterion={criterion}",
+                                                   *pattern_override, "method.residual_rank=0",
+                                                   "sparsity.final=0.5", "train.max_steps=0"),
+               0.5, series=f"one-shot {criterion}{', 2:4' if tag else ''}, no training")
 
 
 LORA = Run("lora-r8", ("method=lora",), 0.0, series="lora (dense, r=8)")
@@ -287,6 +295,9 @@ def _quality_verdicts(rows: dict[str, dict]) -> list[str]:
         out.append("Stretch, SALR's default within 1.5x of dense LoRA: " + (
             f"{'yes' if default <= 1.5 * lora else 'no'} ({default:.4g} vs {lora:.4g}: {default / lora:.2f}x, {key})."
             if default is not None and lora is not None else f"not measured ({key} missing)."))
+    for key in ("wikitext2/ppl", "ptb/ppl"):  # the first target again under the 2:4 pattern
+        out.append(_compare(rows, SALR_DEFAULT_2OF4, "oneshot-wanda-2of4-s0.50", key,
+                            "2:4: SALR's default ends below training-free 2:4 Wanda"))
     return out
 
 
@@ -323,7 +334,8 @@ SUITES: dict[str, Suite] = {
         (BASE, LORA, *(_one_shot(c) for c in ("magnitude", "wanda", "sparsegpt")),
          *(_salr_base(c) for c in ("sparsegpt", "wanda", "magnitude")), _loraprune(0.5, "channel_taylor"),
          _loraprune(0.5), _loraprune(0.5, "magnitude"), _loraprune(0.5, "true_gradient"),
-         *(_salr_base(c, "2:4") for c in ("sparsegpt", "wanda", "magnitude"))),
+         *(_salr_base(c, "2:4") for c in ("sparsegpt", "wanda", "magnitude")),
+         *(_one_shot(c, "2:4") for c in ("magnitude", "wanda", "sparsegpt"))),
         "ptb", (("wikitext2/ppl", "WikiText-2 PPL"), ("ptb/ppl", "PTB PPL")), _quality_setup, _quality_verdicts,
         papers=LORAPRUNE_PAPER),
     "prunedlora": Suite(

@@ -94,9 +94,10 @@ def test_quality_suite_has_the_one_shot_baselines_and_checks_the_pruned_base_tar
     suite = SUITES["quality"]
     runs = {r.label: r for r in suite.runs}
     for criterion in ("magnitude", "wanda", "sparsegpt"):
-        cfg = compose_root([*BUDGETS["cpu-fp32"]["ptb"], *runs[f"oneshot-{criterion}-s0.50"].overrides])
-        assert (cfg.train.max_steps, cfg.method.residual_rank, cfg.method.base_criterion) == (0, 0, criterion)
-        assert cfg.train.bf16 is False and cfg.eval.limit == 40
+        for tag, pattern in (("", "unstructured"), ("-2of4", "2:4")):
+            cfg = compose_root([*BUDGETS["cpu-fp32"]["ptb"], *runs[f"oneshot-{criterion}{tag}-s0.50"].overrides])
+            assert (cfg.train.max_steps, cfg.method.residual_rank, cfg.method.base_criterion) == (0, 0, criterion)
+            assert cfg.method.pattern == pattern and cfg.train.bf16 is False and cfg.eval.limit == 40
     default = compose_root([*BUDGETS["cpu"]["ptb"], *runs[SALR_DEFAULT].overrides])
     assert default.method.base_criterion == compose_root(["method=salr"]).method.base_criterion  # the default
     assert runs["salr-wanda-2of4-s0.50"].overrides[2] == "method.pattern='2:4'"
@@ -109,6 +110,10 @@ def test_quality_suite_has_the_one_shot_baselines_and_checks_the_pruned_base_tar
     assert any("Wanda (target): no" in v and "ptb/ppl" in v for v in verdicts)
     assert any("within 1.5x of dense LoRA: no (60 vs 33.8: 1.78x" in v for v in verdicts)
     assert any("channel_taylor" in v and "not measured" in v for v in verdicts)
+    rows |= {"salr-wanda-2of4-s0.50": {"wikitext2/ppl": 100.0}, "oneshot-wanda-2of4-s0.50": {"wikitext2/ppl": 120.0}}
+    verdicts = suite.verdicts(rows)
+    assert any("2:4 Wanda: yes (salr-wanda-2of4-s0.50 100 vs oneshot-wanda-2of4-s0.50 120" in v for v in verdicts)
+    assert any("2:4 Wanda: not measured" in v and "ptb/ppl" in v for v in verdicts)
 
 
 def test_loss_plot_draws_finished_runs_and_their_difference_to_lora_r8(tmp_path: Path) -> None:
