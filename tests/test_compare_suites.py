@@ -114,6 +114,9 @@ def test_quality_suite_has_the_one_shot_baselines_and_checks_the_pruned_base_tar
     verdicts = suite.verdicts(rows)
     assert any("2:4 Wanda: yes (salr-wanda-2of4-s0.50 100 vs oneshot-wanda-2of4-s0.50 120" in v for v in verdicts)
     assert any("2:4 Wanda: not measured" in v and "ptb/ppl" in v for v in verdicts)
+    rows |= {"loraprune-s0.50": {"wikitext2/ppl": 183.0}, "loraprune-true_gradient-s0.50": {"wikitext2/ppl": 167.0}}
+    assert "true gradient (LLM-Pruner) at 50% (paper: 11.60 vs 16.41): no (loraprune-s0.50 183 vs " \
+           "loraprune-true_gradient-s0.50 167" in suite.verdicts(rows)[0]
 
 
 def test_loss_plot_draws_finished_runs_and_their_difference_to_lora_r8(tmp_path: Path) -> None:
