@@ -297,10 +297,9 @@ def _quality_verdicts(rows: dict[str, dict]) -> list[str]:
         out.append("Stretch, SALR's default within 1.5x of dense LoRA: " + (
             f"{'yes' if default <= 1.5 * lora else 'no'} ({default:.4g} vs {lora:.4g}: {default / lora:.2f}x, {key})."
             if default is not None and lora is not None else f"not measured ({key} missing)."))
-    for key in ("wikitext2/ppl", "ptb/ppl"):  # the first target again under the 2:4 pattern
+    for key in ("wikitext2/ppl", "ptb/ppl"):  # the first target again under the 2:4 pattern; our own check
         out.append(_compare(rows, SALR_DEFAULT_2OF4, "oneshot-wanda-2of4-s0.50", key,
                             "2:4: SALR's default ends below training-free 2:4 Wanda"))
-    for key in ("wikitext2/ppl", "ptb/ppl"):
         out.append(_compare(rows, "loraprune-s0.50", "loraprune-magnitude-s0.50", key,
                             "LoRA-guided criterion beats magnitude at 50%"))
     return out
