@@ -126,9 +126,8 @@ def _one_shot(criterion: str, pattern: str = "unstructured") -> Run:
     """Training-free pruning at 50%: SALR's base alone (no residual adapter; the zero-init task LoRA adds
     nothing), evaluated with ``train.max_steps=0``."""
     tag = _pattern_tag(pattern)
-    pattern_override = (f"method.pattern='{pattern}'",) if tag else ()  # the unstructured rows predate the key
     return Run(f"oneshot-{criterion}{tag}-s0.50", ("method=salr", f"method.base_criterion={criterion}",
-                                                   *pattern_override, "method.residual_rank=0",
+                                                   f"method.pattern='{pattern}'", "method.residual_rank=0",
                                                    "sparsity.final=0.5", "train.max_steps=0"),
                0.5, series=f"one-shot {criterion}{', 2:4' if tag else ''}, no training")
 
