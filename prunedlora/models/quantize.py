@@ -76,12 +76,13 @@ def _restore_before_grad_forward(module: nn.Module, args: tuple) -> None:
 def guard_cpu_repack(model: nn.Module) -> list[str]:
     """Make every 4-bit linear of ``model`` safe in bitsandbytes' CPU-repacked layout (see the module docstring).
 
-    Nothing changes where bitsandbytes never repacks (a GPU, a CPU without AVX512-BF16). Idempotent. Returns the
-    names of the linears whose shape the layout cannot hold (they never repack).
+    Where bitsandbytes never repacks (a GPU, a CPU without AVX512-BF16) nothing behaves differently. Idempotent.
+    Returns the names of the linears whose shape the layout cannot hold (they never repack).
     """
     unfit = []
     for name, module in model.named_modules():
-        if type(module).__name__ != "Linear4bit" or getattr(module, "_prunedlora_repack_guard", False):
+        four_bit = type(getattr(module, "weight", None)).__name__ == "Params4bit"  # Linear4bit and its subclasses
+        if not four_bit or getattr(module, "_prunedlora_repack_guard", False):
             continue
         if getattr(module, "support_avx512bf16_for_cpu", False) and not cpu_repack_fits(module):
             module.support_avx512bf16_for_cpu = False  # read by Linear4bit.forward before it repacks
