@@ -50,3 +50,19 @@ def tiny(byte_tokenizer):
 
     return build_tiny_llama(TinyModelConfig(), vocab_size=len(byte_tokenizer))
 
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _bnb_cpu_repack_switch():
+    """``PRUNEDLORA_TEST_BNB_REPACK=off``: the in-process tests run as on a CPU without AVX512-BF16, where
+    bitsandbytes never repacks 4-bit weights for its CPU kernel (``bnb_layouts.py``). Unset: the CPU decides."""
+    value = os.environ.get("PRUNEDLORA_TEST_BNB_REPACK", "")
+    if value not in ("", "off"):
+        raise pytest.UsageError(f"PRUNEDLORA_TEST_BNB_REPACK={value!r}: use off (or leave it unset)")
+    if value != "off":
+        yield
+        return
+    from bnb_layouts import no_cpu_repack
+
+    with no_cpu_repack():
+        yield

@@ -269,8 +269,8 @@ def test_concatenated_forward_and_gradients_equal_separate_adapters() -> None:
     torch.testing.assert_close(out, separate_forward(layer, x), atol=1e-6, rtol=0)
     grads = torch.autograd.grad(out.square().sum(), params)
     ref_grads = torch.autograd.grad(separate_forward(layer, x).square().sum(), params)
-    for g, ref in zip(grads, ref_grads, strict=True):
-        torch.testing.assert_close(g, ref, atol=1e-6, rtol=1e-6)
+    for g, ref in zip(grads, ref_grads, strict=True):  # sums over 28 rows: MKL's AVX-512 sgemm orders them
+        torch.testing.assert_close(g, ref, atol=1e-5, rtol=1e-5)  # differently from its AVX2 one (1.4e-6 seen)
     assert layer.rank_scale.tolist() == [1.0] * 5 + [2.0] * 3
 
 

@@ -3,6 +3,7 @@ the quantized sparse base, and ``train.max_steps=0``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -37,9 +38,9 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_llama() -> LlamaForCausalLM:
+def tiny_llama(hidden_size: int = 32) -> LlamaForCausalLM:
     torch.manual_seed(123)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     return LlamaForCausalLM(cfg).eval()
 
@@ -189,25 +190,45 @@ def test_activation_aware_criteria_without_calibration_data_are_refused() -> Non
     assert any("is not one of" in p for p in SalrConfig(base_criterion="obs").validate(SparsityConfig()))
 
 
-@pytest.mark.parametrize("quantization", ["nf4", "int8"])
-def test_quantized_sparse_base_keeps_pruned_entries_exactly_zero(quantization: str, tmp_path: Path,
-                                                                 byte_tokenizer) -> None:
+@pytest.mark.parametrize(("quantization", "hidden", "layout"), [
+    ("nf4", 32, "cpu"),  # in_features 32 < the block of 64: bitsandbytes' CPU repack cannot hold it, never repacks
+    ("nf4", 64, "standard"),  # forced on any CPU
+    ("nf4", 64, "repacked"),  # by the eval forward where the CPU has the kernel, else by bitsandbytes' repack itself
+    ("int8", 32, "cpu"),
+])
+def test_quantized_sparse_base_keeps_pruned_entries_exactly_zero(quantization: str, hidden: int, layout: str,
+                                                                 tmp_path: Path, byte_tokenizer) -> None:
+    """Train, evaluate, train again, evaluate (an eval forward may repack 4-bit weights, a training one must
+    then work), then read the base: pruned entries exactly zero in each bitsandbytes layout, export included."""
     pytest.importorskip("bitsandbytes")
-    float_model, model = tiny_llama(), tiny_llama()
+    from bnb_layouts import four_bit_layers, no_cpu_repack, repack, repack_kernel_here
+
+    from prunedlora.models.quantize import cpu_repack_fits, is_repacked
+
+    float_model, model = tiny_llama(hidden), tiny_llama(hidden)
     attach(float_model, "wanda")
-    attach(model, "wanda", quantization=quantization)
-    x = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
-    model.train()
-    model(input_ids=x, labels=x).loss.backward()  # trains through the quantized base
-    model.eval()
-    with torch.no_grad():
-        model(input_ids=x)
+    with no_cpu_repack() if layout == "standard" else contextlib.nullcontext():
+        attach(model, "wanda", quantization=quantization)
+        x = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(3))
+        for _ in range(2):
+            model.train()
+            model.zero_grad()
+            model(input_ids=x, labels=x).loss.backward()  # trains through the quantized base
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=x)
+    layers = four_bit_layers(model)
+    if layout == "repacked":
+        assert sorted(repack(model)) == sorted(layers)
+    else:  # "cpu": the shapes it can hold (down_proj) repack where the CPU has the kernel, the others never
+        fitting = {n for n, m in layers.items() if cpu_repack_fits(m)} if layout == "cpu" else set()
+        assert {n for n, m in layers.items() if is_repacked(m)} == (fitting if repack_kernel_here() else set())
     for name, wrapper in salr_modules(model).items():
         assert type(wrapper.base_layer).__name__ == ("Linear8bitLt" if quantization == "int8" else "Linear4bit")
         reference = salr_modules(float_model)[name]
         pruned = reference.base_layer.weight == 0
         quantized = sparse_base_weight(wrapper.base_layer)
-        assert torch.all(quantized[pruned] == 0)  # exact zeros, after a training and an eval forward
+        assert torch.all(quantized[pruned] == 0)  # exact zeros, after training and eval forwards
         assert torch.count_nonzero(quantized[~pruned]) > 0.95 * int((~pruned).sum())
         # the residual adapter comes from the float residual, not from the quantized weights
         torch.testing.assert_close(wrapper.delta_weight(), reference.delta_weight(), atol=0, rtol=0)

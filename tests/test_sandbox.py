@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 import uuid
@@ -44,7 +45,7 @@ assert r == 0, ctypes.get_errno()
 def places(request, tmp_path, monkeypatch):
     """Where a completion must not reach: a run directory and a home file outside ``/tmp``, and a private
     temp root for the working directories (so that leftover processes can be found by their argv)."""
-    base = Path(request.config.cache.mkdir("sandbox")) / uuid.uuid4().hex
+    base = request.config.rootpath / ".pytest_cache" / "sandbox" / uuid.uuid4().hex  # ignored by git
     home = Path(tempfile.mkdtemp(prefix=".prunedlora-sandbox-test-", dir=Path.home()))
     run_dir, outside = base / "run", base / "outside"
     run_dir.mkdir(parents=True)
@@ -61,7 +62,7 @@ def _snapshot(*roots: Path) -> dict[str, bytes]:
     return {str(p): p.read_bytes() for r in roots for p in sorted(r.rglob("*")) if p.is_file()}
 
 
-def _processes_with(marker: str, deadline_s: float = 30.0) -> list[str]:
+def _processes_with(marker: str, deadline_s: float = 60.0) -> list[str]:
     """Processes whose command line contains ``marker``, once none is left or after ``deadline_s``
     (a killed PID namespace is torn down asynchronously: a fork loop's thousands of processes took over 10 s
     on 2 busy cores, and all were gone soon after; a real leak stays forever)."""
@@ -95,9 +96,38 @@ HOSTILE = {
 }
 
 
+def _make_venv(parent: Path) -> Path:
+    """A virtual environment (no pip: the completion needs only the standard library) under ``parent``."""
+    import venv
+
+    root = Path(tempfile.mkdtemp(prefix="prunedlora-sandbox-venv-", dir=parent))
+    venv.EnvBuilder(with_pip=False, symlinks=os.name != "nt").create(root / "venv")
+    return root / "venv"
+
+
+@pytest.fixture(scope="module", params=["/tmp", "home"])
+def venv_python(request):
+    """The evaluation's interpreter from a virtual environment under ``/tmp`` (where the sandbox puts its
+    private tmpfs: scratch clones, CI checkouts, ``$TMPDIR``) or elsewhere (the user's home, hidden too)."""
+    env = _make_venv(Path("/tmp") if request.param == "/tmp" else Path.home())
+    yield env
+    shutil.rmtree(env.parent, ignore_errors=True)
+
+
+@pytest.fixture
+def from_venv(venv_python, monkeypatch):
+    """Run this test as if the evaluation ran from ``venv_python`` (what the sandbox reads of the interpreter)."""
+    monkeypatch.setattr(sys, "executable", str(venv_python / "bin" / "python"))
+    monkeypatch.setattr(sys, "prefix", str(venv_python))
+    monkeypatch.setattr(sys, "exec_prefix", str(venv_python))
+    sandbox.bwrap_problem.cache_clear()  # probe this interpreter
+    yield venv_python
+    sandbox.bwrap_problem.cache_clear()
+
+
 @needs_bwrap
 @pytest.mark.parametrize("name", sorted(HOSTILE))
-def test_hostile_completion_leaves_no_trace(name, places):
+def test_hostile_completion_leaves_no_trace(name, places, from_venv):
     listener = socket.create_server(("127.0.0.1", 0))
     listener.setblocking(False)
     port = listener.getsockname()[1]
@@ -106,8 +136,10 @@ def test_hostile_completion_leaves_no_trace(name, places):
                                 port_be=socket.htons(port))
     watched = (places["run"], places["outside"], places["secret"].parent)
     before = _snapshot(*watched)
+    assert resolve_level("auto") == "bwrap", sandbox.bwrap_problem()  # the probe passes from this interpreter
     r = run_program(code, allow_code_execution=True, timeout_s=3.0, sandbox="bwrap", hide=[places["run"]])
     assert r.sandbox == "bwrap" and not r.passed, (r.status, r.stderr)
+    assert "bwrap:" not in r.stderr, r.stderr  # the sandbox itself started (no missing path): the program failed
     assert _snapshot(*watched) == before  # nothing written, changed or removed outside the working directory
     assert SECRET not in r.stderr
     assert _processes_with(str(places["work_root"])) == []  # nothing outlives the run
@@ -129,9 +161,11 @@ def test_the_guards_did_not_stop_them_bwrap_did(places):
              "assert 'NoNewPrivs:\\t1' in st and 'CapEff:\\t0000000000000000' in st, st\n"
              "assert os.getpid() == 2\n"  # its own PID namespace (bwrap's init is 1)
              "assert not os.path.exists({home!r}) and not os.path.exists({run!r})\n"
-             "assert os.listdir('/tmp') == [os.getcwd().split('/')[2]]\n")  # a private /tmp holding the workdir
-    r = run_program(probe.format(home=str(places["secret"].parent), run=str(places["run"])), allow_code_execution=True,
-                    sandbox="bwrap", hide=[places["run"]])
+             "assert sorted(os.listdir('/tmp')) == sorted({{os.getcwd().split('/')[2], *{python!r}}})\n")
+    # a private /tmp holding the workdir and, when the interpreter lives under /tmp, the way to it
+    python = [r.split("/")[2] for r in sandbox.python_roots() if r.startswith("/tmp/")]
+    r = run_program(probe.format(home=str(places["secret"].parent), run=str(places["run"]), python=python),
+                    allow_code_execution=True, sandbox="bwrap", hide=[places["run"]])
     assert r.passed, r.stderr
 
 
@@ -185,6 +219,54 @@ def test_auto_falls_back_with_one_warning_and_bwrap_refuses(no_bwrap, caplog):
     assert resolve_level("python") == "python"
     with pytest.raises(ValueError, match=r"eval.sandbox='strict' is not one of auto, bwrap, python"):
         resolve_level("strict")
+
+
+@needs_bwrap
+def test_a_path_missing_from_the_sandbox_fails_auto_too(tmp_path, monkeypatch, caplog):
+    """bubblewrap works, the sandbox leaves out the interpreter: a bug of the sandbox, so no level falls back to
+    the Python guards (quietly losing the boundary); the error says why and names the interpreter."""
+    link = tmp_path / "bin" / "python"
+    link.parent.mkdir()
+    link.symlink_to(os.path.realpath(sys.executable))
+    monkeypatch.setattr(sys, "executable", str(link))
+    monkeypatch.setattr(sandbox, "python_roots", lambda: [])  # the sandbox "forgets" the interpreter's directory
+    sandbox.bwrap_problem.cache_clear()
+    try:
+        problem = sandbox.bwrap_problem()
+        assert problem is not None and not problem.machine and str(link) in str(problem), problem
+        with caplog.at_level(logging.WARNING, logger=sandbox.__name__):
+            for level in ("auto", "bwrap"):
+                with pytest.raises(SandboxUnavailable, match=rf"eval.sandbox={level}: bubblewrap works on this "
+                                   r"machine but .*execvp .*bug of prunedlora's sandbox.*eval.sandbox=python"):
+                    run_program("pass\n", allow_code_execution=True, sandbox=level)
+        assert caplog.records == []  # no fallback warning: nothing ran at a lower level
+    finally:
+        sandbox.bwrap_problem.cache_clear()
+
+
+@pytest.mark.parametrize("level", ["auto", "bwrap"])
+def test_a_bwrap_that_cannot_run_here_falls_back_under_auto_only(level, tmp_path, monkeypatch, caplog):
+    """A bubblewrap that cannot create namespaces on this machine (a container without user namespaces) is the
+    machine's limit, not a bug: ``auto`` falls back with its warning, ``bwrap`` refuses."""
+    fake = tmp_path / "bwrap"
+    fake.write_text("#!/bin/sh\necho 'bwrap: No permissions to creating new namespace' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: str(fake) if name == "bwrap" else None)
+    sandbox.bwrap_problem.cache_clear()
+    sandbox._warn_fallback.cache_clear()
+    try:
+        problem = sandbox.bwrap_problem()
+        assert problem is not None and problem.machine and "No permissions to creating new namespace" in str(problem)
+        if level == "bwrap":
+            with pytest.raises(SandboxUnavailable, match="eval.sandbox=bwrap, but bubblewrap does not work"):
+                resolve_level(level)
+        else:
+            with caplog.at_level(logging.WARNING, logger=sandbox.__name__):
+                assert resolve_level(level) == "python"
+            assert "new namespace" in caplog.records[0].getMessage()
+    finally:
+        sandbox.bwrap_problem.cache_clear()
+        sandbox._warn_fallback.cache_clear()
 
 
 @needs_bwrap

@@ -6,7 +6,9 @@
   it, as a second layer); an error when bubblewrap is missing or does not work on this machine;
 * ``python``: the Python-level guards only, an accident guard, **not a security boundary**;
 * ``auto`` (default): ``bwrap`` when a probe (run once per process) succeeds, else ``python`` with one
-  warning line.
+  warning line, but only where bubblewrap itself cannot run (not installed, no user namespaces). Where it runs
+  and only the sandbox's own view lacks something the interpreter needs, that is a bug: ``auto`` fails with
+  the reason instead of quietly dropping the boundary.
 
 What bubblewrap gives each completion (:func:`bwrap_prefix`):
 
@@ -15,12 +17,14 @@ What bubblewrap gives each completion (:func:`bwrap_prefix`):
   user namespaces (``--disable-userns``), its own session (no terminal injection) and ``--die-with-parent``;
 * a read-only view of the system built from an allow-list, not a deny-list: ``/usr`` and the ``/bin``,
   ``/lib*``, ``/sbin`` links, the dynamic loader's cache and the Python installation that runs the
-  evaluation (``sys.prefix`` and ``sys.base_prefix``); nothing else of the host is there, so the user's
-  home, the run directory, ``/work``, ``/root``, ``/etc`` secrets and ``/sys`` are absent. Paths to hide
-  (home, current directory, run directory) that would still be visible under an allowed path get an empty
-  tmpfs over them;
+  evaluation (``sys.prefix`` and ``sys.base_prefix``, and the directories the interpreter's symlinks pass
+  through); nothing else of the host is there, so the user's home, the run directory, ``/work``, ``/root``,
+  ``/etc`` secrets and ``/sys`` are absent. Paths to hide (home, current directory, run directory) that would
+  still be visible under an allowed path get an empty tmpfs over them;
 * a private, size-capped tmpfs on ``/tmp`` (``HOME`` and ``TMPDIR`` point into the working directory, as
-  at the ``python`` level, so a program sees the same environment at both levels);
+  at the ``python`` level, so a program sees the same environment at both levels). It goes on before the
+  Python installation is mounted, so an interpreter or virtual environment under ``/tmp`` (a scratch clone,
+  a CI runner's checkout, ``$TMPDIR`` on a cluster) is mounted over it at its own path, alone;
 * a minimal ``/dev`` and a ``/proc`` of its own PID namespace;
 * the per-completion working directory, bind-mounted read-write at its own path: the only writable place
   that outlives the process, and it is deleted afterwards.
@@ -37,6 +41,7 @@ import sys
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from prunedlora.config import SANDBOX_LEVELS
 
@@ -55,21 +60,50 @@ FALLBACK_WARNING = ("eval.sandbox=auto: bubblewrap does not work here ({reason})
 
 
 class SandboxUnavailable(RuntimeError):
-    """``eval.sandbox=bwrap`` was asked for and bubblewrap does not work on this machine."""
+    """``eval.sandbox=bwrap`` was asked for and bubblewrap does not work on this machine, or (any level but
+    ``python``) bubblewrap works and the sandbox built with it does not."""
+
+
+class BwrapProblem(NamedTuple):
+    """Why the sandbox cannot run here (``str()`` gives the reason)."""
+
+    reason: str
+    machine: bool
+    """True: bubblewrap itself cannot run on this machine (``auto`` may fall back); False: it runs, and the
+    sandbox's own view of the system lacks what the interpreter needs (a bug: no level may fall back)."""
+
+    def __str__(self) -> str:
+        return self.reason
 
 
 def _under(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
+def _symlink_dirs(path: str, hops: int = 40) -> list[str]:
+    """The directory of ``path`` and of every link target on the way to the real file (``venv/bin/python`` ->
+    ``/opt/python/bin/python3`` -> ``python3.11``): each must be visible for ``execve`` to follow the chain."""
+    dirs = []
+    for _ in range(hops):
+        path = os.path.abspath(path)
+        dirs.append(os.path.dirname(path))
+        if not os.path.islink(path):
+            break
+        path = os.path.join(os.path.dirname(path), os.readlink(path))
+    return dirs
+
+
 def python_roots() -> list[str]:
-    """The Python installation the child interpreter needs (venv and base prefix), outside the system paths."""
+    """The Python installation the child interpreter needs (venv and base prefix, and the directories of the
+    interpreter's symlink chain), outside the system paths, each once (a root under another is left out)."""
+    candidates = _symlink_dirs(sys.executable)
+    for p in (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix):
+        candidates += [os.path.abspath(p), os.path.realpath(p)]
+    candidates.append(os.path.dirname(os.path.realpath(sys.executable)))
     roots: list[str] = []
-    for p in (sys.prefix, sys.exec_prefix, sys.base_prefix, sys.base_exec_prefix,
-              os.path.dirname(os.path.realpath(sys.executable))):
-        for q in (os.path.abspath(p), os.path.realpath(p)):
-            if not any(_under(q, s) for s in (*SYSTEM_PATHS, *roots)):
-                roots.append(q)
+    for q in sorted(set(candidates), key=len):  # shortest first: a root covers those under it
+        if not any(_under(q, s) for s in (*SYSTEM_PATHS, *roots)):
+            roots.append(q)
     return roots
 
 
@@ -110,8 +144,12 @@ def bwrap_prefix(workdir: Path | str, *, hide: Iterable[Path | str] = (), exe: s
     python = python_roots()
     exe = exe or shutil.which("bwrap") or "bwrap"
     newer = _newer_flags(exe)
+    size = ["--size", str(TMPFS_BYTES)] if "--size" in newer else []
     args = [exe, "--unshare-all", "--unshare-user", *(["--disable-userns"] if "--disable-userns" in newer else []),
-            "--die-with-parent", "--new-session", "--cap-drop", "ALL", *_system_args()]
+            "--die-with-parent", "--new-session", "--cap-drop", "ALL", *_system_args(),
+            "--dev", "/dev", "--proc", "/proc", *size, "--tmpfs", "/tmp"]
+    # Mounts apply in order: the Python installation goes on after the private /tmp, so one under /tmp stays
+    # visible (alone); the tmpfs over hidden paths after that, so a hidden path inside it is covered too.
     for root in python:
         args += ["--ro-bind", root, root]
     allowed = [*SYSTEM_PATHS, *python]
@@ -119,9 +157,7 @@ def bwrap_prefix(workdir: Path | str, *, hide: Iterable[Path | str] = (), exe: s
         visible = any(_under(h, a) and h != a for a in allowed)
         if visible and not _under(workdir, h) and not any(_under(r, h) for r in python):
             args += ["--tmpfs", h]
-    size = ["--size", str(TMPFS_BYTES)] if "--size" in newer else []
-    args += ["--dev", "/dev", "--proc", "/proc", *size, "--tmpfs", "/tmp",
-             "--bind", workdir, workdir, "--chdir", workdir, "--"]
+    args += ["--bind", workdir, workdir, "--chdir", workdir, "--"]
     return args
 
 
@@ -141,34 +177,49 @@ def default_hidden() -> list[str]:
     return sorted(out)
 
 
-def _probe(exe: str) -> str | None:
-    """Run the real sandbox once (same flags, same interpreter): None when it works, else why not."""
-    workdir = tempfile.mkdtemp(prefix="prunedlora-bwrap-probe-")
+def _run_probe(cmd: list[str], workdir: str) -> str | None:
+    """Run ``cmd`` (a bwrap command line whose program writes its PID to ``probe``): None, or what went wrong."""
     try:
-        code = "import os; open('probe', 'w').write(str(os.getpid()))"
-        cmd = [*bwrap_prefix(workdir, exe=exe), sys.executable, "-I", "-c", code]
-        try:
-            out = subprocess.run(cmd, capture_output=True, timeout=PROBE_TIMEOUT_S, check=False,
-                                 stdin=subprocess.DEVNULL, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
-        except (OSError, subprocess.SubprocessError) as e:
-            return f"{exe} could not run: {e}"
-        if out.returncode != 0:
-            msg = out.stderr.decode(errors="replace").strip().splitlines()
-            return f"{exe} exited with {out.returncode}: {msg[-1] if msg else 'no message'}"
-        pid = Path(workdir, "probe").read_text() if Path(workdir, "probe").exists() else ""
-        if pid != "2":  # inside a fresh PID namespace the command is process 2 (bwrap's init is 1)
-            return f"the probe ran but not in a fresh PID namespace with a writable working directory (pid {pid!r})"
-        return None
+        out = subprocess.run(cmd, capture_output=True, timeout=PROBE_TIMEOUT_S, check=False, cwd=workdir,
+                             stdin=subprocess.DEVNULL, env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"})
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"{cmd[0]} could not run: {e}"
+    if out.returncode != 0:
+        msg = out.stderr.decode(errors="replace").strip().splitlines()
+        return f"{cmd[0]} exited with {out.returncode}: {msg[-1] if msg else 'no message'}"
+    pid = Path(workdir, "probe").read_text() if Path(workdir, "probe").exists() else ""
+    if pid != "2":  # inside a fresh PID namespace the command is process 2 (bwrap's init is 1)
+        return f"the probe ran but not in a fresh PID namespace with a writable working directory (pid {pid!r})"
+    return None
+
+
+def _probe(exe: str) -> BwrapProblem | None:
+    """Run the real sandbox once (same flags, same interpreter); if that fails, find out whose fault it is by
+    running the same interpreter in the same namespaces with the whole host visible (read-only)."""
+    workdir = tempfile.mkdtemp(prefix="prunedlora-bwrap-probe-")
+    code = ["-I", "-c", "import os; open('probe', 'w').write(str(os.getpid()))"]
+    try:
+        problem = _run_probe([*bwrap_prefix(workdir, exe=exe), sys.executable, *code], workdir)
+        if problem is None:
+            return None
+        Path(workdir, "probe").unlink(missing_ok=True)
+        whole_host = [exe, "--unshare-all", "--unshare-user", "--die-with-parent", "--ro-bind", "/", "/", "--dev",
+                      "/dev", "--proc", "/proc", "--bind", workdir, workdir, "--chdir", workdir, "--"]
+        if _run_probe([*whole_host, sys.executable, *code], workdir) is not None:
+            return BwrapProblem(problem, machine=True)
+        return BwrapProblem(f"{problem} (with the whole host visible the same interpreter runs, so the sandbox "
+                            f"lacks a path it needs; the interpreter is {sys.executable}, mounted: "
+                            f"{', '.join(python_roots()) or 'nothing outside the system paths'})", machine=False)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
 @functools.cache
-def bwrap_problem() -> str | None:
-    """Why bubblewrap cannot be used here, or None when it works (probed once per process)."""
+def bwrap_problem() -> BwrapProblem | None:
+    """Why the sandbox cannot run here, or None when it works (probed once per process)."""
     exe = shutil.which("bwrap")
     if exe is None:
-        return "bwrap is not installed (the bubblewrap package)"
+        return BwrapProblem("bwrap is not installed (the bubblewrap package)", machine=True)
     return _probe(exe)
 
 
@@ -182,7 +233,8 @@ def resolve_level(level: str) -> str:
 
     Raises:
         ValueError: ``level`` is not one of :data:`SANDBOX_LEVELS`.
-        SandboxUnavailable: ``level == "bwrap"`` and bubblewrap does not work here.
+        SandboxUnavailable: ``level == "bwrap"`` and bubblewrap does not work here, or ``level`` is ``auto`` or
+            ``bwrap`` and bubblewrap works but the sandbox does not (see :class:`BwrapProblem`).
     """
     if level not in SANDBOX_LEVELS:
         raise ValueError(f"eval.sandbox={level!r} is not one of {', '.join(SANDBOX_LEVELS)}; use auto (bubblewrap "
@@ -192,13 +244,19 @@ def resolve_level(level: str) -> str:
     problem = bwrap_problem()
     if problem is None:
         return "bwrap"
+    if not problem.machine:
+        raise SandboxUnavailable(
+            f"eval.sandbox={level}: bubblewrap works on this machine but the HumanEval sandbox built with it does "
+            f"not: {problem}. That is a bug of prunedlora's sandbox, so it does not fall back to the Python-level "
+            "guards on its own; please report it with this message. Meanwhile eval.sandbox=python runs HumanEval "
+            "with the Python-level guards only, which are not a security boundary.")
     if level == "bwrap":
         raise SandboxUnavailable(
             f"eval.sandbox=bwrap, but bubblewrap does not work on this machine: {problem}. Install it "
             "(apt-get install bubblewrap, dnf install bubblewrap) and allow user namespaces "
             "(sysctl kernel.unprivileged_userns_clone=1 or user.max_user_namespaces > 0), or set "
             "eval.sandbox=auto to fall back to Python-level guards, which are not a security boundary.")
-    _warn_fallback(problem)
+    _warn_fallback(str(problem))
     return "python"
 
 

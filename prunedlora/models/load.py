@@ -21,6 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from prunedlora.config import DTYPES, QUANTIZATIONS, ConfigError, ModelConfig
+from prunedlora.models.quantize import guard_cpu_repack
 from prunedlora.models.smollm2 import smollm2_offline_dir
 from prunedlora.models.tiny import build_byte_tokenizer, build_tiny_llama
 
@@ -235,6 +236,8 @@ def load_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[Pr
         )
         if not quant:
             model = model.to(device)
+    if quant:  # bitsandbytes' CPU-repacked 4-bit layout, made safe (models/quantize.py)
+        guard_cpu_repack(model)
     model.config.use_cache = False
     if model.config.pad_token_id is None:  # silences generate()'s warning and keeps padding consistent
         model.config.pad_token_id = tokenizer.pad_token_id

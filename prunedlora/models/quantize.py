@@ -6,6 +6,22 @@ loads the base in float and converts its pruned linears here, with the settings 
 transformers: NF4/FP4 with block size 64, no double quantization, float32 compute on CPU (bf16 on GPU);
 LLM.int8 with the 6.0 outlier threshold. Zeros survive exactly: NF4 and FP4 have a zero code and absmax
 int8 maps 0 to 0.
+
+On CPUs with AVX512-BF16 (Sapphire Rapids and later Xeons, Zen 4 and later EPYCs) bitsandbytes 0.50 repacks a
+4-bit weight into the layout of its fused CPU kernel at the layer's first eval-mode forward without gradients
+(block scales rounded to bf16, so the weight changes by up to 2**-8 of its value). :func:`guard_cpu_repack`, which
+the SALR path here and the quantized load (``load.py``) apply to every 4-bit linear, keeps that layout from
+breaking anything else:
+
+* the layout needs ``out_features`` a multiple of 32 and ``in_features`` a multiple of the quantization block
+  (each block inside one row); bitsandbytes does not check, and a layer of another shape fails with a reshape
+  error at its eval forward: such layers never repack;
+* bitsandbytes' own way back to the standard layout (in ``state_dict()``, ``.cuda()``) leaves the block scales of
+  a weight without double quantization (ours) in the repacked order, so what it saves and dequantizes is wrong:
+  a ``state_dict()`` now first goes back with :func:`restore_standard_layout`, which orders them back;
+* a forward that needs gradients (training, or eval mode with grads) in the repacked layout fails in
+  bitsandbytes' kernel: such a forward first goes back to the standard layout, as a layer that never left
+  training has.
 """
 
 from __future__ import annotations
@@ -16,6 +32,65 @@ from torch import nn
 from prunedlora.config import QUANTIZATIONS, ConfigError
 
 INT8_THRESHOLD = 6.0
+CPU_REPACK_BLOCK_N = 32
+"""Rows per block of bitsandbytes' CPU-repacked 4-bit layout (``_convert_weight_packed_for_cpu``'s ``block_n``)."""
+
+
+def cpu_repack_fits(layer: nn.Module) -> bool:
+    """Whether bitsandbytes' CPU repack can hold this ``Linear4bit``'s weight (see the module docstring)."""
+    blocksize = getattr(layer.weight, "blocksize", None) or 64
+    return layer.out_features % CPU_REPACK_BLOCK_N == 0 and layer.in_features % blocksize == 0
+
+
+def is_repacked(layer: nn.Module) -> bool:
+    """Whether ``layer``'s 4-bit weight is in bitsandbytes' CPU-repacked layout."""
+    return bool(getattr(getattr(layer.weight, "quant_state", None), "packing_format_for_cpu", False))
+
+
+def restore_standard_layout(layer: nn.Module) -> bool:
+    """Put a repacked 4-bit weight back into the standard layout, in place; returns whether it was repacked.
+
+    The values are the repacked ones (bf16 block scales): the repack itself is what rounded them.
+    """
+    if not is_repacked(layer):
+        return False
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    weight = layer.weight
+    data, state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+    if state.absmax.dim() == 2:  # bitsandbytes 0.50 reorders them back only when double-quantized
+        state.absmax = state.absmax.T.reshape(-1).float()  # repacked: (in/block, out); standard: row-major blocks
+    weight.data, weight.quant_state = data, state
+    return True
+
+
+def _restore_before_state_dict(module: nn.Module, prefix: str, keep_vars: bool) -> None:
+    restore_standard_layout(module)
+
+
+def _restore_before_grad_forward(module: nn.Module, args: tuple) -> None:
+    if is_repacked(module) and (module.training or (args and getattr(args[0], "requires_grad", False))):
+        restore_standard_layout(module)
+
+
+def guard_cpu_repack(model: nn.Module) -> list[str]:
+    """Make every 4-bit linear of ``model`` safe in bitsandbytes' CPU-repacked layout (see the module docstring).
+
+    Where bitsandbytes never repacks (a GPU, a CPU without AVX512-BF16) nothing behaves differently. Idempotent.
+    Returns the names of the linears whose shape the layout cannot hold (they never repack).
+    """
+    unfit = []
+    for name, module in model.named_modules():
+        four_bit = type(getattr(module, "weight", None)).__name__ == "Params4bit"  # Linear4bit and its subclasses
+        if not four_bit or getattr(module, "_prunedlora_repack_guard", False):
+            continue
+        if getattr(module, "support_avx512bf16_for_cpu", False) and not cpu_repack_fits(module):
+            module.support_avx512bf16_for_cpu = False  # read by Linear4bit.forward before it repacks
+            unfit.append(name)
+        module.register_state_dict_pre_hook(_restore_before_state_dict)
+        module.register_forward_pre_hook(_restore_before_grad_forward)
+        module._prunedlora_repack_guard = True
+    return unfit
 
 
 def quantize_linear(linear: nn.Linear, kind: str) -> nn.Module:
@@ -49,4 +124,6 @@ def quantize_linear(linear: nn.Linear, kind: str) -> nn.Module:
                                          quant_type=kind, module=layer)
     if bias:
         layer.bias = nn.Parameter(linear.bias.detach().to("cpu"), requires_grad=False)
-    return layer.to(device)  # moving the unquantized parameter is what quantizes it
+    layer = layer.to(device)  # moving the unquantized parameter is what quantizes it
+    guard_cpu_repack(layer)
+    return layer

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from prunedlora.config import ConfigError
+from prunedlora.models.quantize import restore_standard_layout
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
@@ -71,13 +72,11 @@ def dequantized_weight(linear: nn.Module) -> torch.Tensor:
     if kind == "Params4bit":
         import bitsandbytes.functional as bnbf
 
-        if getattr(weight.quant_state, "packing_format_for_cpu", False):
-            # bitsandbytes 0.50 repacks 4-bit weights for its AVX512-bf16 CPU kernel at the first eval-mode
-            # forward without gradients; dequantize_4bit cannot read that layout. Its state_dict() restores the
-            # standard packing in place (as before any save), but lossily (max weight error ~0.03 measured on
-            # the tiny model). Training forwards never repack, so scores and exports after training are exact.
-            linear.state_dict()
-            weight = linear.weight
+        # bitsandbytes 0.50 repacks 4-bit weights for its AVX512-BF16 CPU kernel at the first eval-mode forward
+        # without gradients; dequantize_4bit cannot read that layout (and bitsandbytes' own way back misorders the
+        # block scales): put it back in place first. The repack rounded the scales to bf16 (relative error <= 2**-8).
+        restore_standard_layout(linear)
+        weight = linear.weight
         return bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
     if kind == "Int8Params":
         from peft.utils.integrations import dequantize_bnb_weight

@@ -4,11 +4,18 @@ A checkpoint is one ``state.pt`` dict under ``checkpoints/step_<N>/`` with the n
 the adapter (trainable parameters plus the buffers of our own modules: rank masks, structure masks),
 never the frozen base; the optimizer and scheduler; every RNG; the data position; each callback's state
 (scores, EMAs, schedule position) and the resolved config. Directories are written under a temporary
-name and renamed, so an interrupted save never leaves a half checkpoint behind.
+name, flushed to disk (the file and its directory) and renamed, and the rename itself is flushed, so neither an
+interrupted save nor a power loss leaves a half checkpoint behind under a final name.
+
+Resuming reads the newest checkpoint that loads (:func:`load_newest`): one whose ``state.pt`` is damaged
+(truncated, empty, not a checkpoint) is named and skipped, never deleted; when none loads the run refuses
+with :class:`CheckpointUnreadable`.
 """
 
 from __future__ import annotations
 
+import errno
+import os
 import random
 import shutil
 from pathlib import Path
@@ -30,6 +37,13 @@ STEP_KEY = "step"
 CONFIG_KEY = "config"
 STATE_FILE = "state.pt"
 _PREFIX = "step_"
+UNREADABLE_PREFIX = "unreadable_"
+"""A skipped, damaged checkpoint ``step_<N>/`` is kept as ``unreadable_step_<N>/`` (out of resume and rotation)."""
+_REQUIRED_KEYS = (STEP_KEY, ADAPTER_KEY, RNG_KEY, DATA_KEY, CALLBACKS_KEY)
+
+
+class CheckpointUnreadable(RuntimeError):
+    """A checkpoint's ``state.pt`` cannot be read (or, from :func:`load_newest`, none of the run's can)."""
 
 
 def _owned_by_us(module: nn.Module) -> bool:
@@ -86,13 +100,33 @@ def staging_dir(ckpt_root: Path, step: int) -> Path:
     return ckpt_root / f".tmp_{_PREFIX}{step:07d}"
 
 
+def _fsync(path: Path) -> None:
+    """Flush ``path`` (a file, or a directory's entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some file systems cannot sync a directory; the data itself was synced
+        if not path.is_dir() or exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+    finally:
+        os.close(fd)
+
+
 def commit_checkpoint(ckpt_root: Path, step: int, state: dict[str, Any], keep: int) -> Path:
-    """Write ``state`` into the staging dir, rename it to ``step_<step>/``, keep the newest ``keep``."""
+    """Write ``state`` into the staging dir, rename it to ``step_<step>/``, keep the newest ``keep``.
+
+    Everything in the staging dir (``state.pt``, DeepSpeed's files) and the dir itself are synced before the
+    rename, and ``ckpt_root`` after it: a renamed ``step_<N>/`` always holds a whole file.
+    """
     tmp, final = staging_dir(ckpt_root, step), ckpt_root / f"{_PREFIX}{step:07d}"
     tmp.mkdir(parents=True, exist_ok=True)
     torch.save(state, tmp / STATE_FILE)
+    for path in sorted(tmp.rglob("*"), key=lambda p: len(p.parts), reverse=True):  # files before their dirs
+        _fsync(path)
+    _fsync(tmp)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
+    _fsync(ckpt_root)
     for old in list_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -111,5 +145,61 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    # weights_only=False: the state holds RNG tuples and plain config dicts written by us.
-    return torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+    """The state saved in checkpoint directory ``path``.
+
+    Raises:
+        CheckpointUnreadable: ``path/state.pt`` cannot be loaded or is not a prunedlora checkpoint; the message
+            names the file and what loading it said.
+    """
+    file = path / STATE_FILE
+    try:
+        # weights_only=False: the state holds RNG tuples and plain config dicts written by us.
+        state = torch.load(file, map_location="cpu", weights_only=False)
+    except MemoryError:
+        raise
+    except Exception as exc:  # torch.load's errors for a damaged file vary: RuntimeError, EOFError, pickle's...
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else "no message"
+        raise CheckpointUnreadable(f"{file} is unreadable ({type(exc).__name__}: {reason})") from exc
+    missing = [k for k in _REQUIRED_KEYS if k not in state] if isinstance(state, dict) else list(_REQUIRED_KEYS)
+    if missing:
+        raise CheckpointUnreadable(f"{file} is unreadable: it loads, but it is not a prunedlora checkpoint "
+                                   f"(no {', '.join(missing)})")
+    return state
+
+
+def load_newest(ckpt_root: Path) -> tuple[Path, dict[str, Any], list[tuple[Path, str]]] | None:
+    """The newest checkpoint that loads: its directory, its state, and the newer ones skipped with why.
+
+    Returns None when there is no checkpoint at all.
+
+    Raises:
+        CheckpointUnreadable: there are checkpoints and none of them loads (one paragraph: each file and why,
+            and the fix). Nothing is moved or deleted.
+    """
+    skipped: list[tuple[Path, str]] = []
+    for path in reversed(list_checkpoints(ckpt_root)):
+        try:
+            return path, load_checkpoint(path), skipped
+        except CheckpointUnreadable as exc:
+            skipped.append((path, str(exc)))
+    if not skipped:
+        return None
+    raise CheckpointUnreadable(
+        f"cannot resume: none of the {len(skipped)} checkpoint(s) in {ckpt_root} can be read: "
+        + "; ".join(reason for _, reason in skipped)
+        + ". Nothing was changed. Put back a good state.pt (from a backup), or train this config again in a new run "
+        "directory (another hydra.run.dir).")
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged checkpoint ``step_<N>/`` to ``unreadable_step_<N>/`` (``-2``, ``-3``... when taken).
+
+    Kept for inspection, it no longer counts as a checkpoint: a new save of step N cannot replace it and the
+    rotation of ``train.keep_checkpoints`` cannot count it as one of the kept ones.
+    """
+    target, n = path.with_name(UNREADABLE_PREFIX + path.name), 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{UNREADABLE_PREFIX}{path.name}-{n}")
+    path.rename(target)
+    return target

@@ -2,9 +2,10 @@
 
 ``save(step)`` writes what ``checkpoint.py`` describes (adapter and masks, engine state, RNG, data position,
 callback state, config) through a staging directory, and refuses a state that holds a non-finite tensor, so the last
-good checkpoint is never rotated away by a diverged one. ``resume()`` restores the newest checkpoint into the same
-objects. Under DeepSpeed every rank calls both (reading ZeRO-3 weights and DeepSpeed's own save are collective);
-only rank 0 writes ``state.pt``.
+good checkpoint is never rotated away by a diverged one. ``resume()`` restores the newest checkpoint that loads into
+the same objects; a damaged newer one is named in the log and kept aside (``checkpoint.set_aside``), never deleted.
+Under DeepSpeed every rank calls both (reading ZeRO-3 weights and DeepSpeed's own save are collective); only rank 0
+writes ``state.pt``.
 """
 
 from __future__ import annotations
@@ -54,11 +55,19 @@ class Checkpointer:
             ckpt.commit_checkpoint(self.root, step, state, self.keep)
 
     def resume(self, writer: MetricsWriter) -> int:
-        """Restore the newest checkpoint, if any; returns the completed step count (0 for a fresh run)."""
-        latest = ckpt.latest_checkpoint(self.root)
-        if latest is None:
+        """Restore the newest checkpoint that loads, if any; returns the completed step count (0 for a fresh run).
+
+        Raises:
+            CheckpointUnreadable: there are checkpoints and none of them loads.
+        """
+        found = ckpt.load_newest(self.root)
+        if found is None:
             return 0
-        state = ckpt.load_checkpoint(latest)
+        latest, state, skipped = found
+        for path, reason in skipped:  # only rank 0 renames; the others find the same checkpoint either way
+            kept = ckpt.set_aside(path) if self.is_main else path
+            log.warning("%s; skipped it (kept as %s) and resuming from the newest checkpoint that loads, %s",
+                        reason, kept, latest.name)
         # Under DeepSpeed its own checkpoint restores the trainable parameters; ours adds what it lacks (masks).
         ckpt.load_adapter_state_dict(self.model, state[ckpt.ADAPTER_KEY], trainable_too=not self.distributed)
         self.engine.load(latest, state)
