@@ -176,9 +176,11 @@ class LoraPruneCallback(Callback):
 
     def _head_unit(self) -> str:
         """kv_group: whole KV groups; per_group: the same number of query heads from every group; query_head."""
+        if self.plan is not None:
+            return self.plan.head_unit
         if self.cfg.gqa_policy == "kv_group":
             return "kv_group"
-        return "per_group" if self.cfg.gqa_balanced or self.plan is not None else "query_head"
+        return "per_group" if self.cfg.gqa_balanced else "query_head"
 
     def _select_heads(self, mask: StructureMask, scores: torch.Tensor, units: int) -> torch.Tensor:
         """New per-query-head keep-mask of one layer with ``units`` head units removed in total."""

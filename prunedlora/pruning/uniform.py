@@ -15,14 +15,16 @@ be spread evenly over the KV groups (SmolLM2-135M at 25% and 50%: 7 or 5 of 9 he
 
 Layout. Every layer, exempt ones included, keeps the same query heads per KV group, KV heads and channels.
 Heads are coarse: ``query_head`` removes the same number of query heads from every KV group (all KV heads stay),
-``kv_group`` removes whole KV groups. Among the head layouts for which some channel count then matches the
+``kv_group`` removes whole KV groups (so does ``query_head`` on multi-head attention, where a group is one head),
+and the head count must divide ``hidden_size`` (transformers 5 refuses a ``LlamaConfig`` otherwise, whatever
+``head_dim`` says). Among the head layouts for which some channel count then matches the
 budget, the one whose fraction of removed query heads is closest to its fraction of removed channels is taken
 (per_layer prunes both at the same fraction; ties keep more heads), and the channel count is the one that
 matches the budget best: within half a channel per layer, far below 1% of the model.
 
 Schedule. At an event with target ``t`` the counts are the final ones scaled by ``p = t / sparsity.final``:
-``floor(p * channels)`` channels (the per_layer rule) and ``round(p * heads)`` head units (heads move in steps
-of a whole head per group, so they follow a coarser schedule). Every event leaves every layer with the same
+``floor(p * channels)`` channels (the per_layer rule) and ``round(p * heads)`` head units, or the next fewer that
+transformers accepts (heads move in steps of a whole head per group, so they follow a coarser schedule). Every event leaves every layer with the same
 counts and every KV group with the same number of query heads, so a run stopped at any event still exports a
 plain checkpoint. Each layer still chooses *which* units go by its own scores.
 """
@@ -139,6 +141,8 @@ class UniformPlan:
     """Head units each layer loses by the end: query heads per KV group, or KV groups."""
     channels_removed: int
     kept: LayerCounts
+    head_steps: tuple[int, ...]
+    """Head-unit counts an event may reach (those whose head count transformers accepts), ascending."""
     parameters: int
     """The exported model's parameter count."""
     reference_parameters: int
@@ -146,7 +150,8 @@ class UniformPlan:
 
     def removed_at(self, progress: float) -> tuple[int, int]:
         """(head units, channels) removed per layer at ``progress`` = target / sparsity.final in [0, 1]."""
-        heads = math.floor(progress * self.heads_removed + 0.5)  # nearest whole head per group, ties up
+        nearest = math.floor(progress * self.heads_removed + 0.5)  # whole heads per group (or groups), ties up
+        heads = max(n for n in self.head_steps if n <= nearest)
         channels = math.floor(progress * self.channels_removed + 1e-9)
         return min(heads, self.heads_removed), min(channels, self.channels_removed)
 
@@ -160,9 +165,18 @@ def _head_layouts(shape: ModelShape, cfg: LoraPruneConfig) -> list[tuple[int, La
     g, n_kv = shape.group_size, shape.num_kv_heads
     if not cfg.prune_heads:
         return [(0, LayerCounts(shape.num_heads, n_kv, 0))]
-    if cfg.gqa_policy == "kv_group":
-        return [(r, LayerCounts((n_kv - r) * g, n_kv - r, 0)) for r in range(n_kv)]
-    return [(r, LayerCounts(n_kv * (g - r), n_kv, 0)) for r in range(g)]
+    if _head_unit(shape, cfg) == "kv_group":
+        layouts = [(r, LayerCounts((n_kv - r) * g, n_kv - r, 0)) for r in range(n_kv)]
+    else:
+        layouts = [(r, LayerCounts(n_kv * (g - r), n_kv, 0)) for r in range(g)]
+    # transformers >= 5 refuses a LlamaConfig whose hidden_size is not a multiple of num_attention_heads, even
+    # with head_dim given: such a head count would not load (the unpruned count always passes).
+    return [(r, c) for r, c in layouts if shape.hidden_size % c.heads == 0]
+
+
+def _head_unit(shape: ModelShape, cfg: LoraPruneConfig) -> str:
+    """kv_group for that policy and for multi-head attention (a group of one head); else per_group."""
+    return "kv_group" if cfg.prune_heads and (cfg.gqa_policy == "kv_group" or shape.group_size == 1) else "per_group"
 
 
 def uniform_plan(shape: ModelShape, cfg: LoraPruneConfig, fraction: float) -> UniformPlan:
@@ -172,7 +186,8 @@ def uniform_plan(shape: ModelShape, cfg: LoraPruneConfig, fraction: float) -> Un
     per_channel = layer_parameters(shape, LayerCounts(0, 0, 1)) - layer_parameters(shape, LayerCounts(0, 0, 0))
     m = shape.intermediate_size
     options = []
-    for removed, heads_only in _head_layouts(shape, cfg):
+    layouts = _head_layouts(shape, cfg)
+    for removed, heads_only in layouts:
         channels = round((per_layer_budget - layer_parameters(shape, heads_only)) / per_channel)
         feasible = 1 <= channels <= m
         kept = LayerCounts(heads_only.heads, heads_only.kv_heads, min(max(channels, 1), m))
@@ -181,5 +196,5 @@ def uniform_plan(shape: ModelShape, cfg: LoraPruneConfig, fraction: float) -> Un
         miss = 0 if feasible else abs(parameters - reference)
         options.append(((not feasible, miss, balance, -kept.heads), removed, kept, parameters))
     _, removed, kept, parameters = min(options, key=lambda o: o[0])
-    unit = "kv_group" if cfg.prune_heads and cfg.gqa_policy == "kv_group" else "per_group"
-    return UniformPlan(unit, removed, m - kept.channels, kept, parameters, reference)
+    steps = tuple(r for r, _ in layouts if r <= removed)
+    return UniformPlan(_head_unit(shape, cfg), removed, m - kept.channels, kept, steps, parameters, reference)
