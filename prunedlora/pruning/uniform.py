@@ -24,9 +24,9 @@ matches the budget best: within half a channel per layer, far below 1% of the mo
 
 Schedule. At an event with target ``t`` the counts are the final ones scaled by ``p = t / sparsity.final``:
 ``floor(p * channels)`` channels (the per_layer rule) and ``round(p * heads)`` head units, or the next fewer that
-transformers accepts (heads move in steps of a whole head per group, so they follow a coarser schedule). Every event leaves every layer with the same
-counts and every KV group with the same number of query heads, so a run stopped at any event still exports a
-plain checkpoint. Each layer still chooses *which* units go by its own scores.
+transformers accepts (heads move in steps of a whole head per group, so they follow a coarser schedule). Every
+event leaves every layer with the same counts and every KV group with the same number of query heads, so a run
+stopped at any event still exports a plain checkpoint. Each layer still chooses *which* units go by its own scores.
 """
 
 from __future__ import annotations
