@@ -7,11 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from recipe_helpers import METHOD_OVERRIDES, TINY_OVERRIDES, compose_root, crash_then_resume, metric_records
 from safetensors.torch import load_file
+from test_compile import COMPILED
+from test_compile import STEPS as COMPILE_STEPS
 from test_loraprune import HEADS, KV_HEADS, LAYERS, attach, batch, logits, tiny_llama, train
+from test_method_contract import _assert_same_state as assert_same_state
+from torch._dynamo.utils import counters
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from prunedlora.config import LoraPruneConfig, SparsityConfig, TinyModelConfig
+from prunedlora.methods.loraprune import LoraPruneMethod
 from prunedlora.models.tiny import build_byte_tokenizer
 from prunedlora.pruning.uniform import (
     MATCH_TOLERANCE,
@@ -21,6 +27,8 @@ from prunedlora.pruning.uniform import (
     reference_layers,
     uniform_plan,
 )
+from prunedlora.train import checkpoint as ckpt
+from prunedlora.train.recipe import run
 
 SMOLLM2 = ModelShape(num_layers=30, hidden_size=576, num_heads=9, num_kv_heads=3, head_dim=64, intermediate_size=1536,
                      vocab_size=49152, tie_word_embeddings=True)
@@ -200,3 +208,55 @@ def test_structure_validation() -> None:
     assert "method.structure=layerwise is not one of per_layer, uniform" in problem
     (problem,) = LoraPruneConfig(structure="uniform", prune_channels=False).validate(sparsity)
     assert "method.prune_channels=true or method.structure=per_layer" in problem
+
+
+# ---------------------------------------------------------------------------------------------- recipe
+UNIFORM = ["method=loraprune", *METHOD_OVERRIDES["loraprune"], "method.structure=uniform"]
+
+
+@pytest.mark.slow  # three tiny recipe runs
+def test_uniform_through_the_recipe_resumes_and_exports_a_plain_llama(data_root: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The contract battery's export and resume checks for structure=uniform (test_method_contract runs per_layer)."""
+    cfg = compose_root([*TINY_OVERRIDES, *UNIFORM, "train.max_steps=6", "train.save_every=3", "train.grad_accum=2"],
+                       data_root)
+    tokens = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(7))
+    trained = []
+    export = LoraPruneMethod.export
+
+    def look_and_export(self, model, *args, **kwargs):
+        trained.append(logits(model, tokens))
+        return export(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(LoraPruneMethod, "export", look_and_export)
+    full = run(cfg, tmp_path / "full")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "model").eval()  # no trust_remote_code
+    torch.testing.assert_close(logits(loaded, tokens), trained[0], atol=1e-4, rtol=0)
+    plan = full["uniform_plan"]
+    assert full["structure"] == "uniform" and full["prunable_layers"] == [0, 1, 2]
+    assert full["kept_heads_per_layer"] == [plan["kept"]["heads"]] * 3 == full["exported_num_attention_heads_per_layer"]
+    assert full["kept_channels_per_layer"] == [plan["kept"]["channels"]] * 3 and plan["kept"]["channels"] < 128
+    assert full["params_after_export"] == plan["parameters"] == sum(p.numel() for p in loaded.parameters())
+    assert abs(plan["parameters_vs_per_layer"]) < MATCH_TOLERANCE
+
+    resumed = crash_then_resume(cfg, tmp_path / "resumed", 3 * 2 + 1, monkeypatch)
+    losses = [[r["loss"] for r in metric_records(tmp_path / d)] for d in ("resumed", "full")]
+    assert losses[0] == pytest.approx(losses[1], abs=1e-6) and resumed["final_loss"] == pytest.approx(
+        full["final_loss"], abs=1e-6)
+    final = [ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / d / "checkpoints")) for d in ("resumed", "full")]
+    for key in (ckpt.STEP_KEY, ckpt.ADAPTER_KEY, ckpt.CALLBACKS_KEY):
+        assert_same_state(final[0][key], final[1][key], key)
+    torch.testing.assert_close(trained[1], trained[0], atol=1e-5, rtol=0)  # the resumed run's model before export
+
+
+@pytest.mark.slow  # one eager and one compiled tiny run
+def test_a_compiled_uniform_run_trains_like_an_eager_one(data_root: Path, tmp_path: Path) -> None:
+    overrides = [*TINY_OVERRIDES, *UNIFORM, *COMPILE_STEPS]
+    eager = run(compose_root(overrides, data_root), tmp_path / "eager")
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = run(compose_root([*overrides, *COMPILED], data_root), tmp_path / "compiled")
+    assert int(counters["stats"]["unique_graphs"]) == 1  # masks on every layer recompile nothing either
+    losses = [[r["loss"] for r in metric_records(tmp_path / d)] for d in ("compiled", "eager")]
+    assert losses[0] == pytest.approx(losses[1], rel=2e-2, abs=2e-2)
+    assert compiled["params_after_export"] == eager["params_after_export"] < eager["params_total"]
