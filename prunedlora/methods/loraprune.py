@@ -13,6 +13,10 @@ group's warm-up/cool-down, and each layer independently masks its lowest-EMA fra
 restored. Pruning fires whenever the scheduled count rises, so the final fraction is reached (the
 authors' ``init < ratio < final`` condition would stop one event short).
 
+``structure=uniform`` (``prunedlora.pruning.uniform``): every decoder layer is masked, and every event removes
+the same counts from each (the plan's final counts scaled by the schedule's progress), sized so the export has
+per_layer's parameter count; each layer still picks its own units by its own EMA.
+
 GQA policy (methods.md §5.6): see ``prunedlora.pruning.structure``. In short: the query head is the
 unit, scored as q(h) + o(h) + (k + v) of its KV head; a KV head's k/v rows go only when all its query
 heads are gone; ``gqa_policy=kv_group`` removes whole KV groups instead; ``gqa_balanced=true`` removes
@@ -28,7 +32,8 @@ Export: masks removed, projections physically sliced (base and LoRA factors), Lo
 ``model/`` written as a ``pruned_llama`` checkpoint (``config.json`` with per-layer head counts and MLP
 widths, ``auto_map`` to ``modeling_pruned_llama.py``), loadable with
 ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``, plus ``pruning_manifest.json``
-(kept head, KV-head and channel indices per layer).
+(kept head, KV-head and channel indices per layer). Under ``structure=uniform`` ``model/`` is instead a plain
+checkpoint of the base's architecture, loadable without remote code.
 """
 
 from __future__ import annotations
