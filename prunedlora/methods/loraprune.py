@@ -33,10 +33,8 @@ widths, ``auto_map`` to ``modeling_pruned_llama.py``), loadable with
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +43,10 @@ from torch import nn
 
 from prunedlora.adapters.lora import lora_modules, merge_lora
 from prunedlora.config import LoraPruneConfig, SparsityConfig
-from prunedlora.export import count_parameters, save_pretrained_dir
+from prunedlora.export import count_parameters
+from prunedlora.export.pruned_llama import model_layout, save_pruned_llama
 from prunedlora.methods.base import Callback
 from prunedlora.methods.lora import attach_lora
-from prunedlora.models import pruned_llama
 from prunedlora.models.surgery import dequantize_linears, projection
 from prunedlora.pruning.schedules import is_event, target_fraction
 from prunedlora.pruning.structure import (
@@ -75,8 +73,6 @@ from prunedlora.pruning.structured_criteria import (
 log = logging.getLogger(__name__)
 
 DEFAULT_SCHEDULE = "cubic"
-MODELING_FILE = "modeling_pruned_llama.py"
-MANIFEST_FILE = "pruning_manifest.json"
 
 
 # ------------------------------------------------------------------------------------------ callback
@@ -239,15 +235,6 @@ def _check_exportable(model: nn.Module) -> None:
                 )
 
 
-def model_layout(plans: list[LayerPlan]) -> dict[str, list[int]]:
-    """Per-layer shape lists for ``PrunedLlamaConfig``."""
-    return {
-        "num_attention_heads_per_layer": [p.num_heads for p in plans],
-        "num_key_value_heads_per_layer": [p.num_kv_heads for p in plans],
-        "intermediate_size_per_layer": [p.num_channels for p in plans],
-    }
-
-
 def _non_embedding(model: nn.Module) -> int:
     embeddings = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
                   for p in m.parameters()}
@@ -264,31 +251,6 @@ def compact_and_merge(model: nn.Module) -> list[LayerPlan]:
     all_plans = compact_model(model, plans)
     merge_lora(model)
     return all_plans
-
-
-def save_pruned_llama(model: nn.Module, tokenizer: Any, out_dir: Path, plans: list[LayerPlan]) -> None:
-    """Write a compacted model as a ``pruned_llama`` checkpoint that ``from_pretrained`` can rebuild.
-
-    ``config.json`` gets ``model_type: pruned_llama``, the per-layer shape lists and an ``auto_map``
-    to ``modeling_pruned_llama.py`` (a copy of ``prunedlora/models/pruned_llama.py``); the in-memory
-    model's config is replaced by that ``PrunedLlamaConfig`` too, so it describes the model.
-    """
-    base = model.config.to_dict()
-    for key in ("model_type", "architectures", "auto_map", "transformers_version", "quantization_config"):
-        base.pop(key, None)
-    config = pruned_llama.PrunedLlamaConfig(**base, **model_layout(plans))
-    config.auto_map = {"AutoConfig": f"{MODELING_FILE[:-3]}.PrunedLlamaConfig",
-                       "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.PrunedLlamaForCausalLM"}
-    model.config = config
-    save_pretrained_dir(model, tokenizer, out_dir)
-    shutil.copyfile(pruned_llama.__file__, out_dir / MODELING_FILE)
-    # save_pretrained records the in-memory class (LlamaForCausalLM); the checkpoint is the pruned one.
-    config_path = out_dir / "config.json"
-    written = json.loads(config_path.read_text())
-    written["architectures"] = ["PrunedLlamaForCausalLM"]
-    config_path.write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
-    manifest = {"layers": [p.to_dict() for p in plans]}
-    (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
 
 
 def export_loraprune(model: nn.Module, tokenizer: Any, out_dir: Path) -> dict[str, Any]:
