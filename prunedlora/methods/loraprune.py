@@ -38,9 +38,7 @@ checkpoint of the base's architecture, loadable without remote code.
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +47,11 @@ from torch import nn
 
 from prunedlora.adapters.lora import lora_modules, merge_lora
 from prunedlora.config import LoraPruneConfig, SparsityConfig
-from prunedlora.export import count_parameters, save_pretrained_dir
+from prunedlora.export import count_parameters
+from prunedlora.export.pruned_llama import model_layout, save_pruned_llama
+from prunedlora.export.uniform_llama import save_uniform_llama
 from prunedlora.methods.base import Callback
 from prunedlora.methods.lora import attach_lora
-from prunedlora.models import pruned_llama
 from prunedlora.models.surgery import dequantize_linears, projection
 from prunedlora.pruning.schedules import is_event, target_fraction
 from prunedlora.pruning.structure import (
@@ -80,8 +79,6 @@ from prunedlora.pruning.uniform import ModelShape, UniformPlan, removed_count, u
 log = logging.getLogger(__name__)
 
 DEFAULT_SCHEDULE = "cubic"
-MODELING_FILE = "modeling_pruned_llama.py"
-MANIFEST_FILE = "pruning_manifest.json"
 
 
 # ------------------------------------------------------------------------------------------ callback
@@ -262,15 +259,6 @@ def _check_exportable(model: nn.Module) -> None:
                 )
 
 
-def model_layout(plans: list[LayerPlan]) -> dict[str, list[int]]:
-    """Per-layer shape lists for ``PrunedLlamaConfig``."""
-    return {
-        "num_attention_heads_per_layer": [p.num_heads for p in plans],
-        "num_key_value_heads_per_layer": [p.num_kv_heads for p in plans],
-        "intermediate_size_per_layer": [p.num_channels for p in plans],
-    }
-
-
 def _non_embedding(model: nn.Module) -> int:
     embeddings = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
                   for p in m.parameters()}
@@ -289,58 +277,6 @@ def compact_and_merge(model: nn.Module) -> list[LayerPlan]:
     return all_plans
 
 
-def save_pruned_llama(model: nn.Module, tokenizer: Any, out_dir: Path, plans: list[LayerPlan]) -> None:
-    """Write a compacted model as a ``pruned_llama`` checkpoint that ``from_pretrained`` can rebuild.
-
-    ``config.json`` gets ``model_type: pruned_llama``, the per-layer shape lists and an ``auto_map``
-    to ``modeling_pruned_llama.py`` (a copy of ``prunedlora/models/pruned_llama.py``); the in-memory
-    model's config is replaced by that ``PrunedLlamaConfig`` too, so it describes the model.
-    """
-    base = model.config.to_dict()
-    for key in ("model_type", "architectures", "auto_map", "transformers_version", "quantization_config"):
-        base.pop(key, None)
-    config = pruned_llama.PrunedLlamaConfig(**base, **model_layout(plans))
-    config.auto_map = {"AutoConfig": f"{MODELING_FILE[:-3]}.PrunedLlamaConfig",
-                       "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.PrunedLlamaForCausalLM"}
-    model.config = config
-    save_pretrained_dir(model, tokenizer, out_dir)
-    shutil.copyfile(pruned_llama.__file__, out_dir / MODELING_FILE)
-    # save_pretrained records the in-memory class (LlamaForCausalLM); the checkpoint is the pruned one.
-    config_path = out_dir / "config.json"
-    written = json.loads(config_path.read_text())
-    written["architectures"] = ["PrunedLlamaForCausalLM"]
-    config_path.write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
-    manifest = {"layers": [p.to_dict() for p in plans]}
-    (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
-
-
-def save_uniform_model(model: nn.Module, tokenizer: Any, out_dir: Path, plans: list[LayerPlan]) -> None:
-    """Write a compacted model whose layers all have one shape as a plain checkpoint of its own architecture.
-
-    ``config.json`` keeps the base's ``model_type`` and gets the pruned ``num_attention_heads``,
-    ``num_key_value_heads`` and ``intermediate_size``, and ``head_dim`` written out (``hidden_size //
-    num_attention_heads`` is no longer the head size); no ``auto_map``, no modelling file.
-
-    Raises:
-        ValueError: the layers differ in shape or a layer needed k/v expansion (not a uniform mask).
-    """
-    shapes = sorted({(p.num_heads, p.num_kv_heads, p.num_channels) for p in plans})
-    if len(shapes) != 1 or any(p.expanded for p in plans):
-        raise ValueError(f"a uniform export needs one (query heads, KV heads, channels) in every layer with equal "
-                         f"GQA groups; the masks give {shapes}. Export it with method.structure=per_layer.")
-    config = model.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    (config.num_attention_heads, config.num_key_value_heads, config.intermediate_size), = shapes
-    config.head_dim = head_dim
-    save_pretrained_dir(model, tokenizer, out_dir)
-    config_path = out_dir / "config.json"  # save_pretrained omits values equal to the class defaults
-    written = json.loads(config_path.read_text())
-    written["head_dim"] = head_dim
-    config_path.write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
-    manifest = {"layers": [p.to_dict() for p in plans]}
-    (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
-
-
 def export_loraprune(model: nn.Module, tokenizer: Any, out_dir: Path, structure: str = "per_layer") -> dict[str, Any]:
     """Compact, merge and save ``out_dir/model``; returns the parameter figures for ``summary.json``."""
     lora_params = sum(p.numel() for m in lora_modules(model).values()
@@ -350,7 +286,7 @@ def export_loraprune(model: nn.Module, tokenizer: Any, out_dir: Path, structure:
     after = count_parameters(model)[0]
     non_embedding_after = _non_embedding(model)
     non_embedding_before = non_embedding_after + (before - after)  # embeddings are never pruned
-    save = save_uniform_model if structure == "uniform" else save_pruned_llama
+    save = save_uniform_llama if structure == "uniform" else save_pruned_llama
     save(model, tokenizer, out_dir / "model", plans)
     expanded = [i for i, p in enumerate(plans) if p.expanded]
     log.info("loraprune export: %d -> %d parameters (%.1f%% fewer); GQA expanded in layers %s",
