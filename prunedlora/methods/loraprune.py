@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,8 @@ from torch import nn
 
 from prunedlora.adapters.lora import lora_modules, merge_lora
 from prunedlora.config import LoraPruneConfig, SparsityConfig
-from prunedlora.export import count_parameters
+from prunedlora.export import count_parameters, describe
+from prunedlora.export.pruned_llama import CLIENT as PRUNED_LLAMA_CLIENT
 from prunedlora.export.pruned_llama import model_layout, save_pruned_llama
 from prunedlora.methods.base import Callback
 from prunedlora.methods.lora import attach_lora
@@ -263,6 +265,8 @@ def export_loraprune(model: nn.Module, tokenizer: Any, out_dir: Path) -> dict[st
     non_embedding_after = _non_embedding(model)
     non_embedding_before = non_embedding_after + (before - after)  # embeddings are never pruned
     save_pruned_llama(model, tokenizer, out_dir / "model", plans)
+    described = describe(out_dir / "model", "hf", "the per-layer pruned LLaMA, LoRA merged, with its modelling file",
+                         PRUNED_LLAMA_CLIENT)
     expanded = [i for i, p in enumerate(plans) if p.expanded]
     log.info("loraprune export: %d -> %d parameters (%.1f%% fewer); GQA expanded in layers %s",
              before, after, 100 * (1 - after / before), expanded or "none")
@@ -275,6 +279,7 @@ def export_loraprune(model: nn.Module, tokenizer: Any, out_dir: Path) -> dict[st
         "params_non_embedding_reduction": 1 - non_embedding_after / non_embedding_before,
         "gqa_expanded_layers": expanded,
         **{f"exported_{k}": v for k, v in model_layout(plans).items()},
+        "exports": {"model": described},
     }
 
 
@@ -340,7 +345,9 @@ class LoraPruneMethod:
             "kept_channels_per_layer": kept_channels,
         }
 
-    def export(self, model: nn.Module, tokenizer: Any, out_dir: Path, base_model_id: str) -> dict[str, Any]:
+    def export(self, model: nn.Module, tokenizer: Any, out_dir: Path, base_model_id: str,
+               formats: Sequence[str] | None = None) -> dict[str, Any]:
+        """``model/`` (``formats`` can only be ``hf``: config validation rejects the rest)."""
         for callback in self._callbacks:  # channel_taylor's capture hooks go before the model is compacted
             if callback.taylor is not None:
                 callback.taylor.remove()
