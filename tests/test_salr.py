@@ -487,6 +487,19 @@ def test_export_folders_hold_one_copy_each_in_their_clients_format(exported) -> 
     assert exports["compressed"]["weight_bytes"] == files["bitmap_file_bytes"] + files["adapter_file_bytes"]
 
 
+def test_model_dir_keeps_the_base_dtype(tmp_path: Path, byte_tokenizer) -> None:
+    """A bfloat16 base is saved in bfloat16 (the adapters train in float32 and never reach model/)."""
+    from safetensors import safe_open
+
+    model = tiny_llama(tie=True).to(torch.bfloat16)
+    attach(model).export(model, byte_tokenizer, tmp_path, "tiny", ("hf",))
+    path = tmp_path / "model" / "model.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    params = sum(p.numel() for p in tiny_llama(tie=True).parameters())
+    assert params * 2 < path.stat().st_size < params * 2 + 16_384
+
+
 @pytest.mark.parametrize("formats", [("bitmap",), ("hf", "adapter")])
 def test_export_writes_only_the_formats_asked_for(formats: tuple[str, ...], tmp_path: Path, byte_tokenizer,
                                                   tokens: torch.Tensor) -> None:

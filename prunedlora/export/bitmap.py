@@ -2,7 +2,9 @@
 
 The encoding itself (per row one presence byte per 8 columns, the packed non-zero values, int64 row offsets) is
 ``prunedlora.pruning.bitmap``'s; this module decides what goes into the file and writes the size report
-``salr_storage.json`` next to it. ``prunedlora.methods.salr.load_salr_export`` reads it back.
+``salr_storage.json`` next to it. Both live in ``compressed/``, beside ``config.json``, the tokenizer and the fused
+adapter (``peft_adapter``), so that ``prunedlora.methods.salr.load_salr_export("compressed")`` rebuilds the model
+from that folder alone. No serving engine reads this form: ``model/`` and ``adapter/`` are what gets served.
 """
 
 from __future__ import annotations
