@@ -7,6 +7,8 @@ index above transformers' shard size), the tokenizer.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +17,34 @@ from torch import nn
 from prunedlora.adapters.lora import merge_lora
 from prunedlora.models.surgery import dequantize_linears
 
+CLIENT = 'AutoModelForCausalLM.from_pretrained("model"); vLLM LLM(model="model")'
+
+
+@contextlib.contextmanager
+def _cache_on(model: nn.Module) -> Iterator[None]:
+    """Training turns the KV cache off; a deployed model's config wants it on."""
+    use_cache = getattr(model.config, "use_cache", None)
+    model.config.use_cache = True
+    try:
+        yield
+    finally:
+        model.config.use_cache = use_cache
+
 
 def save_pretrained_dir(model: nn.Module, tokenizer: Any, out_dir: Path) -> None:
     """``save_pretrained`` model and tokenizer into ``out_dir`` (safetensors, KV cache on for serving)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    use_cache = getattr(model.config, "use_cache", None)
-    model.config.use_cache = True  # training turns the cache off; a deployed model wants it
-    try:
+    with _cache_on(model):
         model.save_pretrained(str(out_dir), safe_serialization=True)
-    finally:
-        model.config.use_cache = use_cache
+    tokenizer.save_pretrained(str(out_dir))
+
+
+def save_config_dir(model: nn.Module, tokenizer: Any, out_dir: Path) -> None:
+    """``config.json`` and the tokenizer, no weights: for a folder whose weights are in another format (SALR's
+    ``compressed/``)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _cache_on(model):
+        model.config.save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))
 
 

@@ -8,7 +8,11 @@
   ``alpha_pattern`` when they differ.
 - SALR: the residual and task adapters of every ``SalrLinear`` fused into one LoRA of rank ``r_res + r`` with
   ``c`` folded into B and ``lora_alpha = r`` (scaling 1): PEFT's ``base(x) + (alpha / r) B A x`` then equals
-  ``W_s x + B_cat (c ⊙ A_cat x)``.
+  ``W_s x + B_cat (c ⊙ A_cat x)``. Every module has the same rank and scaling 1, so vLLM, which reads only ``r``
+  and ``lora_alpha`` (no ``rank_pattern`` / ``alpha_pattern``), applies it exactly as PEFT does.
+
+PEFT and vLLM ignore ``base_model_name_or_path`` when given the base model; ``AutoPeftModelForCausalLM`` loads it
+from there (a path resolves against the working directory, so the exporters write absolute paths or hub ids).
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from prunedlora.adapters.salr import salr_modules
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+CLIENT = ('PeftModel.from_pretrained(base, "adapter"); vLLM LLM(model=base, enable_lora=True, max_lora_rank>=rank) '
+          'with LoRARequest("adapter", 1, "adapter")')
 
 
 def _exported_alpha(module: LoRALinear, rank: int) -> float:

@@ -22,6 +22,7 @@ from prunedlora.pruning.structure import LayerPlan
 
 MODELING_FILE = "modeling_pruned_llama.py"
 MANIFEST_FILE = "pruning_manifest.json"
+CLIENT = 'AutoModelForCausalLM.from_pretrained("model", trust_remote_code=True)'
 
 
 def model_layout(plans: list[LayerPlan]) -> dict[str, list[int]]:

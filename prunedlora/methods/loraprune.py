@@ -39,6 +39,7 @@ checkpoint of the base's architecture, loadable without remote code.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,9 @@ from torch import nn
 
 from prunedlora.adapters.lora import lora_modules, merge_lora
 from prunedlora.config import LoraPruneConfig, SparsityConfig
-from prunedlora.export import count_parameters
+from prunedlora.export import count_parameters, describe
+from prunedlora.export.hf import CLIENT as HF_CLIENT
+from prunedlora.export.pruned_llama import CLIENT as PRUNED_LLAMA_CLIENT
 from prunedlora.export.pruned_llama import model_layout, save_pruned_llama
 from prunedlora.export.uniform_llama import save_uniform_llama
 from prunedlora.methods.base import Callback
@@ -286,8 +289,14 @@ def export_loraprune(model: nn.Module, tokenizer: Any, out_dir: Path, structure:
     after = count_parameters(model)[0]
     non_embedding_after = _non_embedding(model)
     non_embedding_before = non_embedding_after + (before - after)  # embeddings are never pruned
-    save = save_uniform_llama if structure == "uniform" else save_pruned_llama
-    save(model, tokenizer, out_dir / "model", plans)
+    if structure == "uniform":
+        save_uniform_llama(model, tokenizer, out_dir / "model", plans)
+        described = describe(out_dir / "model", "hf", "every layer pruned alike, LoRA merged: a plain checkpoint of "
+                             "the base's architecture", HF_CLIENT)
+    else:
+        save_pruned_llama(model, tokenizer, out_dir / "model", plans)
+        described = describe(out_dir / "model", "hf", "the per-layer pruned LLaMA, LoRA merged, with its modelling "
+                             "file", PRUNED_LLAMA_CLIENT)
     expanded = [i for i, p in enumerate(plans) if p.expanded]
     log.info("loraprune export: %d -> %d parameters (%.1f%% fewer); GQA expanded in layers %s",
              before, after, 100 * (1 - after / before), expanded or "none")
@@ -300,6 +309,7 @@ def export_loraprune(model: nn.Module, tokenizer: Any, out_dir: Path, structure:
         "params_non_embedding_reduction": 1 - non_embedding_after / non_embedding_before,
         "gqa_expanded_layers": expanded,
         **{f"exported_{k}": v for k, v in model_layout(plans).items()},
+        "exports": {"model": described},
     }
 
 
@@ -376,7 +386,9 @@ class LoraPruneMethod:
             "kept_channels_per_layer": kept_channels,
         }
 
-    def export(self, model: nn.Module, tokenizer: Any, out_dir: Path, base_model_id: str) -> dict[str, Any]:
+    def export(self, model: nn.Module, tokenizer: Any, out_dir: Path, base_model_id: str,
+               formats: Sequence[str] | None = None) -> dict[str, Any]:
+        """``model/`` (``formats`` can only be ``hf``: config validation rejects the rest)."""
         for callback in self._callbacks:  # channel_taylor's capture hooks go before the model is compacted
             if callback.taylor is not None:
                 callback.taylor.remove()
