@@ -72,6 +72,11 @@ class MethodConfig:
     """Names (last path component) of the linears that get adapters; ``all-linear`` for every projection."""
     use_rslora: bool = False
 
+    def export_formats(self) -> tuple[str, ...]:
+        """The ``export.formats`` this method can write (all of them by default): the merged model and the
+        adapter on the base the run started from."""
+        return ("hf", "adapter")
+
 
 @dataclass
 class LoraConfig(MethodConfig):
@@ -228,6 +233,7 @@ class AdaLoraConfig(MethodConfig):
 LORAPRUNE_CRITERIA = ("lora_guided", "magnitude", "true_gradient", "channel_taylor")
 GQA_POLICIES = ("query_head", "kv_group")
 LORAPRUNE_SCHEDULES = ("auto", "cubic", "linear", "none")
+LORAPRUNE_STRUCTURES = ("per_layer", "uniform")
 
 
 @dataclass
@@ -266,10 +272,21 @@ class LoraPruneConfig(MethodConfig):
     stays standard GQA at export (no k/v expansion); fewer heads go when G does not divide evenly."""
     prune_heads: bool = True
     prune_channels: bool = True
+    structure: str = "per_layer"
+    """per_layer: prune the prunable layers only, each by its own scores (exported as ``pruned_llama``, loaded with
+    trust_remote_code). uniform: prune every layer by the same counts (query heads per KV group, KV groups, MLP
+    channels), sized to per_layer's exported parameter count under the same settings, so ``model/`` is a plain
+    checkpoint of the base's architecture (transformers without remote code, vLLM)."""
 
     def validate(self, sparsity: SparsityConfig) -> list[str]:
         """LoRAPrune's own checks (methods.md §5, §8 items 13-18)."""
         p = []
+        _check(p, self.structure in LORAPRUNE_STRUCTURES,
+               f"method.structure={self.structure} is not one of {', '.join(LORAPRUNE_STRUCTURES)}")
+        _check(p, self.structure != "uniform" or self.prune_channels,
+               "method.structure=uniform matches per_layer's parameter count through the MLP width, and "
+               "method.prune_channels=false leaves only whole heads, too coarse to match it; set "
+               "method.prune_channels=true or method.structure=per_layer")
         _check(p, self.rank is not None, "method.rank=null: loraprune needs a LoRA rank (default 8)")
         _check(p, self.criterion in LORAPRUNE_CRITERIA,
                f"method.criterion={self.criterion} is not one of {', '.join(LORAPRUNE_CRITERIA)}")
@@ -299,6 +316,11 @@ class LoraPruneConfig(MethodConfig):
                                    "from the LoRA gradients of every projection in it; add them, or use "
                                    "method.criterion=channel_taylor (the default) or magnitude")
         return p
+
+    def export_formats(self) -> tuple[str, ...]:
+        """model/ only: the LoRA is merged into the physically pruned base, on which no adapter of the
+        original base fits."""
+        return ("hf",)
 
 
 SALR_BASE_CRITERIA = ("sparsegpt", "wanda", "magnitude")
@@ -360,6 +382,10 @@ class SalrConfig(MethodConfig):
                f"sparsity.schedule={sparsity.schedule}: salr prunes once, before training (methods.md §7); "
                "use sparsity.schedule=auto (sparsity.final sets the base sparsity)")
         return p
+
+    def export_formats(self) -> tuple[str, ...]:
+        """model/ (the pruned base, dense), adapter/ (residual and task adapters fused) and compressed/ (bitmap)."""
+        return ("hf", "adapter", "bitmap")
 
 
 # ------------------------------------------------------------------------------------------ sparsity
@@ -490,6 +516,26 @@ class EvalConfig:
     """wikitext2 also reports lm-eval's per-article word/byte perplexity (rolling log-likelihood; slow)."""
 
 
+# -------------------------------------------------------------------------------------------- export
+EXPORT_FORMATS = {
+    "hf": "model/, a Hugging Face model directory",
+    "adapter": "adapter/, a PEFT LoRA adapter",
+    "bitmap": "compressed/, the sparse base in bitmap form (salr)",
+}
+"""``export.formats`` values and the folder each writes (``prunedlora.export``)."""
+
+
+@dataclass
+class ExportConfig:
+    formats: list[str] | None = None
+    """What the run writes: hf (model/), adapter (adapter/), bitmap (compressed/, salr only); null: every format
+    the method writes (``MethodConfig.export_formats``: lora-family hf and adapter, loraprune hf, salr all three)."""
+
+    def resolve(self, method: MethodConfig) -> tuple[str, ...]:
+        """The formats to write for ``method``: ``formats`` when set, else all the method writes."""
+        return tuple(self.formats) if self.formats is not None else method.export_formats()
+
+
 # ---------------------------------------------------------------------------------------------- misc
 @dataclass
 class DataConfig:
@@ -528,6 +574,7 @@ class RootConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     data: DataConfig = field(default_factory=DataConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
@@ -657,8 +704,25 @@ def validate(cfg: RootConfig) -> None:
     _check(p, cfg.eval.humaneval_timeout_s > 0, f"eval.humaneval_timeout_s={cfg.eval.humaneval_timeout_s} must be > 0")
     _one_of(p, "eval.sandbox", cfg.eval.sandbox, SANDBOX_LEVELS)
     _one_of(p, "eval.weights", cfg.eval.weights, ("merged", "adapter"))
+    _validate_export(p, cfg.export, m)
     validate_method = getattr(m, "validate", None)
     if validate_method is not None:
         p.extend(validate_method(cfg.sparsity))
     if p:
         raise ConfigError("Invalid configuration: " + "; ".join(p) + ".")
+
+
+def _validate_export(p: list[str], export: ExportConfig, method: MethodConfig) -> None:
+    """``export.formats``: known names, at least one, each one the method writes."""
+    if export.formats is None:
+        return
+    writes = method.export_formats()
+    _check(p, bool(export.formats), f"export.formats=[] writes nothing; name at least one of {', '.join(writes)} "
+                                    f"(null: everything method={method.name} writes)")
+    for fmt in export.formats:
+        _one_of(p, "export.formats", fmt, tuple(EXPORT_FORMATS))
+        _check(p, fmt not in EXPORT_FORMATS or fmt in writes,
+               f"export.formats contains {fmt} ({EXPORT_FORMATS.get(fmt)}), which method={method.name} does not write; "
+               f"it writes {', '.join(writes)}: drop {fmt}, or set export.formats=null for all of them")
+    _check(p, len(set(export.formats)) == len(export.formats), f"export.formats={list(export.formats)} names a "
+                                                                 "format twice")

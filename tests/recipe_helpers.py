@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from prunedlora.config import RootConfig, compose_config
 from prunedlora.data import batching
@@ -62,3 +63,17 @@ def crash_then_resume(cfg: RootConfig, run_dir: Path, crash_after_batches: int,
 def metric_records(run_dir: Path) -> list[dict[str, Any]]:
     """The parsed lines of ``run_dir/metrics.jsonl``."""
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def load_served(run_dir: Path, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The run's ``model/`` as a user loads it, with no project code: ``AutoModelForCausalLM.from_pretrained``, and
+    ``PeftModel.from_pretrained(model, "adapter")`` where ``summary.json`` says ``adapter/`` goes on it (salr)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "model", trust_remote_code=trust_remote_code)
+    exports = json.loads((run_dir / "summary.json").read_text())["exports"]
+    if exports["model"].get("serve_with") == "adapter":
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, run_dir / "adapter")
+    return model.eval()

@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 from prunedlora.config import METHOD_SCHEMAS, RootConfig, compose_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-GROUPS = ("method", "train", "eval", "data", "logging", "sparsity", "model", "task", "distributed")
+GROUPS = ("method", "train", "eval", "export", "data", "logging", "sparsity", "model", "task", "distributed")
 OPTIONS = [(group, path.stem) for group in GROUPS for path in sorted((CONFIGS / group).glob("*.yaml"))]
 EXTRA = {("model", "hf"): ["model.name_or_path=/models/x"]}
 

@@ -332,6 +332,48 @@ def test_prunedlora_eval_model_dir_with_embedded_adapter(tmp_path, data_root, by
     assert doc["model"]["adapter"] == str(model_dir.resolve())
 
 
+def _fake_salr_run(run_dir: Path, byte_tokenizer, formats: tuple[str, ...]) -> torch.nn.Module:
+    """A finished salr run on the tiny model with the folders of ``formats``; returns the trained model."""
+    from prunedlora.config import SalrConfig, SparsityConfig
+    from prunedlora.methods.salr import SalrMethod
+
+    torch.manual_seed(0)  # every call builds the same trained model
+    model = build_tiny_llama(TinyModelConfig(), vocab_size=len(byte_tokenizer))
+    method = SalrMethod(SalrConfig(residual_rank=4, rank=4, base_criterion="magnitude"), SparsityConfig(final=0.5))
+    method.attach(model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # a trained-looking task adapter
+                p.normal_(0.0, 0.2)
+    figures = method.export(model, byte_tokenizer, run_dir, "tiny", formats)
+    (run_dir / "summary.json").write_text(json.dumps({"method": "salr", "exports": figures["exports"]}))
+    return model.eval()
+
+
+def test_prunedlora_eval_salr_run_evaluates_the_trained_model_from_whichever_folders_it_has(
+        tmp_path, data_root, byte_tokenizer):
+    """model/ + adapter/ (what a server runs) or compressed/ alone; model/ alone is refused (it is the bare base)."""
+    from prunedlora.data.datasets import load_lm_text
+    from prunedlora.eval.standalone import run_eval
+
+    got = {}
+    for formats in (("hf", "adapter", "bitmap"), ("bitmap",), ("hf", "adapter")):
+        run_dir = tmp_path / "-".join(formats)
+        model = _fake_salr_run(run_dir, byte_tokenizer, formats)
+        cfg = _compose([f"run_dir={run_dir}", "eval.tasks=[ptb]", "eval.limit=2", "eval.seqlen=64",
+                        "logging.progress=false", f"data.root={data_root}", "data.hub=false"])
+        got[formats] = run_eval(cfg, tmp_path / "out" / run_dir.name)["ptb"]["ppl"]
+    want = token_perplexity(model, byte_tokenizer, load_lm_text("ptb", "test", cfg.data), seqlen=64, limit=2,
+                            progress=False)["ppl"]
+    assert all(ppl == pytest.approx(want, rel=1e-4) for ppl in got.values()), (got, want)
+    for formats, weights, fragment in ((("hf",), "merged", "export.formats=null"),
+                                       (("bitmap",), "adapter", "use eval.weights=merged")):
+        run_dir = tmp_path / f"only-{formats[0]}"
+        _fake_salr_run(run_dir, byte_tokenizer, formats)
+        with pytest.raises(ConfigError, match=fragment):
+            run_eval(_compose([f"run_dir={run_dir}", "eval.tasks=[ptb]", f"eval.weights={weights}"]), tmp_path / "x")
+
+
 def test_prunedlora_eval_custom_code_needs_trust(tmp_path, byte_tokenizer):
     from prunedlora.eval.standalone import run_eval
 

@@ -14,8 +14,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from prunedlora.adapters.salr import SalrLinear, residual_factors, salr_modules, truncated_svd
 from prunedlora.config import ConfigError, SalrConfig, SparsityConfig
+from prunedlora.export import weight_files
+from prunedlora.export.bitmap import BITMAP_FILE, STORAGE_FILE
 from prunedlora.methods import build_method
-from prunedlora.methods.salr import BITMAP_FILE, STORAGE_FILE, SalrMethod, load_salr_export, sparse_base_weight
+from prunedlora.methods.salr import SalrMethod, load_salr_export, plain_bases, sparse_base_weight
 from prunedlora.pruning.bitmap import (
     BitmapLinear,
     BitmapTensor,
@@ -429,37 +431,95 @@ def exported(tmp_path: Path, byte_tokenizer) -> tuple[nn.Module, Path, dict]:
     return model, tmp_path, figures
 
 
-def test_export_loads_three_ways_with_the_same_logits(exported, tokens: torch.Tensor) -> None:
+def test_export_loads_every_way_with_the_same_logits(exported, tokens: torch.Tensor) -> None:
     from peft import PeftModel
 
     model, run_dir, _ = exported
     assert salr_modules(model)  # export never merges or unwraps for good
     with torch.no_grad():
         ours = model(tokens).logits
-        hf = AutoModelForCausalLM.from_pretrained(run_dir / "model").eval()  # base + embedded adapter
-        torch.testing.assert_close(hf(tokens).logits, ours, atol=1e-5, rtol=1e-5)
-        for base_format in ("dense", "bitmap"):
-            rebuilt = load_salr_export(run_dir / "model", base_format=base_format)
+        with plain_bases(model):
+            pruned_base = model(tokens).logits
+        base = AutoModelForCausalLM.from_pretrained(run_dir / "model").eval()
+        assert not getattr(base, "_hf_peft_config_loaded", False)  # model/ is the base alone: no adapter in it
+        torch.testing.assert_close(base(tokens).logits, pruned_base, atol=1e-5, rtol=1e-5)
+        served = PeftModel.from_pretrained(base, str(run_dir / "adapter")).eval()  # what a server runs
+        torch.testing.assert_close(served(tokens).logits, ours, atol=1e-5, rtol=1e-5)
+        for where, base_format in ((run_dir, "dense"), (run_dir / "compressed", "bitmap")):
+            rebuilt = load_salr_export(where, base_format=base_format)
             torch.testing.assert_close(rebuilt(tokens).logits, ours, atol=1e-5, rtol=1e-5)
-        peft = PeftModel.from_pretrained(load_salr_export(run_dir / "model", with_adapter=False),
-                                         str(run_dir / "adapter")).eval()
+        bare = load_salr_export(run_dir / "compressed", with_adapter=False)
+        peft = PeftModel.from_pretrained(bare, str(run_dir / "compressed")).eval()
         torch.testing.assert_close(peft(tokens).logits, ours, atol=1e-5, rtol=1e-5)
 
 
-def test_export_files_and_figures(exported) -> None:
+def test_export_folders_hold_one_copy_each_in_their_clients_format(exported) -> None:
     model, run_dir, figures = exported
-    model_dir = run_dir / "model"
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "adapter_config.json",
-                 "adapter_model.safetensors", BITMAP_FILE, STORAGE_FILE):
-        assert (model_dir / name).is_file(), name
-    config = json.loads((model_dir / "adapter_config.json").read_text())
-    assert config["r"] == config["lora_alpha"] == R_RES + RANK  # scaling 1: c is folded into B
-    storage = json.loads((model_dir / STORAGE_FILE).read_text())
+    model_dir, adapter_dir, compressed = run_dir / "model", run_dir / "adapter", run_dir / "compressed"
+    # model/: a plain Hugging Face directory; vLLM reads every *.safetensors in it, so there is only the model's.
+    assert [p.name for p in weight_files(model_dir)] == ["model.safetensors"]
+    assert not (model_dir / "adapter_config.json").exists() and (model_dir / "tokenizer.json").is_file()
+    assert json.loads((model_dir / "config.json").read_text())["model_type"] == "llama"
+    # adapter/: one LoRA of rank r_res + r, scaling 1 in every module (vLLM reads r and lora_alpha only).
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert config["r"] == config["lora_alpha"] == R_RES + RANK and not config["rank_pattern"]
+    assert not config["alpha_pattern"] and not config["use_rslora"] and config["bias"] == "none"
+    assert not config["modules_to_save"] and config["base_model_name_or_path"] == str(model_dir.resolve())
+    # compressed/: the bitmap form and its own adapter, all that load_salr_export reads.
+    assert [p.name for p in weight_files(compressed)] == ["adapter_model.safetensors", BITMAP_FILE]
+    assert (compressed / "config.json").is_file() and (compressed / "tokenizer.json").is_file()
+    storage = json.loads((compressed / STORAGE_FILE).read_text())
     assert len(storage["matrices"]) == 14 and storage["total"]["bytes_bitmap"] == figures["bytes_bitmap"]
     assert figures["bitmap_ratio"] == pytest.approx(figures["bytes_bitmap"] / figures["bytes_dense"])
-    bitmaps, _ = load_bitmaps(model_dir / BITMAP_FILE)
+    files = figures["checkpoint_bytes"]
+    assert files["bitmap_file_bytes"] == (compressed / BITMAP_FILE).stat().st_size
+    assert files["ratio"] == pytest.approx(files["bitmap_file_bytes"] / files["dense_weight_bytes"])
+    # model/ holds the dense model once, in the base's dtype: its file is the tensors plus a small header.
+    params = sum(p.numel() for p in tiny_llama(tie=True).parameters())
+    assert files["dense_weight_bytes"] == params * 4 <= (model_dir / "model.safetensors").stat().st_size
+    assert (model_dir / "model.safetensors").stat().st_size < params * 4 + 16_384
+    bitmaps, _ = load_bitmaps(compressed / BITMAP_FILE)
     for name, wrapper in salr_modules(model).items():  # the bitmap form is the trained base, bit for bit
         assert torch.equal(decode(bitmaps[f"{name}.weight"]), sparse_base_weight(wrapper.base_layer))
+    exports = figures["exports"]
+    assert {k: v["format"] for k, v in exports.items()} == {"model": "hf", "adapter": "adapter", "compressed": "bitmap"}
+    assert exports["model"]["serve_with"] == "adapter" and exports["adapter"]["base"] == "model"
+    assert exports["compressed"]["weight_bytes"] == files["bitmap_file_bytes"] + files["adapter_file_bytes"]
+
+
+def test_model_dir_keeps_the_base_dtype(tmp_path: Path, byte_tokenizer) -> None:
+    """A bfloat16 base is saved in bfloat16 (the adapters train in float32 and never reach model/)."""
+    from safetensors import safe_open
+
+    model = tiny_llama(tie=True).to(torch.bfloat16)
+    attach(model).export(model, byte_tokenizer, tmp_path, "tiny", ("hf",))
+    path = tmp_path / "model" / "model.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    params = sum(p.numel() for p in tiny_llama(tie=True).parameters())
+    assert params * 2 < path.stat().st_size < params * 2 + 16_384
+
+
+@pytest.mark.parametrize("formats", [("bitmap",), ("hf", "adapter")])
+def test_export_writes_only_the_formats_asked_for(formats: tuple[str, ...], tmp_path: Path, byte_tokenizer,
+                                                  tokens: torch.Tensor) -> None:
+    model = tiny_llama(tie=True)
+    method = attach(model)
+    randomize_b(model, pattern=TASK_B)
+    figures = method.export(model, byte_tokenizer, tmp_path, "tiny", formats)
+    folders = {"hf": "model", "adapter": "adapter", "bitmap": "compressed"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(folders[f] for f in formats)
+    assert sorted(figures["exports"]) == sorted(folders[f] for f in formats)
+    assert ("bitmap_ratio" in figures) == ("bitmap" in formats)
+    if "bitmap" in formats:
+        with torch.no_grad():
+            torch.testing.assert_close(load_salr_export(tmp_path)(tokens).logits, model(tokens).logits, atol=1e-5,
+                                       rtol=1e-5)
+
+
+def test_load_salr_export_names_what_is_missing(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="compressed/"):
+        load_salr_export(tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------- GPU
@@ -494,17 +554,19 @@ def test_cli_run_writes_the_salr_run_directory_and_model_dir_evaluates_the_same(
                     f"hydra.run.dir={run_dir}"], data_root)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("metrics.jsonl", "checkpoints/step_0000005/state.pt", "adapter/adapter_config.json",
-                 "model/config.json", "model/model.safetensors", "model/adapter_model.safetensors",
-                 f"model/{BITMAP_FILE}", f"model/{STORAGE_FILE}", "summary.json"):
+                 "model/config.json", "model/model.safetensors", f"compressed/{BITMAP_FILE}",
+                 f"compressed/{STORAGE_FILE}", "compressed/adapter_model.safetensors", "summary.json"):
         assert (run_dir / name).exists(), name
+    assert not (run_dir / "model" / "adapter_config.json").exists()
     summary = json.loads((run_dir / "summary.json").read_text())
     for key in ("sparsity", "sparsity_per_matrix", "bytes_dense", "bytes_bitmap", "bitmap_ratio", "ranks",
-                "residual_error_ratio", "params_after_export"):
+                "residual_error_ratio", "params_after_export", "exports", "checkpoint_bytes"):
         assert key in summary, key
+    assert sorted(summary["exports"]) == ["adapter", "compressed", "model"]
     assert summary["method"] == "salr" and summary["sparsity"] == pytest.approx(0.5, abs=1e-3)
     assert len(summary["sparsity_per_matrix"]) == 14
 
-    # prunedlora-eval loads model/ with from_pretrained (pruned base + embedded adapter): same perplexity
+    # prunedlora-eval loads model/ with adapter/ on top through PEFT (what a server runs): same perplexity
     eval_dir = tmp_path / "eval"
     proc = run_cli(["prunedlora-eval", f"run_dir={run_dir}", *eval_args, "logging.progress=false",
                     f"hydra.run.dir={eval_dir}"], data_root)

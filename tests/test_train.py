@@ -58,6 +58,39 @@ def test_validation_reports_every_problem_at_once(tiny_cfg: RootConfig) -> None:
         assert fragment in message
 
 
+@pytest.mark.parametrize("method, formats, resolved", [
+    ("lora", None, ("hf", "adapter")),
+    ("loraprune", None, ("hf",)),
+    ("salr", None, ("hf", "adapter", "bitmap")),
+    ("salr", "[hf,bitmap]", ("hf", "bitmap")),
+    ("prunedlora", "[adapter]", ("adapter",)),
+])
+def test_export_formats_default_to_what_the_method_writes(method: str, formats: str | None,
+                                                          resolved: tuple[str, ...]) -> None:
+    from prunedlora.config import validate
+
+    cfg = compose_root([f"method={method}", *([f"export.formats={formats}"] if formats else [])])
+    validate(cfg)
+    assert cfg.export.resolve(cfg.method) == resolved
+
+
+@pytest.mark.parametrize("method, formats, fragments", [
+    ("lora", "[hf,bitmap]", ["export.formats contains bitmap", "method=lora does not write", "hf, adapter"]),
+    ("loraprune", "[adapter]", ["export.formats contains adapter", "method=loraprune", "it writes hf"]),
+    ("salr", "[]", ["export.formats=[] writes nothing"]),
+    ("salr", "[gguf]", ["export.formats=gguf is not one of hf, adapter, bitmap"]),
+    ("salr", "[hf,hf]", ["names a format twice"]),
+])
+def test_export_formats_a_method_cannot_write_are_refused_naming_the_key(method: str, formats: str,
+                                                                        fragments: list[str]) -> None:
+    from prunedlora.config import validate
+
+    with pytest.raises(ConfigError) as err:
+        validate(compose_root([f"method={method}", f"export.formats={formats}"]))
+    for fragment in fragments:
+        assert fragment in str(err.value)
+
+
 def test_warmup_then_cosine_schedule() -> None:
     cfg = TrainConfig(max_steps=10, warmup_ratio=0.2, lr=1.0, scheduler="cosine")
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.lr)

@@ -3,11 +3,13 @@
 What gets loaded:
 
 * ``run_dir=<dir>`` (a ``prunedlora-train`` run directory), ``eval.weights=merged`` (default): the exported
-  ``<dir>/model``. That covers every method: merged LoRA-family models; loraprune's physically pruned
-  model, whose ``config.json`` names its own modelling code (``auto_map``), loaded with
-  ``trust_remote_code=True`` because that code is prunedlora's own ``modeling_pruned_llama.py`` written by
-  the run; salr's sparse base with its adapter embedded in the same folder (``adapter_config.json`` next
-  to ``config.json``), which transformers' PEFT integration attaches on load.
+  ``<dir>/model``. That covers the LoRA family (merged) and loraprune's physically pruned model, whose
+  ``config.json`` names its own modelling code (``auto_map``), loaded with ``trust_remote_code=True`` because
+  that code is prunedlora's own ``modeling_pruned_llama.py`` written by the run.
+* salr runs (``summary.json``'s ``exports``: ``model/`` is the pruned base, served with ``adapter/``), either
+  ``eval.weights``: ``model/`` with ``adapter/`` on top through ``peft.PeftModel`` (what a server runs), else
+  ``compressed/`` rebuilt by ``load_salr_export``. Runs exported before the folders were split carry the adapter
+  inside ``model/``, which transformers' PEFT integration attaches on load.
 * ``run_dir=<dir> eval.weights=adapter``: the run's base model (its ``.hydra/config.yaml`` ``model``
   section) with ``<dir>/adapter`` on top through ``peft.PeftModel``, unmerged.
 * ``model.name_or_path=<dir or hub id>``: any causal LM (a hub id resolves as for training, offline
@@ -38,7 +40,8 @@ from omegaconf import OmegaConf
 from prunedlora.config import ConfigError, EvalConfig, ModelConfig, RootConfig, validate
 from prunedlora.eval.runner import evaluate
 from prunedlora.eval.wandb_log import log_eval_run
-from prunedlora.models.load import load_model, resolve_device
+from prunedlora.methods.salr import load_salr_export
+from prunedlora.models.load import load_model, load_tokenizer, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +84,41 @@ def _peft_on(base, adapter_dir: Path):
     return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
 
 
+def _serves_base_with_adapter(exports: dict[str, Any]) -> bool:
+    """A run whose ``model/`` is a base that ``adapter/`` goes on (salr), by ``summary.json``'s ``exports``."""
+    return ((exports.get("model") or {}).get("serve_with") == "adapter"
+            or (exports.get("adapter") or {}).get("base") == "model" or "compressed" in exports)
+
+
+def _load_sparse_run(cfg: RootConfig, run_dir: Path, device: torch.device,
+                     identity: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
+    """A salr run: ``model/`` + ``adapter/`` (what a server runs), else ``compressed/`` (``load_salr_export``)."""
+    model_dir, adapter_dir, compressed = run_dir / "model", run_dir / "adapter", run_dir / "compressed"
+    if (model_dir / "config.json").is_file() and (adapter_dir / ADAPTER_CONFIG).is_file():
+        base_cfg = replace(cfg.model, name=run_dir.name, name_or_path=str(model_dir), fallback=None)
+        base, tokenizer = load_model(base_cfg, device)
+        identity |= {"model_dir": str(model_dir.resolve()), "adapter": str(adapter_dir.resolve())}
+        return _peft_on(base, adapter_dir), tokenizer, identity
+    if cfg.eval.weights == "merged" and compressed.is_dir():
+        model = load_salr_export(compressed, device=device)
+        tokenizer = load_tokenizer(replace(cfg.model, name_or_path=str(compressed), fallback=None))
+        identity |= {"model_dir": str(compressed.resolve()), "adapter": str(compressed.resolve())}
+        return model, tokenizer, identity
+    held = [f"{name}/" for name in ("model", "adapter", "compressed") if (run_dir / name).is_dir()]
+    fix = "use eval.weights=merged, which rebuilds it from compressed/" if compressed.is_dir() else \
+        "re-run the training in a new directory with export.formats=null (every folder)"
+    raise ConfigError(f"run_dir={run_dir} is a salr run: its trained model is model/ with adapter/ on top, or "
+                      f"compressed/, but with eval.weights={cfg.eval.weights} it holds only "
+                      f"{', '.join(held) or 'no export'} for that (export.formats left the rest out); {fix}.")
+
+
 def _load_run(cfg: RootConfig, run_dir: Path, device: torch.device) -> tuple[Any, Any, dict[str, Any]]:
     summary_path = run_dir / "summary.json"
-    method = _read_json(summary_path).get("method") if summary_path.is_file() else None
-    identity: dict[str, Any] = {"run_dir": str(run_dir.resolve()), "method": method, "weights": cfg.eval.weights}
+    summary = _read_json(summary_path) if summary_path.is_file() else {}
+    identity: dict[str, Any] = {"run_dir": str(run_dir.resolve()), "method": summary.get("method"),
+                                "weights": cfg.eval.weights}
+    if _serves_base_with_adapter(summary.get("exports") or {}):
+        return _load_sparse_run(cfg, run_dir, device, identity)
     if cfg.eval.weights == "adapter":
         adapter_dir = run_dir / "adapter"
         if not (adapter_dir / ADAPTER_CONFIG).is_file():

@@ -29,6 +29,7 @@ import copy
 import logging
 import math
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +37,14 @@ import torch
 from torch import nn
 
 from prunedlora.config import AdaLoraConfig, ConfigError, SparsityConfig
-from prunedlora.export import count_parameters, save_pretrained_dir
+from prunedlora.export import count_parameters, describe, save_pretrained_dir
+from prunedlora.export.hf import CLIENT as HF_CLIENT
 from prunedlora.methods.base import Callback, default_parameter_groups
 from prunedlora.models.surgery import dequantize_linears, dequantized_weight, replace_module, target_module_names
 
 log = logging.getLogger(__name__)
 
+ADALORA_CLIENT = 'PeftModel.from_pretrained(base, "adapter")'
 ADAPTER = "default"
 """PEFT's adapter name; parameter names end in ``.lora_A.default`` etc."""
 PROVISIONAL_TOTAL_STEP = 1
@@ -273,16 +276,28 @@ class AdaLoraMethod:
                 "params_adapter_effective": effective,
                 "adalora_allocations": self._allocator.allocations if self._allocator else 0}
 
-    def export(self, model: nn.Module, tokenizer: Any, out_dir: Path, base_model_id: str) -> dict[str, Any]:
+    def export(self, model: nn.Module, tokenizer: Any, out_dir: Path, base_model_id: str,
+               formats: Sequence[str] | None = None) -> dict[str, Any]:
         """``adapter/``: PEFT AdaLoRA format; ``model/``: ``W0 + (α/r_init)·P diag(λ) Q`` merged by PEFT."""
-        export_adalora_adapter(self.peft_model, out_dir / "adapter", base_model_id)
-        if getattr(model, "hf_quantizer", None) is not None:
-            merged = merge_into_dequantized_base(model)
-        else:
-            merged = self.peft_model.merge_and_unload()  # PEFT merges each SVDLinear and puts its base back
-        assert merged is model, "PEFT injected in place, so the unloaded model is the recipe's model"
-        save_pretrained_dir(merged, tokenizer, out_dir / "model")
-        return {"params_after_export": count_parameters(merged)[0]}
+        formats = ("hf", "adapter") if formats is None else formats
+        exports = {}
+        if "adapter" in formats:
+            export_adalora_adapter(self.peft_model, out_dir / "adapter", base_model_id)
+            exports["adapter"] = describe(out_dir / "adapter", "adapter", "the AdaLoRA adapter (PEFT's AdaLoRA format, "
+                                          "which vLLM does not read: serve model/)", ADALORA_CLIENT, base=base_model_id)
+        # Merging costs no parameters: the merged model has the base's count, whether or not model/ is written.
+        params = count_parameters(model)[0] - sum(p.numel() for n, p in model.named_parameters()
+                                                   if ".lora_" in n or ".ranknum." in n)
+        if "hf" in formats:
+            if getattr(model, "hf_quantizer", None) is not None:
+                merged = merge_into_dequantized_base(model)
+            else:
+                merged = self.peft_model.merge_and_unload()  # PEFT merges each SVDLinear and puts its base back
+            assert merged is model, "PEFT injected in place, so the unloaded model is the recipe's model"
+            save_pretrained_dir(merged, tokenizer, out_dir / "model")
+            exports["model"] = describe(out_dir / "model", "hf", "the base with the adapter merged", HF_CLIENT)
+            params = count_parameters(merged)[0]
+        return {"params_after_export": params, "exports": exports}
 
 
 def adalora_delta_weight(layer: nn.Module, adapter: str = "default") -> torch.Tensor:

@@ -26,6 +26,7 @@ that quantization.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -88,11 +89,13 @@ class Method(Protocol):
         """Figures for ``summary.json``: ``ranks``, ``sparsity``, ``params_effective`` where meaningful."""
         ...
 
-    def export(self, model: nn.Module, tokenizer: Any, out_dir: Path, base_model_id: str) -> dict[str, Any]:
-        """Write ``adapter/`` (where the method has one) and ``model/`` under ``out_dir``.
+    def export(self, model: nn.Module, tokenizer: Any, out_dir: Path, base_model_id: str,
+               formats: Sequence[str] | None = None) -> dict[str, Any]:
+        """Write the folders of ``formats`` (``export.formats``: hf -> ``model/``, adapter -> ``adapter/``, bitmap ->
+        ``compressed/``; None: all the method writes) under ``out_dir``, with ``prunedlora.export``.
 
         May consume ``model`` (merging, compaction); returns figures for ``summary.json``, at least
-        ``params_after_export``.
+        ``params_after_export`` and ``exports`` (``prunedlora.export.describe`` of each folder written).
         """
         ...
 

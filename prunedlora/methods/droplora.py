@@ -12,6 +12,7 @@ whose state it checkpoints, so a resumed run draws the same masks as an uninterr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,7 @@ class DropLoraMethod:
     def report(self, model: nn.Module) -> dict[str, Any]:
         return rank_report(model)
 
-    def export(self, model: nn.Module, tokenizer: Any, out_dir: Path, base_model_id: str) -> dict[str, Any]:
+    def export(self, model: nn.Module, tokenizer: Any, out_dir: Path, base_model_id: str,
+               formats: Sequence[str] | None = None) -> dict[str, Any]:
         """Plain LoRA artifacts (methods.md §4.4): the mask is the identity outside training."""
-        return export_lora(model, tokenizer, out_dir, base_model_id)
+        return export_lora(model, tokenizer, out_dir, base_model_id, formats)

@@ -6,15 +6,18 @@ from LoRA only in what happens during training.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from prunedlora.adapters.lora import LoRALinear, inject_lora, lora_modules, mark_only_lora_as_trainable
-from prunedlora.adapters.peft_format import export_peft_adapter
 from prunedlora.config import LoraConfig, SparsityConfig
-from prunedlora.export import count_parameters, save_merged_model
+from prunedlora.export import count_parameters, describe, save_merged_model
+from prunedlora.export.hf import CLIENT as HF_CLIENT
+from prunedlora.export.peft_adapter import CLIENT as ADAPTER_CLIENT
+from prunedlora.export.peft_adapter import export_peft_adapter
 from prunedlora.methods.base import Callback, default_parameter_groups
 
 
@@ -35,11 +38,25 @@ def rank_report(model: nn.Module) -> dict[str, Any]:
     return {"ranks": ranks, "params_adapter_effective": effective}
 
 
-def export_lora(model: nn.Module, tokenizer: Any, out_dir: Path, base_model_id: str) -> dict[str, Any]:
-    """``adapter/`` in PEFT format (active ranks only), then ``model/`` with the adapters merged."""
-    export_peft_adapter(model, out_dir / "adapter", base_model_id)
-    save_merged_model(model, tokenizer, out_dir / "model")
-    return {"params_after_export": count_parameters(model)[0]}
+LORA_FORMATS = ("hf", "adapter")
+
+
+def export_lora(model: nn.Module, tokenizer: Any, out_dir: Path, base_model_id: str,
+                formats: Sequence[str] | None = None) -> dict[str, Any]:
+    """``adapter/`` in PEFT format (active ranks only), then ``model/`` with the adapters merged (``formats``:
+    which of the two, default both). ``params_after_export`` counts the merged model either way."""
+    formats = LORA_FORMATS if formats is None else formats
+    exports = {}
+    params_merged = count_parameters(model)[0] - sum(p.numel() for m in lora_modules(model).values()
+                                                     for p in (*m.lora_A.parameters(), *m.lora_B.parameters()))
+    if "adapter" in formats:
+        ranks = export_peft_adapter(model, out_dir / "adapter", base_model_id)
+        exports["adapter"] = describe(out_dir / "adapter", "adapter", "the LoRA adapter (active ranks)",
+                                      ADAPTER_CLIENT, base=base_model_id, rank=max(ranks.values()))
+    if "hf" in formats:
+        save_merged_model(model, tokenizer, out_dir / "model")
+        exports["model"] = describe(out_dir / "model", "hf", "the base with the adapter merged", HF_CLIENT)
+    return {"params_after_export": params_merged, "exports": exports}
 
 
 class LoraMethod:
@@ -62,5 +79,6 @@ class LoraMethod:
     def report(self, model: nn.Module) -> dict[str, Any]:
         return rank_report(model)
 
-    def export(self, model: nn.Module, tokenizer: Any, out_dir: Path, base_model_id: str) -> dict[str, Any]:
-        return export_lora(model, tokenizer, out_dir, base_model_id)
+    def export(self, model: nn.Module, tokenizer: Any, out_dir: Path, base_model_id: str,
+               formats: Sequence[str] | None = None) -> dict[str, Any]:
+        return export_lora(model, tokenizer, out_dir, base_model_id, formats)

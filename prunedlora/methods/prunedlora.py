@@ -36,6 +36,7 @@ against plain PyTorch).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -395,9 +396,10 @@ class PrunedLoraMethod:
         report["target_rank"] = self.target
         return report
 
-    def export(self, model: nn.Module, tokenizer: Any, out_dir: Path, base_model_id: str) -> dict[str, Any]:
+    def export(self, model: nn.Module, tokenizer: Any, out_dir: Path, base_model_id: str,
+               formats: Sequence[str] | None = None) -> dict[str, Any]:
         """Heatmap of the final ranks, then the active-rank PEFT adapter and the merged model (§3.5)."""
         ranks = {name: m.active_rank for name, m in lora_modules(model).items()}
         title = f"PrunedLoRA final ranks: r0={self.cfg.init_rank}, target {self.target}, {self.cfg.allocation}"
         rank_heatmap(ranks, out_dir / HEATMAP_FILE, title, max_rank=self.cfg.init_rank)
-        return export_lora(model, tokenizer, out_dir, base_model_id)
+        return export_lora(model, tokenizer, out_dir, base_model_id, formats)

@@ -10,23 +10,15 @@ frozen base is never reshaped, Decisions item 5), and a ``SalrLinear`` around it
 quantized only now, so the residual comes from the float weights and the pruned entries stay exactly zero.
 No callbacks: nothing changes during training.
 
-Export (``model/``, never merged: a dense ``BA`` would destroy the sparsity, §6.4 item 7):
-
-- ``config.json``, ``model.safetensors``: the pruned base (zeros in place), plus the tokenizer;
-- ``adapter_config.json``, ``adapter_model.safetensors``: residual and task adapters fused into one
-  PEFT LoRA of rank ``r_res + r`` with ``c`` folded into B and ``lora_alpha = r`` (scaling 1), so
-  ``AutoModelForCausalLM.from_pretrained("model")`` (transformers' PEFT integration) loads base + adapter;
-- ``sparse_base.bitmap.safetensors``: every pruned matrix in bitmap form and every other tensor dense;
-  ``load_salr_export`` rebuilds the model from it alone; ``salr_storage.json``: the size report.
-
-``adapter/`` holds the same adapter for ``PeftModel.from_pretrained(base, "adapter")`` on the pruned base
-(``load_salr_export(model_dir, with_adapter=False)``).
+Export (``export_salr``, never merged: a dense ``BA`` would destroy the sparsity, §6.4 item 7), one folder per
+client: ``model/`` the pruned base as a plain Hugging Face model (zeros in place, the base's dtype), ``adapter/``
+the residual and task adapters fused into one PEFT LoRA of rank ``r_res + r`` (scaling 1) on ``model/``, and
+``compressed/`` the bitmap form with its own copy of that adapter, which ``load_salr_export`` rebuilds alone.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -37,29 +29,24 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from prunedlora.adapters.salr import SalrLinear, load_fused_adapter, residual_factors, salr_modules, save_fused_adapter
+from prunedlora.adapters.salr import SalrLinear, residual_factors, salr_modules
 from prunedlora.config import ConfigError, SalrConfig, SparsityConfig
-from prunedlora.export import count_parameters, save_pretrained_dir
+from prunedlora.export import count_parameters, describe
+from prunedlora.export.bitmap import BITMAP_FILE, dense_bytes, save_bitmap_form, unique_state_dict, write_storage_report
+from prunedlora.export.bitmap import CLIENT as BITMAP_CLIENT
+from prunedlora.export.hf import CLIENT as HF_CLIENT
+from prunedlora.export.hf import save_config_dir, save_pretrained_dir
+from prunedlora.export.peft_adapter import CLIENT as ADAPTER_CLIENT
+from prunedlora.export.peft_adapter import load_fused_adapter, save_fused_adapter
 from prunedlora.methods.base import AttachContext, Callback
 from prunedlora.models.quantize import quantize_linear
 from prunedlora.models.surgery import dequantized_weight, replace_module, target_module_names
 from prunedlora.pruning.activation_aware import sparsegpt_factor, sparsegpt_prune, wanda_mask
-from prunedlora.pruning.bitmap import (
-    BitmapLinear,
-    SemiStructuredLinear,
-    decode,
-    encode,
-    load_bitmaps,
-    save_bitmaps,
-    size_report,
-)
+from prunedlora.pruning.bitmap import BitmapLinear, SemiStructuredLinear, decode, load_bitmaps
 from prunedlora.pruning.calibration import InputStats, calibration_rows, collect_input_stats
 from prunedlora.pruning.magnitude import mask_function, sparsity_of
 
 log = logging.getLogger(__name__)
-
-BITMAP_FILE = "sparse_base.bitmap.safetensors"
-STORAGE_FILE = "salr_storage.json"
 
 
 # ------------------------------------------------------------------------------------- sparse bases
@@ -270,8 +257,9 @@ class SalrMethod:
     def report(self, model: nn.Module) -> dict[str, Any]:
         return salr_report(model, self.init_stats)
 
-    def export(self, model: nn.Module, tokenizer: Any, out_dir: Path, base_model_id: str) -> dict[str, Any]:
-        return export_salr(model, tokenizer, out_dir)
+    def export(self, model: nn.Module, tokenizer: Any, out_dir: Path, base_model_id: str,
+               formats: tuple[str, ...] | None = None) -> dict[str, Any]:
+        return export_salr(model, tokenizer, out_dir, formats or tuple(SALR_FOLDERS))
 
 
 # -------------------------------------------------------------------------------------------- report
@@ -296,53 +284,55 @@ def salr_report(model: nn.Module, init_stats: dict[str, dict[str, float]]) -> di
 
 
 # -------------------------------------------------------------------------------------------- export
-def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` with tied tensors (shared storage) kept once, under their first name."""
-    seen: set[int] = set()
-    state = {}
-    for key, tensor in model.state_dict().items():
-        if tensor.data_ptr() not in seen:
-            seen.add(tensor.data_ptr())
-            state[key] = tensor
-    return state
+SALR_FOLDERS = {"hf": "model", "adapter": "adapter", "bitmap": "compressed"}
 
 
-def _file_bytes(directory: Path, pattern: str) -> int:
-    return sum(p.stat().st_size for p in directory.glob(pattern))
+def export_salr(model: nn.Module, tokenizer: Any, out_dir: Path,
+                formats: tuple[str, ...] = tuple(SALR_FOLDERS)) -> dict[str, Any]:
+    """Write the folders of ``formats`` (see the module docstring); never merges, each holds one copy.
 
-
-def export_salr(model: nn.Module, tokenizer: Any, out_dir: Path) -> dict[str, Any]:
-    """Write ``model/`` (pruned base, fused adapter, bitmap form, size report) and ``adapter/``; never merges.
-
-    ``model`` is left as it was (the recipe evaluates it afterwards). Returns the storage figures of
-    ``summary.json``: ``bytes_dense``, ``bytes_bitmap``, ``bitmap_ratio`` (pruned matrices only, the
-    format's own ratio), the same for the whole checkpoint files, and ``params_after_export``.
+    ``model`` is left as it was (the recipe evaluates it afterwards). Returns the figures of ``summary.json``:
+    ``params_after_export``, ``exports`` (what each folder holds, who loads it, its bytes) and, with ``bitmap``,
+    ``bytes_dense``, ``bytes_bitmap``, ``bitmap_ratio`` (pruned matrices only, the format's own ratio) and
+    ``checkpoint_bytes`` (the weight files of ``compressed/`` against the dense model's weights).
     """
-    model_dir = out_dir / "model"
+    folders = {fmt: out_dir / SALR_FOLDERS[fmt] for fmt in formats}
     with plain_bases(model) as wrappers:
-        save_pretrained_dir(model, tokenizer, model_dir)
+        if "hf" in folders:
+            save_pretrained_dir(model, tokenizer, folders["hf"])
+        if "bitmap" in folders:
+            save_config_dir(model, tokenizer, folders["bitmap"])
         state = unique_state_dict(model)
         params_plain = count_parameters(model)[0]
-    bitmaps = {f"{name}.weight": encode(state.pop(f"{name}.weight")) for name in wrappers}
-    save_bitmaps(model_dir / BITMAP_FILE, bitmaps, state)
-    report = size_report(bitmaps)
-    report["files"] = {"dense_checkpoint_bytes": _file_bytes(model_dir, "model*.safetensors"),
-                       "bitmap_checkpoint_bytes": _file_bytes(model_dir, BITMAP_FILE)}
-    report["files"]["ratio"] = report["files"]["bitmap_checkpoint_bytes"] / report["files"]["dense_checkpoint_bytes"]
-    (model_dir / STORAGE_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    # The embedded adapter's base is the directory itself; adapter/ points at it too.
-    save_fused_adapter(model, model_dir, str(model_dir.resolve()))
-    save_fused_adapter(model, out_dir / "adapter", str(model_dir.resolve()))
-    total = report["total"]
-    pruned = sum(b.shape[0] * b.shape[1] - b.nnz for b in bitmaps.values())
+    pruned = sum(int((state[f"{name}.weight"] == 0).sum()) for name in wrappers)
     adapter = sum(w.total_rank * (w.in_features + w.out_features) for w in wrappers.values())
-    return {
-        "params_after_export": params_plain - pruned + adapter,
-        "bytes_dense": total["bytes_dense"],
-        "bytes_bitmap": total["bytes_bitmap"],
-        "bitmap_ratio": total["ratio"],
-        "checkpoint_bytes": report["files"],
-    }
+    figures: dict[str, Any] = {"params_after_export": params_plain - pruned + adapter, "exports": {}}
+    rank = max(w.total_rank for w in wrappers.values())
+    if "hf" in folders:
+        figures["exports"]["model"] = describe(folders["hf"], "hf", "the pruned base, dense with zeros in place; "
+                                               "serve it with adapter/", HF_CLIENT, serve_with="adapter")
+    if "adapter" in folders:  # absolute: AutoPeftModelForCausalLM resolves a relative path against the cwd
+        save_fused_adapter(model, folders["adapter"], str((out_dir / SALR_FOLDERS["hf"]).resolve()))
+        figures["exports"]["adapter"] = describe(folders["adapter"], "adapter", "the residual and task adapters "
+                                                 f"fused into one LoRA of rank {rank}", ADAPTER_CLIENT,
+                                                 base="model", rank=rank)
+    if "bitmap" in folders:
+        figures |= _write_compressed(model, state, list(wrappers), folders["bitmap"])
+        figures["exports"]["compressed"] = describe(folders["bitmap"], "bitmap", "the pruned base in bitmap form, "
+                                                    "its fused adapter and the size report", BITMAP_CLIENT)
+    return figures
+
+
+def _write_compressed(model: nn.Module, state: dict[str, torch.Tensor], pruned: list[str],
+                      out_dir: Path) -> dict[str, Any]:
+    """``compressed/`` (beside ``config.json`` and the tokenizer): the bitmap file, the fused adapter (its base is
+    this folder's bitmap form) and ``salr_storage.json``; returns the storage figures."""
+    _, report = save_bitmap_form(state, pruned, out_dir)
+    save_fused_adapter(model, out_dir, str(out_dir.resolve()))
+    files = write_storage_report(report, out_dir, dense_bytes(state))
+    total = report["total"]
+    return {"bytes_dense": total["bytes_dense"], "bytes_bitmap": total["bytes_bitmap"], "bitmap_ratio": total["ratio"],
+            "checkpoint_bytes": files}
 
 
 # ---------------------------------------------------------------------------------------------- load
@@ -356,15 +346,32 @@ def _check_load(model: nn.Module, missing: list[str], unexpected: list[str]) -> 
                            f"missing {untied[:5]}")
 
 
-def load_salr_export(model_dir: Path | str, base_format: str = "dense", with_adapter: bool = True,
-                     device: torch.device | str = "cpu") -> PreTrainedModel:
-    """Rebuild an exported SALR model from ``sparse_base.bitmap.safetensors`` alone (and the adapter).
+def compressed_dir(path: Path | str) -> Path:
+    """The folder holding the bitmap form: ``path`` itself, a run's ``compressed/`` or (runs exported before the
+    folders were split) a run's ``model/``.
 
-    Every tensor comes from the bitmap file (pruned matrices decoded, the rest stored dense) and the
-    architecture from ``config.json``; ``model.safetensors`` is not read.
+    Raises:
+        FileNotFoundError: none of them holds ``sparse_base.bitmap.safetensors``.
+    """
+    path = Path(path)
+    for folder in (path, path / "compressed", path / "model"):
+        if (folder / BITMAP_FILE).is_file():
+            return folder
+    raise FileNotFoundError(f"{path} holds no SALR bitmap form ({BITMAP_FILE}, in it or in its compressed/): give a "
+                            "salr run directory or its compressed/ folder, exported with export.formats containing "
+                            "bitmap (the default)")
+
+
+def load_salr_export(path: Path | str, base_format: str = "dense", with_adapter: bool = True,
+                     device: torch.device | str = "cpu") -> PreTrainedModel:
+    """Rebuild an exported SALR model from its bitmap form alone (and the fused adapter beside it).
+
+    Every tensor comes from ``sparse_base.bitmap.safetensors`` (pruned matrices decoded, the rest stored dense),
+    the architecture from ``config.json`` and the adapter from ``adapter_model.safetensors``, all in one folder
+    (``compressed_dir``); ``model/`` is not read.
 
     Args:
-        model_dir: a run's ``model/``.
+        path: a salr run directory or its ``compressed/``.
         base_format: how the pruned linears run: ``dense`` (decoded ``nn.Linear``), ``bitmap``
             (``BitmapLinear``, decoded in every forward) or ``semi_structured`` (2:4 kernels, CUDA).
         with_adapter: wrap the pruned linears in ``SalrLinear`` holding the fused adapter (scaling 1);
@@ -374,7 +381,7 @@ def load_salr_export(model_dir: Path | str, base_format: str = "dense", with_ada
     Returns:
         The model in eval mode, every parameter frozen.
     """
-    model_dir = Path(model_dir)
+    model_dir = compressed_dir(path)
     bitmaps, state = load_bitmaps(model_dir / BITMAP_FILE)
     dtype = next(iter(bitmaps.values())).dtype if bitmaps else None
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir), dtype=dtype)

@@ -134,7 +134,7 @@ def _finish(cfg: RootConfig, run_dir: Path, model: nn.Module, tokenizer: Any, me
     model.eval()
     report = method.report(model)  # before export: export may merge or compact the adapters away
     with quiet.deepspeed_left_unimported():  # save_pretrained would import DeepSpeed just to rule it out
-        exported = method.export(model, tokenizer, run_dir, cfg.model.name_or_path)
+        exported = method.export(model, tokenizer, run_dir, cfg.model.name_or_path, cfg.export.resolve(cfg.method))
 
     # ---------------------------------------------------------------- evaluate
     model.config.use_cache = True  # loaded for training without a KV cache; generation needs it

@@ -21,7 +21,7 @@ HYDRA_BACKUP = "hydra"
 # decides whether a diverged run may step past a non-finite step after resuming from its last good checkpoint).
 RESUME_FREE_KEYS = ("eval", "logging", "debug", "run_dir", "train.num_threads", "train.save_every",
                     "train.keep_checkpoints", "train.skip_nonfinite")
-_RUN_OUTPUTS = ("metrics.jsonl", "adapter", "model", "summary.json")
+_RUN_OUTPUTS = ("metrics.jsonl", "adapter", "model", "compressed", "summary.json")
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
