@@ -228,6 +228,7 @@ class AdaLoraConfig(MethodConfig):
 LORAPRUNE_CRITERIA = ("lora_guided", "magnitude", "true_gradient", "channel_taylor")
 GQA_POLICIES = ("query_head", "kv_group")
 LORAPRUNE_SCHEDULES = ("auto", "cubic", "linear", "none")
+LORAPRUNE_STRUCTURES = ("per_layer", "uniform")
 
 
 @dataclass
@@ -266,10 +267,21 @@ class LoraPruneConfig(MethodConfig):
     stays standard GQA at export (no k/v expansion); fewer heads go when G does not divide evenly."""
     prune_heads: bool = True
     prune_channels: bool = True
+    structure: str = "per_layer"
+    """per_layer: prune the prunable layers only, each by its own scores (exported as ``pruned_llama``, loaded with
+    trust_remote_code). uniform: prune every layer by the same counts (query heads per KV group, KV groups, MLP
+    channels), sized to per_layer's exported parameter count under the same settings, so ``model/`` is a plain
+    checkpoint of the base's architecture (transformers without remote code, vLLM)."""
 
     def validate(self, sparsity: SparsityConfig) -> list[str]:
         """LoRAPrune's own checks (methods.md §5, §8 items 13-18)."""
         p = []
+        _check(p, self.structure in LORAPRUNE_STRUCTURES,
+               f"method.structure={self.structure} is not one of {', '.join(LORAPRUNE_STRUCTURES)}")
+        _check(p, self.structure != "uniform" or self.prune_channels,
+               "method.structure=uniform matches per_layer's parameter count through the MLP width, and "
+               "method.prune_channels=false leaves only whole heads, too coarse to match it; set "
+               "method.prune_channels=true or method.structure=per_layer")
         _check(p, self.rank is not None, "method.rank=null: loraprune needs a LoRA rank (default 8)")
         _check(p, self.criterion in LORAPRUNE_CRITERIA,
                f"method.criterion={self.criterion} is not one of {', '.join(LORAPRUNE_CRITERIA)}")

@@ -101,6 +101,48 @@ def _loraprune(s: float, criterion: str = "lora_guided") -> Run:
                series=f"loraprune ({criterion})" if suffix else None)
 
 
+STRUCTURE_SEEDS = (42, 1)
+STRUCTURE_SPARSITIES = (0.5, 0.25)
+
+
+def _loraprune_structure(s: float, structure: str, seed: int) -> Run:
+    """LoRAPrune's default criterion with an explicit ``method.structure`` (per_layer keeps the older label)."""
+    tag = "" if structure == "per_layer" else f"-{structure}"
+    label = f"loraprune-channel_taylor{tag}-s{s:.2f}" + ("" if seed == 42 else f"-seed{seed}")
+    overrides = ("method=loraprune", "method.criterion=channel_taylor", f"method.structure={structure}",
+                 f"sparsity.final={s}", "sparsity.every=5", *(() if seed == 42 else (f"train.seed={seed}",)))
+    return Run(label, overrides, s, series=f"loraprune ({structure}, {s:.0%})", structure=structure, seed=seed)
+
+
+def _structure_runs() -> tuple[Run, ...]:
+    """per_layer and uniform paired per sparsity and seed: the first pairs answer the default question first."""
+    return tuple(_loraprune_structure(s, structure, seed) for s in STRUCTURE_SPARSITIES for seed in STRUCTURE_SEEDS
+                 for structure in ("per_layer", "uniform"))
+
+
+def _structure_verdicts(rows: dict[str, dict]) -> list[str]:
+    """Issue 23's rule: uniform becomes the default if its PPL is within 5% of per_layer's (seed means)."""
+    out = []
+    for s in STRUCTURE_SPARSITIES:
+        runs = {structure: {seed: _loraprune_structure(s, structure, seed).label for seed in STRUCTURE_SEEDS}
+                for structure in ("per_layer", "uniform")}
+        seeds = [seed for seed in STRUCTURE_SEEDS if all(runs[k][seed] in rows for k in runs)]
+        for key in ("wikitext2/ppl", "ptb/ppl"):
+            what = f"LoRAPrune uniform within 5% of per_layer at {s:.0%} (the default rule)"
+            values = {k: [_value(rows, runs[k][seed], key) for seed in seeds] for k in runs}
+            if not seeds or None in values["per_layer"] + values["uniform"]:
+                out.append(f"{what}: not measured ({key}: no seed finished for both).")
+                continue
+            uniform, per_layer = (sum(values[k]) / len(seeds) for k in ("uniform", "per_layer"))
+            params = [_value(rows, runs["uniform"][seed], "params_after_export") or 0.0 for seed in seeds]
+            reference = [_value(rows, runs["per_layer"][seed], "params_after_export") or 1.0 for seed in seeds]
+            out.append(f"{what}: {'yes' if uniform <= 1.05 * per_layer else 'no'} (uniform {uniform:.4g} vs per_layer "
+                       f"{per_layer:.4g}, {uniform / per_layer - 1:+.1%}, {key}, mean of seeds "
+                       f"{', '.join(map(str, seeds))}; exported parameters uniform / per_layer "
+                       f"{sum(params) / sum(reference):.4f}).")
+    return out
+
+
 def _salr(s: float) -> Run:
     return Run(f"salr-s{s:.2f}", ("method=salr", f"sparsity.final={s}"), s)
 
@@ -301,7 +343,7 @@ def _quality_verdicts(rows: dict[str, dict]) -> list[str]:
                             "2:4: SALR's default ends below training-free 2:4 Wanda"))
         out.append(_compare(rows, "loraprune-s0.50", "loraprune-magnitude-s0.50", key,
                             "LoRA-guided criterion beats magnitude at 50%"))
-    return out
+    return out + _structure_verdicts(rows)
 
 
 LORAPRUNE_PAPER = (
@@ -335,10 +377,10 @@ SUITES: dict[str, Suite] = {
     "quality": Suite(
         "quality", "LoRAPrune and SALR at 50%: perplexity after a short fine-tune",
         (BASE, LORA, *(_one_shot(c) for c in ("magnitude", "wanda", "sparsegpt")),
-         *(_salr_base(c) for c in ("sparsegpt", "wanda", "magnitude")), _loraprune(0.5, "channel_taylor"),
+         *(_salr_base(c) for c in ("sparsegpt", "wanda", "magnitude")), _structure_runs()[0],
          _loraprune(0.5), _loraprune(0.5, "magnitude"), _loraprune(0.5, "true_gradient"),
          *(_salr_base(c, "2:4") for c in ("sparsegpt", "wanda", "magnitude")),
-         *(_one_shot(c, "2:4") for c in ("magnitude", "wanda", "sparsegpt"))),
+         *(_one_shot(c, "2:4") for c in ("magnitude", "wanda", "sparsegpt")), *_structure_runs()[1:]),
         "ptb", (("wikitext2/ppl", "WikiText-2 PPL"), ("ptb/ppl", "PTB PPL")), _quality_setup, _quality_verdicts,
         papers=LORAPRUNE_PAPER),
     "prunedlora": Suite(

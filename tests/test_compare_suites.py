@@ -136,3 +136,29 @@ def test_loss_plot_draws_finished_runs_and_their_difference_to_lora_r8(tmp_path:
     assert loss_plot(suite, dirs, set(), tmp_path / "none.png") is None
     assert loss_plot(suite, dirs, finished, tmp_path / "loss.png") == tmp_path / "loss.png"
     assert (tmp_path / "loss.png").stat().st_size > 10_000
+
+
+def test_quality_suite_pairs_loraprune_structures_over_sparsities_and_seeds() -> None:
+    """Issue 23's measurement: channel_taylor per_layer vs uniform at 50% and 25%, seeds 42 and 1 (not run here)."""
+    from compare_suites import _structure_verdicts
+
+    suite = SUITES["quality"]
+    runs = [r for r in suite.runs if r.structure in ("per_layer", "uniform")]
+    seen = set()
+    for run in runs:
+        cfg = compose_root([*BUDGETS["cpu"]["ptb"], *run.overrides])
+        assert (cfg.method.name, cfg.method.criterion, cfg.method.structure) == ("loraprune", "channel_taylor",
+                                                                                  run.structure)
+        seen.add((cfg.method.structure, cfg.sparsity.final, cfg.train.seed))
+    assert seen == {(k, s, seed) for k in ("per_layer", "uniform") for s in (0.5, 0.25) for seed in (42, 1)}
+    assert len(runs) == 8 and "loraprune-channel_taylor-s0.50" in {r.label for r in runs}  # the finished run
+    rows = {"loraprune-channel_taylor-s0.50": {"wikitext2/ppl": 60.0, "params_after_export": 100.0},
+            "loraprune-channel_taylor-uniform-s0.50": {"wikitext2/ppl": 64.0, "params_after_export": 99.0},
+            "loraprune-channel_taylor-s0.50-seed1": {"wikitext2/ppl": 62.0, "params_after_export": 100.0},
+            "loraprune-channel_taylor-uniform-s0.50-seed1": {"wikitext2/ppl": 62.0, "params_after_export": 99.0}}
+    first, second = _structure_verdicts(rows)[:2]
+    assert "at 50% (the default rule): yes (uniform 63 vs per_layer 61, +3.3%, wikitext2/ppl, mean of seeds 42, 1; " \
+           "exported parameters uniform / per_layer 0.9900)" in first
+    assert "not measured (ptb/ppl" in second
+    assert all("not measured" in v for v in _structure_verdicts(rows)[2:])
+    assert _structure_verdicts(rows) == suite.verdicts(rows)[-4:]

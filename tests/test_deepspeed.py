@@ -43,7 +43,9 @@ ZERO3_PARTITION_ALL = ["distributed=deepspeed_zero3",
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["method=loraprune", "method=loraprune method.criterion=lora_guided", "method=salr"])
+@pytest.mark.parametrize("method", ["method=loraprune",  # channel_taylor, per_layer
+                                    "method=loraprune method.criterion=lora_guided method.structure=uniform",
+                                    "method=salr"])
 def test_base_pruning_methods_under_zero3_match_plain_pytorch(tmp_path: Path, data_root: Path, method: str) -> None:
     """LoRAPrune's default scores read activations and their gradients, the paper's whole base weights (gathered
     under ZeRO-3); SALR prunes the base before the engine exists. Same losses, same pruning decisions, same

@@ -11,7 +11,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from prunedlora.adapters.lora import LoRALinear, inject_lora, lora_modules, mark_only_lora_as_trainable, merge_lora
-from prunedlora.adapters.peft_format import export_peft_adapter
+from prunedlora.export.peft_adapter import export_peft_adapter
 
 RANK, ALPHA = 4, 8.0
 TARGETS = ["q_proj", "v_proj"]

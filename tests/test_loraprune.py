@@ -439,15 +439,17 @@ def test_config_validation() -> None:
         build_method(LoraPruneConfig(name="nope"), sparsity)
 
 
-@pytest.mark.parametrize("criterion", ["channel_taylor", "lora_guided"])
-def test_masks_and_ema_resume_from_a_checkpoint(criterion: str) -> None:
+@pytest.mark.parametrize(("criterion", "structure"), [("channel_taylor", "per_layer"), ("lora_guided", "per_layer"),
+                                                     ("channel_taylor", "uniform")])
+def test_masks_and_ema_resume_from_a_checkpoint(criterion: str, structure: str) -> None:
     model = tiny_llama()
-    method = attach(model, every=2, criterion=criterion)
+    method = attach(model, every=2, criterion=criterion, structure=structure)
     callback = train(model, method, steps=6)
     adapter, state = adapter_state_dict(model), callback.state_dict()
     assert "model.layers.1.structure_mask.head_mask" in adapter
+    assert ("model.layers.4.structure_mask.head_mask" in adapter) == (structure == "uniform")  # the last layer
     fresh = tiny_llama()
-    fresh_method = attach(fresh, every=2, criterion=criterion)
+    fresh_method = attach(fresh, every=2, criterion=criterion, structure=structure)
     load_adapter_state_dict(fresh, adapter)
     (fresh_callback,) = fresh_method.callbacks()
     fresh_callback.load_state_dict(state)
@@ -458,19 +460,20 @@ def test_masks_and_ema_resume_from_a_checkpoint(criterion: str) -> None:
         assert torch.equal(fresh_method.masks[i].head_mask, method.masks[i].head_mask)
 
 
-@pytest.mark.parametrize(("quantization", "criterion"),
-                         [("nf4", "lora_guided"), ("int8", "lora_guided"), ("nf4", "channel_taylor")])
+@pytest.mark.parametrize(("quantization", "criterion", "structure"),
+                         [("nf4", "lora_guided", "per_layer"), ("int8", "lora_guided", "per_layer"),
+                          ("nf4", "channel_taylor", "per_layer"), ("nf4", "channel_taylor", "uniform")])
 def test_quantized_base_trains_with_output_masks_and_exports_a_float_model(quantization: str, criterion: str,
-                                                                          tmp_path: Path) -> None:
+                                                                          structure: str, tmp_path: Path) -> None:
     """bitsandbytes base: lora_guided scores W0 dequantized per module, channel_taylor the activations; masks act
-    on outputs; export dequantizes."""
+    on outputs; export dequantizes (uniform: into a plain checkpoint that loads without remote code)."""
     pytest.importorskip("bitsandbytes")
     from prunedlora.config import ModelConfig, TinyModelConfig
     from prunedlora.models.load import load_model
 
     model, tokenizer = load_model(ModelConfig(name="tiny", name_or_path="tiny", quantization=quantization,
                                               tiny=TinyModelConfig(num_hidden_layers=3)))
-    method = attach(model, every=1, criterion=criterion)
+    method = attach(model, every=1, criterion=criterion, structure=structure)
     train(model, method, steps=3)
     assert method.report(model)["sparsity"] > 0
     x = batch(8)
@@ -480,7 +483,8 @@ def test_quantized_base_trains_with_output_masks_and_exports_a_float_model(quant
     masked = logits(model, x)
     model.eval()
     figures = method.export(model, tokenizer, tmp_path, "tiny")
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model", trust_remote_code=True).eval()
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model",
+                                                  trust_remote_code=structure == "per_layer").eval()
     torch.testing.assert_close(logits(loaded, x), masked, atol=1e-4, rtol=0)
     assert figures["params_after_export"] < figures["params_before_export"]
     assert "quantization_config" not in json.loads((tmp_path / "model" / "config.json").read_text())

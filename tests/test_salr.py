@@ -14,8 +14,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from prunedlora.adapters.salr import SalrLinear, residual_factors, salr_modules, truncated_svd
 from prunedlora.config import ConfigError, SalrConfig, SparsityConfig
+from prunedlora.export.bitmap import BITMAP_FILE, STORAGE_FILE
 from prunedlora.methods import build_method
-from prunedlora.methods.salr import BITMAP_FILE, STORAGE_FILE, SalrMethod, load_salr_export, sparse_base_weight
+from prunedlora.methods.salr import SalrMethod, load_salr_export, sparse_base_weight
 from prunedlora.pruning.bitmap import (
     BitmapLinear,
     BitmapTensor,

@@ -18,21 +18,12 @@ Names follow ``LoRALinear``: ``base_layer``, ``lora_A``/``lora_B`` (task, PEFT's
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
-from collections import Counter
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
-
-from prunedlora.adapters.peft_format import PEFT_PREFIX
-
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 # Full SVD up to this min(d_out, d_in); above it torch.svd_lowrank (randomised), which is ~20x faster on
 # CPU for SmolLM2's 576x1536 matrices and keeps > 98% of the optimal rank-8/64 energy of their residuals.
@@ -191,61 +182,3 @@ class SalrLinear(nn.Module):
 def salr_modules(model: nn.Module) -> dict[str, SalrLinear]:
     """All SALR wrappers of ``model`` by module name, in model order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, SalrLinear)}
-
-
-# ------------------------------------------------------------------------------- fused PEFT adapter
-def fused_adapter_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """Every ``SalrLinear``'s fused adapter ``(A_cat, B_cat diag(c))``, keyed as PEFT saves a LoRA.
-
-    Returns:
-        ``(tensors, ranks)``: the state dict and each module's fused rank ``r_res + r``.
-    """
-    tensors: dict[str, torch.Tensor] = {}
-    ranks: dict[str, int] = {}
-    for name, module in salr_modules(model).items():
-        a, b = module.fused_factors()  # (r_res + r, d_in), (d_out, r_res + r)
-        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = a.contiguous().cpu()
-        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = b.contiguous().cpu()
-        ranks[name] = module.total_rank
-    return tensors, ranks
-
-
-def save_fused_adapter(model: nn.Module, out_dir: Path, base_model_name_or_path: str) -> dict[str, int]:
-    """Write the fused adapters as one PEFT LoRA (scaling 1: ``lora_alpha = r``) into ``out_dir``.
-
-    PEFT's forward ``base(x) + (alpha / r) B A x`` then equals ours, ``W_s x + B_cat (c ⊙ A_cat x)``.
-    Returns the fused rank per module.
-    """
-    from peft import LoraConfig  # lazy: importing peft costs seconds
-
-    tensors, ranks = fused_adapter_tensors(model)
-    if not ranks:
-        raise ValueError("the model has no SALR adapter to export")
-    default = Counter(ranks.values()).most_common(1)[0][0]
-    pattern = {n: r for n, r in ranks.items() if r != default}
-    config = LoraConfig(r=default, lora_alpha=default, target_modules=sorted(ranks), rank_pattern=pattern,
-                        alpha_pattern=dict(pattern), lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
-                        base_model_name_or_path=base_model_name_or_path)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config.save_pretrained(str(out_dir))
-    save_file(tensors, str(out_dir / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    return ranks
-
-
-def load_fused_adapter(adapter_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Read a PEFT LoRA written by ``save_fused_adapter`` (or any plain one): ``{module: (A, s * B)}``.
-
-    The PEFT scaling ``s`` (``lora_alpha / r``, or ``/ sqrt(r)`` with rsLoRA) is folded into B, so each
-    pair is a scaling-1 adapter. Pattern keys are matched as full module names (as we write them).
-    """
-    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
-    tensors = load_file(str(adapter_dir / ADAPTER_WEIGHTS))
-    factors = {}
-    for key in sorted(k for k in tensors if k.endswith(".lora_A.weight")):
-        name = key[len(PEFT_PREFIX):-len(".lora_A.weight")]
-        a, b = tensors[key], tensors[key.replace(".lora_A.", ".lora_B.")]  # (r, d_in), (d_out, r)
-        r = config.get("rank_pattern", {}).get(name, config["r"])
-        alpha = config.get("alpha_pattern", {}).get(name, config["lora_alpha"])
-        scaling = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
-        factors[name] = (a, b * scaling)
-    return factors

@@ -12,9 +12,9 @@ from typing import Any
 from torch import nn
 
 from prunedlora.adapters.lora import LoRALinear, inject_lora, lora_modules, mark_only_lora_as_trainable
-from prunedlora.adapters.peft_format import export_peft_adapter
 from prunedlora.config import LoraConfig, SparsityConfig
 from prunedlora.export import count_parameters, save_merged_model
+from prunedlora.export.peft_adapter import export_peft_adapter
 from prunedlora.methods.base import Callback, default_parameter_groups
 
 

@@ -13,6 +13,10 @@ group's warm-up/cool-down, and each layer independently masks its lowest-EMA fra
 restored. Pruning fires whenever the scheduled count rises, so the final fraction is reached (the
 authors' ``init < ratio < final`` condition would stop one event short).
 
+``structure=uniform`` (``prunedlora.pruning.uniform``): every decoder layer is masked, and every event removes
+the same counts from each (the plan's final counts scaled by the schedule's progress), sized so the export has
+per_layer's parameter count; each layer still picks its own units by its own EMA.
+
 GQA policy (methods.md §5.6): see ``prunedlora.pruning.structure``. In short: the query head is the
 unit, scored as q(h) + o(h) + (k + v) of its KV head; a KV head's k/v rows go only when all its query
 heads are gone; ``gqa_policy=kv_group`` removes whole KV groups instead; ``gqa_balanced=true`` removes
@@ -28,15 +32,13 @@ Export: masks removed, projections physically sliced (base and LoRA factors), Lo
 ``model/`` written as a ``pruned_llama`` checkpoint (``config.json`` with per-layer head counts and MLP
 widths, ``auto_map`` to ``modeling_pruned_llama.py``), loadable with
 ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``, plus ``pruning_manifest.json``
-(kept head, KV-head and channel indices per layer).
+(kept head, KV-head and channel indices per layer). Under ``structure=uniform`` ``model/`` is instead a plain
+checkpoint of the base's architecture, loadable without remote code.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +47,11 @@ from torch import nn
 
 from prunedlora.adapters.lora import lora_modules, merge_lora
 from prunedlora.config import LoraPruneConfig, SparsityConfig
-from prunedlora.export import count_parameters, save_pretrained_dir
+from prunedlora.export import count_parameters
+from prunedlora.export.pruned_llama import model_layout, save_pruned_llama
+from prunedlora.export.uniform_llama import save_uniform_llama
 from prunedlora.methods.base import Callback
 from prunedlora.methods.lora import attach_lora
-from prunedlora.models import pruned_llama
 from prunedlora.models.surgery import dequantize_linears, projection
 from prunedlora.pruning.schedules import is_event, target_fraction
 from prunedlora.pruning.structure import (
@@ -71,12 +74,11 @@ from prunedlora.pruning.structured_criteria import (
     channel_scores,
     head_scores,
 )
+from prunedlora.pruning.uniform import ModelShape, UniformPlan, removed_count, uniform_plan
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SCHEDULE = "cubic"
-MODELING_FILE = "modeling_pruned_llama.py"
-MANIFEST_FILE = "pruning_manifest.json"
 
 
 # ------------------------------------------------------------------------------------------ callback
@@ -87,15 +89,17 @@ class LoraPruneCallback(Callback):
         model: the model the masks were attached to (read for scores; base grads for ``true_gradient``).
         masks: ``StructureMask`` by decoder-layer index (only prunable layers).
         cfg: the method config; ``sparsity``: the schedule (target fraction, cadence).
+        plan: ``structure=uniform``'s final counts (every layer masked); None for ``per_layer``.
     """
 
     def __init__(self, model: nn.Module, masks: dict[int, StructureMask], cfg: LoraPruneConfig,
-                 sparsity: SparsityConfig) -> None:
+                 sparsity: SparsityConfig, plan: UniformPlan | None = None) -> None:
         self.layers = decoder_layers(model)
         self.masks = masks
         self.cfg = cfg
         self.sparsity = sparsity
         self.ema = GroupEma(cfg.ema)
+        self.plan = plan
         self.max_steps = 0
         self.skipped = 0
         self.taylor = TaylorCapture({i: self.layers[i] for i in masks}) if cfg.criterion == "channel_taylor" else None
@@ -148,28 +152,49 @@ class LoraPruneCallback(Callback):
         return skipped
 
     def _prune(self, target: float) -> None:
-        """Mask the lowest-EMA ``target`` fraction of each prunable layer's heads and channels."""
+        """Mask each layer's lowest-EMA heads and channels, as many as ``_counts(target)`` says."""
+        if not self.masks:
+            return
+        head_units, channels = self._counts(target)
         for i, mask in self.masks.items():
             if self.cfg.prune_heads:
                 scores = self.ema.get(f"{i}.heads", _unit_keep(mask, self.cfg.gqa_policy))
-                mask.head_mask.copy_(self._select_heads(mask, scores, target))
+                mask.head_mask.copy_(self._select_heads(mask, scores, head_units))
             if self.cfg.prune_channels:
                 keep = mask.channel_mask
-                new = select_pruned(self.ema.get(f"{i}.channels", keep), keep, _count(target, keep.numel()))
-                mask.channel_mask.copy_(new)
+                mask.channel_mask.copy_(select_pruned(self.ema.get(f"{i}.channels", keep), keep, channels))
 
-    def _select_heads(self, mask: StructureMask, scores: torch.Tensor, target: float) -> torch.Tensor:
-        """New per-query-head keep-mask of one layer under the configured GQA policy."""
+    def _counts(self, target: float) -> tuple[int, int]:
+        """(head units, channels) every masked layer loses at ``target``; a head unit is what ``_head_unit`` says.
+
+        per_layer: the target fraction of each kind; uniform: the plan's final counts scaled by the progress.
+        """
+        if self.plan is not None:
+            return self.plan.removed_at(target / self.sparsity.final)
+        mask = next(iter(self.masks.values()))  # prunable layers all have the base's shape
         shape = mask.shape
-        if self.cfg.gqa_policy == "kv_group":  # units are whole KV groups
-            keep = mask.kv_mask()
-            return select_pruned(scores, keep, _count(target, keep.numel())).repeat_interleave(shape.group_size)
-        if self.cfg.gqa_balanced:  # the same number from every group: standard GQA survives compaction
+        units = {"kv_group": shape.num_kv_heads, "per_group": shape.group_size, "query_head": shape.num_heads}
+        return removed_count(target, units[self._head_unit()]), removed_count(target, mask.channel_mask.numel())
+
+    def _head_unit(self) -> str:
+        """kv_group: whole KV groups; per_group: the same number of query heads from every group; query_head."""
+        if self.plan is not None:
+            return self.plan.head_unit
+        if self.cfg.gqa_policy == "kv_group":
+            return "kv_group"
+        return "per_group" if self.cfg.gqa_balanced else "query_head"
+
+    def _select_heads(self, mask: StructureMask, scores: torch.Tensor, units: int) -> torch.Tensor:
+        """New per-query-head keep-mask of one layer with ``units`` head units removed in total."""
+        shape = mask.shape
+        unit = self._head_unit()
+        if unit == "kv_group":
+            return select_pruned(scores, mask.kv_mask(), units).repeat_interleave(shape.group_size)
+        if unit == "per_group":  # the same number from every group: standard GQA survives compaction
             keep = mask.head_mask.view(shape.num_kv_heads, shape.group_size)
             per_group = scores.view(shape.num_kv_heads, shape.group_size)
-            n = _count(target, shape.group_size)
-            return torch.cat([select_pruned(per_group[g], keep[g], n) for g in range(shape.num_kv_heads)])
-        return select_pruned(scores, mask.head_mask, _count(target, shape.num_heads))
+            return torch.cat([select_pruned(per_group[g], keep[g], units) for g in range(shape.num_kv_heads)])
+        return select_pruned(scores, mask.head_mask, units)
 
     # ---------------------------------------------------------------- true_gradient plumbing
     def _base_weights(self) -> list[nn.Parameter]:
@@ -205,11 +230,6 @@ def _unit_keep(mask: StructureMask, policy: str) -> torch.Tensor:
     return mask.kv_mask() if policy == "kv_group" else mask.head_mask
 
 
-def _count(fraction: float, units: int) -> int:
-    """Units to remove for a target fraction (floor: a layer keeps at least ceil((1 - f) * n))."""
-    return math.floor(fraction * units + 1e-9)
-
-
 def sparsity_figures(masks: dict[int, StructureMask]) -> dict[str, float]:
     """``sparsity``: fraction of the prunable layers' groups (query heads + channels) removed; also per kind."""
     heads = sum(m.head_mask.numel() for m in masks.values())
@@ -239,15 +259,6 @@ def _check_exportable(model: nn.Module) -> None:
                 )
 
 
-def model_layout(plans: list[LayerPlan]) -> dict[str, list[int]]:
-    """Per-layer shape lists for ``PrunedLlamaConfig``."""
-    return {
-        "num_attention_heads_per_layer": [p.num_heads for p in plans],
-        "num_key_value_heads_per_layer": [p.num_kv_heads for p in plans],
-        "intermediate_size_per_layer": [p.num_channels for p in plans],
-    }
-
-
 def _non_embedding(model: nn.Module) -> int:
     embeddings = {id(p) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None
                   for p in m.parameters()}
@@ -266,32 +277,7 @@ def compact_and_merge(model: nn.Module) -> list[LayerPlan]:
     return all_plans
 
 
-def save_pruned_llama(model: nn.Module, tokenizer: Any, out_dir: Path, plans: list[LayerPlan]) -> None:
-    """Write a compacted model as a ``pruned_llama`` checkpoint that ``from_pretrained`` can rebuild.
-
-    ``config.json`` gets ``model_type: pruned_llama``, the per-layer shape lists and an ``auto_map``
-    to ``modeling_pruned_llama.py`` (a copy of ``prunedlora/models/pruned_llama.py``); the in-memory
-    model's config is replaced by that ``PrunedLlamaConfig`` too, so it describes the model.
-    """
-    base = model.config.to_dict()
-    for key in ("model_type", "architectures", "auto_map", "transformers_version", "quantization_config"):
-        base.pop(key, None)
-    config = pruned_llama.PrunedLlamaConfig(**base, **model_layout(plans))
-    config.auto_map = {"AutoConfig": f"{MODELING_FILE[:-3]}.PrunedLlamaConfig",
-                       "AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.PrunedLlamaForCausalLM"}
-    model.config = config
-    save_pretrained_dir(model, tokenizer, out_dir)
-    shutil.copyfile(pruned_llama.__file__, out_dir / MODELING_FILE)
-    # save_pretrained records the in-memory class (LlamaForCausalLM); the checkpoint is the pruned one.
-    config_path = out_dir / "config.json"
-    written = json.loads(config_path.read_text())
-    written["architectures"] = ["PrunedLlamaForCausalLM"]
-    config_path.write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
-    manifest = {"layers": [p.to_dict() for p in plans]}
-    (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1) + "\n")
-
-
-def export_loraprune(model: nn.Module, tokenizer: Any, out_dir: Path) -> dict[str, Any]:
+def export_loraprune(model: nn.Module, tokenizer: Any, out_dir: Path, structure: str = "per_layer") -> dict[str, Any]:
     """Compact, merge and save ``out_dir/model``; returns the parameter figures for ``summary.json``."""
     lora_params = sum(p.numel() for m in lora_modules(model).values()
                       for p in (*m.lora_A.parameters(), *m.lora_B.parameters()))
@@ -300,7 +286,8 @@ def export_loraprune(model: nn.Module, tokenizer: Any, out_dir: Path) -> dict[st
     after = count_parameters(model)[0]
     non_embedding_after = _non_embedding(model)
     non_embedding_before = non_embedding_after + (before - after)  # embeddings are never pruned
-    save_pruned_llama(model, tokenizer, out_dir / "model", plans)
+    save = save_uniform_llama if structure == "uniform" else save_pruned_llama
+    save(model, tokenizer, out_dir / "model", plans)
     expanded = [i for i, p in enumerate(plans) if p.expanded]
     log.info("loraprune export: %d -> %d parameters (%.1f%% fewer); GQA expanded in layers %s",
              before, after, 100 * (1 - after / before), expanded or "none")
@@ -327,25 +314,34 @@ class LoraPruneMethod:
         self.sparsity = sparsity
         self.model: nn.Module | None = None
         self.masks: dict[int, StructureMask] = {}
+        self.plan: UniformPlan | None = None
+        """``structure=uniform``'s final counts (set by ``attach``)."""
         self._callbacks: list[LoraPruneCallback] = []
 
     def attach(self, model: nn.Module) -> list[str]:
         layers = decoder_layers(model)
         names = attach_lora(model, self.cfg, self.cfg.rank)
-        prunable = prunable_layer_indices(len(layers), self.cfg.exempt_first_frac, self.cfg.exempt_last)
+        if self.cfg.structure == "uniform":
+            prunable = list(range(len(layers)))  # one LlamaConfig: every layer gets the same shape
+            self.plan = uniform_plan(ModelShape.from_config(model.config), self.cfg, self.sparsity.final)
+            log.info("loraprune uniform: every layer keeps %s at sparsity.final=%s: %d parameters, per_layer's %d "
+                     "(%+.2f%%)", self.plan.kept, self.sparsity.final, self.plan.parameters,
+                     self.plan.reference_parameters, 100 * (self.plan.parameters / self.plan.reference_parameters - 1))
+        else:
+            prunable = prunable_layer_indices(len(layers), self.cfg.exempt_first_frac, self.cfg.exempt_last)
         self.masks = attach_structure_masks(model, prunable)
         self.model = model
         if not prunable:
             log.warning("loraprune: no prunable layer among %d (exempt_first_frac=%s, exempt_last=%d); nothing will "
                         "be pruned", len(layers), self.cfg.exempt_first_frac, self.cfg.exempt_last)
-        log.info("loraprune: criterion %s, GQA policy %s, prunable layers %s", self.cfg.criterion,
-                 self.cfg.gqa_policy, prunable)
+        log.info("loraprune: structure %s, criterion %s, GQA policy %s, pruned layers %s", self.cfg.structure,
+                 self.cfg.criterion, self.cfg.gqa_policy, prunable)
         return names
 
     def callbacks(self) -> list[Callback]:
         if self.model is None:
             raise RuntimeError("call attach(model) before callbacks()")
-        self._callbacks.append(LoraPruneCallback(self.model, self.masks, self.cfg, self.sparsity))
+        self._callbacks.append(LoraPruneCallback(self.model, self.masks, self.cfg, self.sparsity, self.plan))
         return self._callbacks[-1:]
 
     def parameter_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -372,6 +368,8 @@ class LoraPruneMethod:
             **sparsity_figures(self.masks),
             "criterion": self.cfg.criterion,
             "gqa_policy": self.cfg.gqa_policy,
+            "structure": self.cfg.structure,
+            **({"uniform_plan": self.plan.to_dict()} if self.plan is not None else {}),
             "prunable_layers": sorted(self.masks),
             "kept_heads_per_layer": kept_heads,
             "kept_kv_heads_per_layer": kept_kv,
@@ -382,4 +380,4 @@ class LoraPruneMethod:
         for callback in self._callbacks:  # channel_taylor's capture hooks go before the model is compacted
             if callback.taylor is not None:
                 callback.taylor.remove()
-        return export_loraprune(model, tokenizer, out_dir)
+        return export_loraprune(model, tokenizer, out_dir, self.cfg.structure)

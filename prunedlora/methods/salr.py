@@ -26,7 +26,6 @@ Export (``model/``, never merged: a dense ``BA`` would destroy the sparsity, §6
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -37,29 +36,26 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from prunedlora.adapters.salr import SalrLinear, load_fused_adapter, residual_factors, salr_modules, save_fused_adapter
+from prunedlora.adapters.salr import SalrLinear, residual_factors, salr_modules
 from prunedlora.config import ConfigError, SalrConfig, SparsityConfig
 from prunedlora.export import count_parameters, save_pretrained_dir
+from prunedlora.export.bitmap import (
+    BITMAP_FILE,
+    file_bytes,
+    save_bitmap_form,
+    unique_state_dict,
+    write_storage_report,
+)
+from prunedlora.export.peft_adapter import load_fused_adapter, save_fused_adapter
 from prunedlora.methods.base import AttachContext, Callback
 from prunedlora.models.quantize import quantize_linear
 from prunedlora.models.surgery import dequantized_weight, replace_module, target_module_names
 from prunedlora.pruning.activation_aware import sparsegpt_factor, sparsegpt_prune, wanda_mask
-from prunedlora.pruning.bitmap import (
-    BitmapLinear,
-    SemiStructuredLinear,
-    decode,
-    encode,
-    load_bitmaps,
-    save_bitmaps,
-    size_report,
-)
+from prunedlora.pruning.bitmap import BitmapLinear, SemiStructuredLinear, decode, load_bitmaps
 from prunedlora.pruning.calibration import InputStats, calibration_rows, collect_input_stats
 from prunedlora.pruning.magnitude import mask_function, sparsity_of
 
 log = logging.getLogger(__name__)
-
-BITMAP_FILE = "sparse_base.bitmap.safetensors"
-STORAGE_FILE = "salr_storage.json"
 
 
 # ------------------------------------------------------------------------------------- sparse bases
@@ -296,21 +292,6 @@ def salr_report(model: nn.Module, init_stats: dict[str, dict[str, float]]) -> di
 
 
 # -------------------------------------------------------------------------------------------- export
-def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` with tied tensors (shared storage) kept once, under their first name."""
-    seen: set[int] = set()
-    state = {}
-    for key, tensor in model.state_dict().items():
-        if tensor.data_ptr() not in seen:
-            seen.add(tensor.data_ptr())
-            state[key] = tensor
-    return state
-
-
-def _file_bytes(directory: Path, pattern: str) -> int:
-    return sum(p.stat().st_size for p in directory.glob(pattern))
-
-
 def export_salr(model: nn.Module, tokenizer: Any, out_dir: Path) -> dict[str, Any]:
     """Write ``model/`` (pruned base, fused adapter, bitmap form, size report) and ``adapter/``; never merges.
 
@@ -323,13 +304,11 @@ def export_salr(model: nn.Module, tokenizer: Any, out_dir: Path) -> dict[str, An
         save_pretrained_dir(model, tokenizer, model_dir)
         state = unique_state_dict(model)
         params_plain = count_parameters(model)[0]
-    bitmaps = {f"{name}.weight": encode(state.pop(f"{name}.weight")) for name in wrappers}
-    save_bitmaps(model_dir / BITMAP_FILE, bitmaps, state)
-    report = size_report(bitmaps)
-    report["files"] = {"dense_checkpoint_bytes": _file_bytes(model_dir, "model*.safetensors"),
-                       "bitmap_checkpoint_bytes": _file_bytes(model_dir, BITMAP_FILE)}
+    bitmaps, report = save_bitmap_form(state, list(wrappers), model_dir)
+    report["files"] = {"dense_checkpoint_bytes": file_bytes(model_dir, "model*.safetensors"),
+                       "bitmap_checkpoint_bytes": file_bytes(model_dir, BITMAP_FILE)}
     report["files"]["ratio"] = report["files"]["bitmap_checkpoint_bytes"] / report["files"]["dense_checkpoint_bytes"]
-    (model_dir / STORAGE_FILE).write_text(json.dumps(report, indent=2) + "\n")
+    write_storage_report(report, model_dir)
     # The embedded adapter's base is the directory itself; adapter/ points at it too.
     save_fused_adapter(model, model_dir, str(model_dir.resolve()))
     save_fused_adapter(model, out_dir / "adapter", str(model_dir.resolve()))

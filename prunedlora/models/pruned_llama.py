@@ -13,7 +13,9 @@ is the unmodified LLaMA one: HF attention infers the head count from the project
 each KV head ``num_key_value_groups`` times, which is why every exported layer has the same number of
 query heads per KV head (the exporter expands k/v where a layer's groups ended up unequal).
 
-Self-contained on purpose: it imports only torch and transformers, never prunedlora.
+Self-contained on purpose: it imports only torch and transformers, never prunedlora. Only
+``method.structure=per_layer`` needs it: ``uniform`` keeps one shape in every layer and exports a plain
+``LlamaConfig`` checkpoint.
 """
 
 from __future__ import annotations

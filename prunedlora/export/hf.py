@@ -1,7 +1,8 @@
-"""Writing what a run deploys: the merged model directory and the parameter counts of the summary.
+"""The Hugging Face model directory (``model/``): ``save_pretrained`` of a plain model, merged or not.
 
-Method-specific export (PEFT adapter slicing, physical compaction, bitmap storage) lives with each
-method; this module holds the steps they share.
+Loaded with ``AutoModelForCausalLM.from_pretrained("model")`` (transformers), ``LLM(model="model")`` (vLLM) and
+any other client of the format: one ``config.json``, the weights as ``model.safetensors`` (sharded with an
+index above transformers' shard size), the tokenizer.
 """
 
 from __future__ import annotations
@@ -12,10 +13,7 @@ from typing import Any
 from torch import nn
 
 from prunedlora.adapters.lora import merge_lora
-from prunedlora.models.load import count_parameters
 from prunedlora.models.surgery import dequantize_linears
-
-__all__ = ["count_parameters", "dequantize_base", "save_merged_model", "save_pretrained_dir"]
 
 
 def save_pretrained_dir(model: nn.Module, tokenizer: Any, out_dir: Path) -> None:
