@@ -54,8 +54,11 @@ TRAIN = ("model=smollm2_135m", "task=gsm8k", "train.batch_size=2", "train.seq_le
 class Case:
     label: str
     overrides: tuple[str, ...]
-    adapter: bool = False
-    """Serve ``<run>/adapter`` on top of ``<run>/model`` as a LoRA (SALR); otherwise ``model/`` alone."""
+    serve: str = "model"
+    """What both engines load: ``model`` (``<run>/model`` alone), ``model+adapter`` (``<run>/adapter`` as a LoRA on
+    ``<run>/model``: SALR), or ``base+adapter`` (``<run>/adapter`` as a LoRA on the base model the run started from)."""
+    run: str | None = None
+    """The row whose run this one serves differently (None: its own run)."""
     needs: tuple[str, str] | None = None
     """(method config class, field) this checkout must have for the row to run, e.g. LoRAPrune's ``structure``."""
 
@@ -68,8 +71,12 @@ CASES = (
     Case("loraprune-per_layer", ("method=loraprune", "method.structure=per_layer", "sparsity.every=2")),
     Case("loraprune-uniform", ("method=loraprune", "method.structure=uniform", "sparsity.every=2"),
          needs=("LoraPruneConfig", "structure")),
-    Case("salr", ("method=salr", "method.calibration_sequences=8"), adapter=True),
+    Case("salr", ("method=salr", "method.calibration_sequences=8"), serve="model+adapter"),
+    # Multi-LoRA serving: the same runs' adapter/ on the base model, as a LoRARequest.
+    Case("lora-adapter", (), serve="base+adapter", run="lora"),
+    Case("prunedlora-adapter", (), serve="base+adapter", run="prunedlora"),
 )
+RUNS = {c.label: c for c in CASES if c.run is None}
 
 
 def _has_field(config_class: str, name: str) -> bool:
@@ -233,9 +240,13 @@ def _cell(error: str) -> str:
     return error.replace("|", "\\|").replace("`", "'")
 
 
+SERVED = {"model": "`model/`", "model+adapter": "`model/` + `adapter/` (LoRA)",
+          "base+adapter": "the base + `adapter/` (LoRA)"}
+
+
 def row(result: dict) -> str:
     """One line of the table from a row's result (see ``check``)."""
-    served = "`model/` + `adapter/` (LoRA)" if result.get("adapter") else "`model/`"
+    served = SERVED[result.get("serve", "model")]
     remote = "yes" if result.get("remote_code") else "no"
     if "skipped" in result:
         return f"| {result['label']} | – | – | – | {_cell(result['skipped'])} | – | – | – | – |"
@@ -284,25 +295,44 @@ def _run_commit(run_dir: Path) -> str | None:
     return head[len(COMMIT_TAG):] if head.startswith(COMMIT_TAG) else None
 
 
+def base_model_dir(run_dir: Path) -> Path:
+    """The local folder of the base model a run started from (its ``model`` config, resolved as training did)."""
+    from prunedlora.config import ModelConfig
+    from prunedlora.eval.standalone import run_model_config
+    from prunedlora.models.load import resolve_model_path
+
+    path = Path(resolve_model_path(run_model_config(run_dir, ModelConfig(name_or_path="unknown"))))
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"the base model of {run_dir} is not a local folder ({path})")
+    return path
+
+
+def folders(case: Case, run_dir: Path) -> tuple[Path, Path | None]:
+    """(the model folder, the adapter folder or None) that both engines load for the row."""
+    if case.serve == "base+adapter":
+        return base_model_dir(run_dir), run_dir / "adapter"
+    return run_dir / "model", run_dir / "adapter" if case.serve == "model+adapter" else None
+
+
 def check(case: Case, run_dir: Path, prompts: list[str], args: argparse.Namespace) -> dict:
     """Train if needed, decode with both engines, return the row's result."""
-    result: dict[str, Any] = {"label": case.label, "adapter": case.adapter, "run_dir": str(run_dir),
+    result: dict[str, Any] = {"label": case.label, "serve": case.serve, "run_dir": str(run_dir),
                               "checked": f"{time.strftime('%Y-%m-%d')}, commit {git_commit()}",
                               "settings": [args.prompts, args.tokens, args.threads]}
     own_run = run_dir.parent == args.out  # not a --run-dir given by the user
-    if own_run and (why := train(case, run_dir, args.steps, args.threads)):
+    if own_run and (why := train(RUNS[case.run or case.label], run_dir, args.steps, args.threads)):
         return {**result, "skipped": why}
     if not (run_dir / "summary.json").is_file():
         return {**result, "skipped": f"no finished run in {run_dir}"}
     from transformers import AutoTokenizer
 
-    model_dir = run_dir / "model"
-    adapter_dir = run_dir / "adapter" if case.adapter else None
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=needs_remote_code(model_dir))
+    model_dir, adapter_dir = folders(case, run_dir)
+    remote = needs_remote_code(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=remote)
     ids = [tokenizer(p)["input_ids"] for p in prompts]
     summary = json.loads((run_dir / "summary.json").read_text())
-    result.update(steps=summary.get("steps"), remote_code=needs_remote_code(model_dir), run_commit=_run_commit(run_dir),
-                  prompt_ids=ids)
+    result.update(steps=summary.get("steps"), remote_code=remote, run_commit=_run_commit(run_dir), prompt_ids=ids,
+                  model_dir=str(model_dir), adapter_dir=str(adapter_dir) if adapter_dir else None)
     result["transformers"] = transformers_decode(model_dir, adapter_dir, ids, args.tokens)
     log_path = args.out / f"{case.label}.vllm.log"
     result["vllm"] = vllm_decode(model_dir, adapter_dir, ids, args.tokens, args.threads, args.serving_python, log_path)
@@ -314,7 +344,7 @@ def check(case: Case, run_dir: Path, prompts: list[str], args: argparse.Namespac
 
 
 def _run_dirs(pairs: list[str], parser: argparse.ArgumentParser) -> dict[str, Path]:
-    labels = {c.label for c in CASES}
+    labels = set(RUNS)
     out = {}
     for pair in pairs:
         label, sep, path = pair.partition("=")
@@ -326,7 +356,8 @@ def _run_dirs(pairs: list[str], parser: argparse.ArgumentParser) -> dict[str, Pa
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The options, checked: known labels, an existing serving python, finished ``--run-dir`` runs."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", default="", help="comma-separated row labels (default: every row)")
     parser.add_argument("--run-dir", action="append", default=[], metavar="LABEL=PATH",
@@ -344,25 +375,34 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.out = args.out.resolve()
     labels = [c.label for c in CASES]
-    only = [label for label in args.only.split(",") if label]
-    redo = [label for label in args.redo.split(",") if label]
-    if unknown := sorted(set(only + redo) - set(labels)):
+    args.only = [label for label in args.only.split(",") if label]
+    args.redo = [label for label in args.redo.split(",") if label]
+    if unknown := sorted(set(args.only) - set(labels)):
         parser.error(f"unknown row label(s) {', '.join(unknown)}; rows: {', '.join(labels)}")
+    if unknown := sorted(set(args.redo) - set(RUNS)):
+        parser.error(f"--redo names no run: {', '.join(unknown)}; runs: {', '.join(RUNS)}")
     if not args.collect_only and not args.serving_python.is_file():
         parser.error(f"--serving-python {args.serving_python} does not exist; `make serving-env` builds it")
-    given = _run_dirs(args.run_dir, parser)
+    args.run_dir = _run_dirs(args.run_dir, parser)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
-    for label in redo:
+    for label in args.redo:  # the run and its log (whose first line names the commit the run was made at)
         shutil.rmtree(args.out / label, ignore_errors=True)
+        (args.out / f"{label}.log").unlink(missing_ok=True)
     store = args.out / "results.json"
     known = json.loads(store.read_text()) if store.is_file() else {}
     if not args.collect_only:
         prompts = gsm8k_prompts(args.prompts)
         for case in CASES:
-            if not only or case.label in only:
-                known[case.label] = check(case, given.get(case.label, args.out / case.label), prompts, args)
+            if not args.only or case.label in args.only:
+                run = case.run or case.label
+                known[case.label] = check(case, args.run_dir.get(run, args.out / run), prompts, args)
                 print(row(known[case.label]), flush=True)
                 args.out.mkdir(parents=True, exist_ok=True)
                 store.write_text(json.dumps(known, indent=1) + "\n")  # after every row: a crash keeps the others
