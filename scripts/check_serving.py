@@ -249,7 +249,7 @@ def row(result: dict) -> str:
     served = SERVED[result.get("serve", "model")]
     remote = "yes" if result.get("remote_code") else "no"
     if "skipped" in result:
-        return f"| {result['label']} | – | – | – | {_cell(result['skipped'])} | – | – | – | – |"
+        return f"| {result['label']} | – | – | – | – | {_cell(result['skipped'])} | – | – | – | – |"
     hf, vl = result["transformers"], result["vllm"]
     steps = result.get("steps", "–")
     if not vl.get("ok"):
@@ -259,7 +259,8 @@ def row(result: dict) -> str:
     else:
         verdict = agreement(hf["tokens"], vl["tokens"])
     load = " / ".join(f"{side['load_s']:.0f}" if "load_s" in side else "–" for side in (hf, vl))
-    return (f"| {result['label']} | {steps} | {served} | {remote} | {verdict} | {tokens_per_s(hf)} | "
+    size = f"{result['weights_mb']:.0f}" if "weights_mb" in result else "–"
+    return (f"| {result['label']} | {steps} | {served} | {size} | {remote} | {verdict} | {tokens_per_s(hf)} | "
             f"{tokens_per_s(vl)} | {load} | {result.get('max_lora_rank') or '–'} |")
 
 
@@ -268,9 +269,9 @@ def section(results: list[dict], vllm_version: str) -> str:
     settings = sorted({tuple(r["settings"]) for r in results if "settings" in r}) or [(0, 0, 0)]
     prompts, tokens, threads = settings[-1]
     mixed = "" if len(settings) == 1 else f" (rows were checked with different (prompts, tokens, threads): {settings})"
-    head = (f"| run | steps | vLLM serves | remote code | first {tokens} tokens equal (prompts) | transformers tok/s | "
-            "vLLM tok/s | load s (transformers / vLLM) | max_lora_rank |")
-    lines = [head, "|---|---:|---|---|---|---:|---:|---:|---:|", *(row(r) for r in results)]
+    head = (f"| run | steps | vLLM serves | weights MB | remote code | first {tokens} tokens equal (prompts) | "
+            "transformers tok/s | vLLM tok/s | load s (transformers / vLLM) | max_lora_rank |")
+    lines = [head, "|---|---:|---|---:|---|---|---:|---:|---:|---:|", *(row(r) for r in results)]
     runs = sorted({r["run_commit"] for r in results if r.get("run_commit")})
     checked = sorted({r["checked"] for r in results if r.get("checked")})
     return "\n\n".join([
@@ -282,7 +283,8 @@ def section(results: list[dict], vllm_version: str) -> str:
         "`scripts/check_serving.py`). Both sides load the same folder in float32 and greedy-decode the same "
         f"{prompts} GSM8K test prompts (the same token ids), one prompt at a time after a warm-up prompt, "
         f"{tokens} tokens each with EOS ignored, on {threads} CPU thread(s){mixed}. tokens/s = generated tokens / "
-        "wall time of the generate calls (batch 1, loading excluded). transformers runs in the project's "
+        "wall time of the generate calls (batch 1, loading excluded). weights MB: the `*.safetensors` files of the "
+        "served folders (for the adapter rows, the base's too). transformers runs in the project's "
         "environment; vLLM in `.venv-serving` with `enforce_eager=True`, `max_model_len=512`, "
         "`VLLM_CPU_KVCACHE_SPACE=1`.",
         "\n".join(lines),
@@ -331,8 +333,10 @@ def check(case: Case, run_dir: Path, prompts: list[str], args: argparse.Namespac
     tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=remote)
     ids = [tokenizer(p)["input_ids"] for p in prompts]
     summary = json.loads((run_dir / "summary.json").read_text())
+    weights = sum(f.stat().st_size for d in (model_dir, adapter_dir) if d for f in d.glob("*.safetensors"))
     result.update(steps=summary.get("steps"), remote_code=remote, run_commit=_run_commit(run_dir), prompt_ids=ids,
-                  model_dir=str(model_dir), adapter_dir=str(adapter_dir) if adapter_dir else None)
+                  model_dir=str(model_dir), adapter_dir=str(adapter_dir) if adapter_dir else None,
+                  weights_mb=weights / 1e6)
     result["transformers"] = transformers_decode(model_dir, adapter_dir, ids, args.tokens)
     log_path = args.out / f"{case.label}.vllm.log"
     result["vllm"] = vllm_decode(model_dir, adapter_dir, ids, args.tokens, args.threads, args.serving_python, log_path)
