@@ -9,10 +9,10 @@ For every row it
 
 1. finds or makes the run: a short ``prunedlora-train`` of SmolLM2-135M-Instruct on GSM8K in ``<out>/<label>``
    (a finished run is reused, never retrained; ``--redo`` deletes and retrains, ``--run-dir`` uses a run of yours);
-2. greedy-decodes the first ``--prompts`` GSM8K test questions with transformers from ``<run>/model`` (and, for
-   SALR, ``PeftModel`` on ``<run>/adapter``), in this environment;
+2. greedy-decodes the first ``--prompts`` GSM8K test questions with transformers from ``<run>/model`` (SALR:
+   plus ``PeftModel`` on ``<run>/adapter``; the ``*-adapter`` rows: ``<run>/adapter`` on the run's base model);
 3. does the same with vLLM in the serving environment (``scripts/serve_vllm.py``: ``LLM(model=<run>/model)``,
-   SALR's ``<run>/adapter`` as a ``LoRARequest``), where a folder vLLM refuses becomes a "refused" row;
+   an adapter as a ``LoRARequest``), where a folder vLLM refuses becomes a "refused" row with vLLM's error;
 4. writes the ``serving`` section of ``docs/RESULTS.md``: do the first ``--tokens`` tokens agree, tokens/s of each.
 
 Both sides get the same prompt token ids (tokenized once here, so two tokenizer versions cannot differ), run in
