@@ -9,9 +9,9 @@
   GEMM (the paper's two-stage pipeline; measured faster than one whole-matrix decode + GEMM, which writes and
   re-reads the dense matrix through memory);
 - ``auto``: measures the shape once (fused vs dense at 1 token; fused vs decode + GEMM at growing token
-  counts) and returns ``FusedBitmapLinear`` with the measured token threshold when the fused kernel beats
-  the dense GEMV at 1 token, else the dense ``nn.Linear``. Measurements are cached per (shape, dtype,
-  density, threads) for the process.
+  counts; weights read from beyond L2, as in a model) and returns ``FusedBitmapLinear`` with the measured
+  token threshold when the fused kernel beats the dense GEMV at 1 token, else the dense ``nn.Linear``.
+  Measurements are cached per (shape, dtype, density, threads) for the process.
 
 Without the kernel (no compiler: one warning) ``fused`` runs the reference path and ``auto`` runs dense; off
 CPU or with gradients to the input, ``FusedBitmapLinear`` runs the reference path too.
@@ -19,7 +19,9 @@ CPU or with gradients to the input, ``FusedBitmapLinear`` runs the reference pat
 
 from __future__ import annotations
 
+import itertools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -39,6 +41,7 @@ FUSED_MAX_TOKENS = 4  # `fused`'s default: above this many tokens one decode + t
 _PROBE_TOKENS = (2, 4, 8, 16, 32, 64)  # token counts `auto` tries, in order, until the fused kernel loses
 _ROUNDS = 5  # interleaved timing rounds per measurement (the fastest counts)
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+_COLD_BYTES = 64 << 20  # auto times each path over copies this large together (see _cold_copies)
 _TILE_BYTES = 4 << 20  # decoded rows per tile: stays in cache between the decode and its GEMM
 _workspace = threading.local()  # per-thread decode buffers, keyed by (shape, dtype)
 
@@ -177,19 +180,38 @@ def _times(variants: dict[str, Callable[[], object]], rounds: int = _ROUNDS) -> 
     return {n: min(s) for n, s in samples.items()}
 
 
+def _rotating(modules: list[nn.Module], x: torch.Tensor) -> Callable[[], object]:
+    """A call that runs the next module of ``modules`` on ``x`` each time."""
+    turn = itertools.cycle(modules)
+    return lambda: next(turn)(x)
+
+
+def _cold_copies(bitmap: BitmapTensor, dense: torch.Tensor) -> tuple[list[BitmapTensor], list[nn.Linear]]:
+    """Copies of the matrix, ``_COLD_BYTES`` of dense weights together, so every timed call reads its weights
+    from beyond L2, as a model does that runs each matrix once per token (the last level cache's share
+    depends on the model and the machine)."""
+    copies = max(1, min(16, math.ceil(_COLD_BYTES / (dense.numel() * dense.element_size()))))
+    bitmaps = [bitmap] + [BitmapTensor(bitmap.mask.clone(), bitmap.values.clone(), bitmap.row_offsets.clone(),
+                                       bitmap.shape) for _ in range(copies - 1)]
+    denses = [_dense_linear(bitmap, None, dense if i == 0 else dense.clone()) for i in range(copies)]
+    return bitmaps, denses
+
+
 def measure(bitmap: BitmapTensor, dense: torch.Tensor) -> AutoChoice:
     """Time the paths of one matrix at this process's thread count and pick one (see the module docstring)."""
-    fused = FusedBitmapLinear(bitmap, max_fused_tokens=max(_PROBE_TOKENS))
-    decoding = FusedBitmapLinear(bitmap, max_fused_tokens=0)
+    bitmaps, denses = _cold_copies(bitmap, dense)
+    fused = [FusedBitmapLinear(b, max_fused_tokens=max(_PROBE_TOKENS)) for b in bitmaps]
+    decoding = [FusedBitmapLinear(b, max_fused_tokens=0) for b in bitmaps]
     x = torch.randn(1, bitmap.shape[1], dtype=bitmap.dtype)
     with torch.no_grad():
-        seconds = _times({"dense@1": lambda: F.linear(x, dense), "fused@1": lambda: fused(x)})
+        seconds = _times({"dense@1": _rotating(denses, x), "fused@1": _rotating(fused, x)})
         if seconds["fused@1"] >= seconds["dense@1"]:
             return AutoChoice("dense", 0, seconds)
         max_tokens = 1
         for tokens in _PROBE_TOKENS:
             xt = torch.randn(tokens, bitmap.shape[1], dtype=bitmap.dtype)
-            probe = _times({f"fused@{tokens}": lambda: fused(xt), f"decode+gemm@{tokens}": lambda: decoding(xt)}, 3)
+            probe = _times({f"fused@{tokens}": _rotating(fused, xt), f"decode+gemm@{tokens}": _rotating(decoding, xt)},
+                           3)
             seconds.update(probe)
             if probe[f"fused@{tokens}"] >= probe[f"decode+gemm@{tokens}"]:
                 break
