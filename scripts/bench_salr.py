@@ -64,6 +64,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--layers-only", action="store_true", help="only the per-layer fused-kernel rows")
     parser.add_argument("--layer-threads", default="1,2", help="thread counts of the per-layer rows")
     parser.add_argument("--layer-rounds", type=int, default=15)
+    parser.add_argument("--layer-cache", choices=("cold", "hot"), default="cold",
+                        help="cold: weights rotate over 1 GiB of copies (read from memory); hot: one matrix")
     return parser.parse_args()
 
 
@@ -211,12 +213,15 @@ def concat_table(args: argparse.Namespace) -> str:
 
 def kernel_section(args: argparse.Namespace) -> str:
     threads = [int(t) for t in args.layer_threads.split(",")]
-    table = layer_tables(threads, args.layer_rounds, [torch.float32, torch.bfloat16])
+    cold = args.layer_cache == "cold"
+    table = layer_tables(threads, args.layer_rounds, [torch.float32, torch.bfloat16], cold)
     return "\n\n".join([
         "## SALR: fused bitmap kernel per layer, batch 1 (draft)",
         f"Command: `{command_line()}`  \nMachine: {machine_description()}",
         "One projection pruned 50% by magnitude, random weights. Times are medians of interleaved rounds; "
-        "ratios are medians of per-round ratios, with the ratio of the best rounds in brackets.",
+        "ratios are medians of per-round ratios, with the ratio of the best rounds in brackets. Weights: "
+        + ("cold (every call reads its matrix from memory: each path rotates over 1 GiB of copies)." if cold else
+           "hot (one matrix, called again and again: cached where it fits)."),
         table,
     ])
 

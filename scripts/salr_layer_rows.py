@@ -6,10 +6,16 @@ count: dense ``W @ x`` (torch), the fused bitmap kernel forced to AVX-512 and to
 interleaved rounds; ratios are medians of per-round ratios (best round in brackets: load from other
 processes only adds time). Bytes per token and the effective bandwidth of each path sit beside a STREAM-like
 copy and read of 256 MiB, so the reading can say where the time goes.
+
+``cold`` (the default) rotates every path over copies of its weights, ``COLD_BYTES`` of dense weights in
+all, so each call reads its matrix from memory, as generation with a model larger than the last-level cache
+does; ``hot`` calls one matrix again and again (it stays in cache when it fits).
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -31,6 +37,7 @@ SHAPES = [
     ("SmolLM2", "down", 576, 1536),
 ]
 SAMPLE_S = 0.01  # each timing sample repeats a call until it lasts about this long
+COLD_BYTES = 1 << 30  # more than this machine's 480 MiB L3
 
 
 def bandwidth(threads: int) -> dict[str, float]:
@@ -90,19 +97,34 @@ def pruned_bitmap(d_out: int, d_in: int, dtype: torch.dtype) -> tuple[torch.Tens
     return w, encode(w)
 
 
+def rotating(fn: Callable[[object], object], items: list) -> Callable[[], object]:
+    """A call of ``fn`` on the next of ``items`` each time."""
+    turn = itertools.cycle(items)
+    return lambda: fn(next(turn))
+
+
 def layer_row(model: str, role: str, shape: tuple[int, int], dtype: torch.dtype, threads: int,
-              rounds: int) -> dict[str, object]:
+              rounds: int, cold: bool = True) -> dict[str, object]:
     """Time every path of one configuration; returns the row's cells."""
     d_out, d_in = shape
     w, bitmap = pruned_bitmap(d_out, d_in, dtype)
     x = torch.randn(1, d_in, dtype=dtype)
-    mask, values, offsets = bitmap.mask, bitmap.values, bitmap.row_offsets
     clear_auto_cache()
     auto = bitmap_base(bitmap, None, "auto")
-    paths = {"dense": lambda: F.linear(x, w),
-             "avx512": lambda: bitmap_matmul(mask, values, offsets, d_in, x, "avx512", check=False).to(dtype),
-             "avx2": lambda: bitmap_matmul(mask, values, offsets, d_in, x, "avx2", check=False).to(dtype),
-             "auto": lambda: auto(x)}
+    copies = max(1, math.ceil(COLD_BYTES / (w.numel() * w.element_size()))) if cold else 1
+    weights = [w] + [w.clone() for _ in range(copies - 1)]
+    bitmaps = [bitmap] + [BitmapTensor(bitmap.mask.clone(), bitmap.values.clone(), bitmap.row_offsets.clone(),
+                                       bitmap.shape) for _ in range(copies - 1)]
+    kept = "fused" if isinstance(auto, FusedBitmapLinear) else "dense"
+    autos = [FusedBitmapLinear(b, None, auto.max_fused_tokens) for b in bitmaps] if kept == "fused" else \
+        [lambda x, w=w: F.linear(x, w) for w in weights]
+
+    def fused(isa: str) -> Callable[[], object]:
+        return rotating(lambda b: bitmap_matmul(b.mask, b.values, b.row_offsets, d_in, x, isa, check=False).to(dtype),
+                        bitmaps)
+
+    paths = {"dense": rotating(lambda w: F.linear(x, w), weights), "avx512": fused("avx512"), "avx2": fused("avx2"),
+             "auto": rotating(lambda module: module(x), autos)}
     if resolve_isa() != "avx512":
         del paths["avx512"]
     with torch.no_grad():
@@ -111,7 +133,6 @@ def layer_row(model: str, role: str, shape: tuple[int, int], dtype: torch.dtype,
         ref = interleaved({"dense": lambda: F.linear(x, w), "ref": lambda: reference(x)}, max(3, rounds // 5))
     sizes = bytes_per_token(bitmap)
     best = "avx512" if "avx512" in t else "avx2"
-    kept = "fused" if isinstance(auto, FusedBitmapLinear) else "dense"
     return {
         "model": model, "role": role, "shape": f"{d_out}x{d_in}", "dtype": str(dtype).removeprefix("torch."),
         "threads": threads, "dense": _us(t["dense"]), "avx512": _us(t["avx512"]) if "avx512" in t else "n/a",
@@ -136,7 +157,7 @@ COLUMNS = [
 ]
 
 
-def layer_tables(threads_list: list[int], rounds: int, dtypes: list[torch.dtype],
+def layer_tables(threads_list: list[int], rounds: int, dtypes: list[torch.dtype], cold: bool = True,
                  shapes: list[tuple[str, str, int, int]] = SHAPES) -> str:
     """The per-layer table and the bandwidth line, as markdown."""
     if not kernel_available():
@@ -148,7 +169,7 @@ def layer_tables(threads_list: list[int], rounds: int, dtypes: list[torch.dtype]
         bandwidths.append(f"{threads} thread(s): copy {bw['copy']:.1f} GB/s, read {bw['read']:.1f} GB/s")
         for model, role, d_out, d_in in shapes:
             for dtype in dtypes:
-                row = layer_row(model, role, (d_out, d_in), dtype, threads, rounds)
+                row = layer_row(model, role, (d_out, d_in), dtype, threads, rounds, cold)
                 lines.append("| " + " | ".join(str(row[key]) for key, _ in COLUMNS) + " |")
                 print(lines[-1], flush=True)
     return "\n".join(["Memory bandwidth (STREAM-like, 256 MiB float32): " + "; ".join(bandwidths) + ".", "",

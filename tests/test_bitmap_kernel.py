@@ -187,6 +187,13 @@ def test_fused_linear_passes_gradients_to_the_input() -> None:
     torch.testing.assert_close(x.grad, x_ref.grad)
 
 
+def test_fused_linear_runs_the_reference_path_for_values_the_kernel_does_not_take() -> None:
+    w = hard_matrix(11, 30, torch.float16)
+    fused = FusedBitmapLinear(encode(w))
+    x = torch.randn(2, 30).half()
+    assert torch.equal(fused(x), torch.nn.functional.linear(x, w))
+
+
 def _timed(monkeypatch: pytest.MonkeyPatch, fused_wins_up_to: int) -> list[str]:
     """Replace the timer: the fused path wins at up to `fused_wins_up_to` tokens (0: never)."""
     calls: list[str] = []

@@ -28,6 +28,15 @@ using bf16_t = uint16_t;
 enum Isa { kAuto = 0, kScalar = 1, kAvx2 = 2, kAvx512 = 3 };
 constexpr int kTokenBlock = 4;  // tokens sharing one expand of the weights (accumulators stay in registers)
 constexpr int64_t kValuesPerThread = 1 << 14;  // below this much work per thread, waking threads costs more
+// Software prefetch distance along the values stream: the hardware prefetcher alone left the AVX-512 path at
+// ~85% of its cold-memory speed. Prefetches never fault, so running past the buffer's end is harmless.
+constexpr int64_t kPrefetchBytes = 4096;
+
+inline void prefetch_ahead(const void* values, const uint8_t* mask) {
+  _mm_prefetch(static_cast<const char*>(values) + kPrefetchBytes, _MM_HINT_T0);
+  _mm_prefetch(static_cast<const char*>(values) + kPrefetchBytes + 64, _MM_HINT_T0);
+  _mm_prefetch(reinterpret_cast<const char*>(mask) + kPrefetchBytes / 8, _MM_HINT_T0);
+}
 
 struct Matrix {
   const uint8_t* mask;
@@ -125,6 +134,7 @@ struct Avx512 {
     for (; k + 4 <= full; k += 4) {
       uint64_t bits;
       std::memcpy(&bits, mrow + 2 * k, 8);
+      prefetch_ahead(vp, mrow + 2 * k);
       const __m512 w[4] = {expand16(bits & 0xFFFF, vp), expand16((bits >> 16) & 0xFFFF, vp + _mm_popcnt_u64(bits & 0xFFFF)),
                            expand16((bits >> 32) & 0xFFFF, vp + _mm_popcnt_u64(bits & 0xFFFFFFFFull)),
                            expand16(bits >> 48, vp + _mm_popcnt_u64(bits & 0xFFFFFFFFFFFFull))};
@@ -216,6 +226,7 @@ struct Avx2 {
     for (; k + 4 <= full; k += 4) {
       uint32_t bits;
       std::memcpy(&bits, mrow + k, 4);
+      prefetch_ahead(vp, mrow + k);
       const __m256 w[4] = {expand8(bits & 0xFF, vp), expand8((bits >> 8) & 0xFF, vp + _mm_popcnt_u32(bits & 0xFF)),
                            expand8((bits >> 16) & 0xFF, vp + _mm_popcnt_u32(bits & 0xFFFF)),
                            expand8(bits >> 24, vp + _mm_popcnt_u32(bits & 0xFFFFFF))};
