@@ -7,6 +7,9 @@ interleaved rounds; ratios are medians of per-round ratios (best round in bracke
 processes only adds time). Bytes per token and the effective bandwidth of each path sit beside a STREAM-like
 copy and read of 256 MiB, so the reading can say where the time goes.
 
+At one thread the clock is the calling thread's CPU time (``time.thread_time``: time the OS hands to other
+processes on a shared machine does not count); at more threads it is wall time.
+
 ``cold`` (the default) rotates every path over copies of its weights, ``COLD_BYTES`` of dense weights in
 all, so each call reads its matrix from memory, as generation with a model larger than the last-level cache
 does; ``hot`` calls one matrix again and again (it stays in cache when it fits).
@@ -46,30 +49,37 @@ def bandwidth(threads: int) -> dict[str, float]:
     src = torch.rand(64 << 20)
     dst = torch.empty_like(src)
     best = {"copy": float("inf"), "read": float("inf")}
+    now = clock()
     for _ in range(5):
         for name, fn in (("copy", lambda: dst.copy_(src)), ("read", lambda: src.sum())):
-            start = time.perf_counter()
+            start = now()
             fn()
-            best[name] = min(best[name], time.perf_counter() - start)
+            best[name] = min(best[name], now() - start)
     return {"copy": 2 * src.nbytes / best["copy"] / 1e9, "read": src.nbytes / best["read"] / 1e9}
+
+
+def clock() -> Callable[[], float]:
+    """The calling thread's CPU time at one thread, else wall time (see the module docstring)."""
+    return time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
 
 
 def interleaved(paths: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
     """Seconds per call of each path, one sample per round, the order rotating every round."""
+    now = clock()
     repeats = {}
     for name, fn in paths.items():
         fn()  # warm-up
-        start = time.perf_counter()
+        start = now()
         fn()
-        repeats[name] = max(1, int(SAMPLE_S / max(time.perf_counter() - start, 1e-7)))
+        repeats[name] = max(1, int(SAMPLE_S / max(now() - start, 1e-6)))
     names = list(paths)
     samples: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            start = time.perf_counter()
+            start = now()
             for _ in range(repeats[name]):
                 paths[name]()
-            samples[name].append((time.perf_counter() - start) / repeats[name])
+            samples[name].append((now() - start) / repeats[name])
     return samples
 
 
@@ -135,7 +145,8 @@ def layer_row(model: str, role: str, shape: tuple[int, int], dtype: torch.dtype,
     best = "avx512" if "avx512" in t else "avx2"
     return {
         "model": model, "role": role, "shape": f"{d_out}x{d_in}", "dtype": str(dtype).removeprefix("torch."),
-        "threads": threads, "dense": _us(t["dense"]), "avx512": _us(t["avx512"]) if "avx512" in t else "n/a",
+        "threads": threads, "clock": "thread CPU" if threads == 1 else "wall", "dense": _us(t["dense"]),
+        "avx512": _us(t["avx512"]) if "avx512" in t else "n/a",
         "avx2": _us(t["avx2"]), "auto": f"{_us(t['auto'])} ({kept})",
         "ref": _us(ref["ref"]), "r512": _ratio(t["dense"], t["avx512"]) if "avx512" in t else "n/a",
         "r2": _ratio(t["dense"], t["avx2"]), "rauto": _ratio(t["dense"], t["auto"]),
@@ -149,6 +160,7 @@ def layer_row(model: str, role: str, shape: tuple[int, int], dtype: torch.dtype,
 
 COLUMNS = [
     ("model", "model"), ("role", "projection"), ("shape", "out x in"), ("dtype", "dtype"), ("threads", "threads"),
+    ("clock", "clock"),
     ("dense", "dense `W @ x` (us)"), ("avx512", "fused AVX-512 (us)"), ("avx2", "fused AVX2 (us)"),
     ("auto", "auto (us, kept)"), ("ref", "decode + GEMM ref (us)"), ("r512", "dense / AVX-512"),
     ("r2", "dense / AVX2"), ("rauto", "dense / auto"), ("rref", "dense / ref"), ("mb_dense", "MB/token dense"),

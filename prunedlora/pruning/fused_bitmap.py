@@ -165,18 +165,19 @@ _auto_cache: dict[tuple, AutoChoice] = {}
 def _times(variants: dict[str, Callable[[], object]], rounds: int = _ROUNDS) -> dict[str, float]:
     """Seconds per call of each variant: the fastest of ``rounds`` interleaved calls (order rotating).
 
-    The minimum, not the median: load from other processes only ever adds time, and it is the intrinsic
-    speed of each path that decides.
+    The minimum, not the median, and at one thread the thread's CPU time: load from other processes only
+    ever adds time, and it is the intrinsic speed of each path that decides.
     """
+    now = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     names = list(variants)
     for fn in variants.values():
         fn()  # warm-up: first-touch pages, the decode buffer, the kernel's thread pool
     samples: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            start = time.perf_counter()
+            start = now()
             variants[name]()
-            samples[name].append(time.perf_counter() - start)
+            samples[name].append(now() - start)
     return {n: min(s) for n, s in samples.items()}
 
 
