@@ -107,10 +107,21 @@ def pruned_bitmap(d_out: int, d_in: int, dtype: torch.dtype) -> tuple[torch.Tens
     return w, encode(w)
 
 
-def rotating(fn: Callable[[object], object], items: list) -> Callable[[], object]:
-    """A call of ``fn`` on the next of ``items`` each time."""
-    turn = itertools.cycle(items)
+def rotating(fn: Callable[[object], object], items: list, start: int = 0) -> Callable[[], object]:
+    """A call of ``fn`` on the next of ``items`` each time, beginning at ``items[start]``."""
+    turn = itertools.islice(itertools.cycle(items), start, None)
     return lambda: fn(next(turn))
+
+
+def cold_copies(w: torch.Tensor, bitmap: BitmapTensor, cold: bool) -> tuple[list, list[BitmapTensor]]:
+    """``COLD_BYTES`` of dense copies and as many bytes of bitmap copies (one of each when hot)."""
+    if not cold:
+        return [w], [bitmap]
+    n_dense = math.ceil(COLD_BYTES / (w.numel() * w.element_size()))
+    n_bitmap = math.ceil(COLD_BYTES / bitmap.storage()["bytes_bitmap"])
+    return [w] + [w.clone() for _ in range(n_dense - 1)], [bitmap] + [
+        BitmapTensor(bitmap.mask.clone(), bitmap.values.clone(), bitmap.row_offsets.clone(), bitmap.shape)
+        for _ in range(n_bitmap - 1)]
 
 
 def layer_row(model: str, role: str, shape: tuple[int, int], dtype: torch.dtype, threads: int,
@@ -121,20 +132,20 @@ def layer_row(model: str, role: str, shape: tuple[int, int], dtype: torch.dtype,
     x = torch.randn(1, d_in, dtype=dtype)
     clear_auto_cache()
     auto = bitmap_base(bitmap, None, "auto")
-    copies = max(1, math.ceil(COLD_BYTES / (w.numel() * w.element_size()))) if cold else 1
-    weights = [w] + [w.clone() for _ in range(copies - 1)]
-    bitmaps = [bitmap] + [BitmapTensor(bitmap.mask.clone(), bitmap.values.clone(), bitmap.row_offsets.clone(),
-                                       bitmap.shape) for _ in range(copies - 1)]
+    weights, bitmaps = cold_copies(w, bitmap, cold)
     kept = "fused" if isinstance(auto, FusedBitmapLinear) else "dense"
     autos = [FusedBitmapLinear(b, None, auto.max_fused_tokens) for b in bitmaps] if kept == "fused" else \
         [lambda x, w=w: F.linear(x, w) for w in weights]
+    # The three bitmap paths share the copies; each starts a third of the way round from the others, so a
+    # copy one path just read has left the cache before the next path reaches it.
+    third = len(bitmaps) // 3
 
-    def fused(isa: str) -> Callable[[], object]:
+    def fused(isa: str, start: int) -> Callable[[], object]:
         return rotating(lambda b: bitmap_matmul(b.mask, b.values, b.row_offsets, d_in, x, isa, check=False).to(dtype),
-                        bitmaps)
+                        bitmaps, start)
 
-    paths = {"dense": rotating(lambda w: F.linear(x, w), weights), "avx512": fused("avx512"), "avx2": fused("avx2"),
-             "auto": rotating(lambda module: module(x), autos)}
+    paths = {"dense": rotating(lambda w: F.linear(x, w), weights), "avx512": fused("avx512", 0),
+             "avx2": fused("avx2", third), "auto": rotating(lambda module: module(x), autos, 2 * third)}
     if resolve_isa() != "avx512":
         del paths["avx512"]
     with torch.no_grad():
