@@ -97,20 +97,17 @@ class FusedBitmapLinear(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         return _fast_decode(self.bitmap())
 
-    def _kernel_ready(self, x: torch.Tensor) -> bool:
-        return (self.values.device.type == "cpu" and self.values.dtype in _KERNEL_DTYPES
-                and not (x.requires_grad and torch.is_grad_enabled()) and kernel_available())
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._kernel_ready(x):  # the reference path: gradients, CUDA, float16, no compiler
-            return F.linear(x, decode(self.bitmap()), self.bias)
-        tokens = x.numel() // self.in_features
-        if tokens > self.max_fused_tokens:
+        values, bias = self.values, self.bias  # one module attribute lookup each: this runs once per token
+        if (values.device.type != "cpu" or values.dtype not in _KERNEL_DTYPES
+                or (x.requires_grad and torch.is_grad_enabled()) or not kernel_available()):
+            return F.linear(x, decode(self.bitmap()), bias)  # the reference: CUDA, float16, gradients, no compiler
+        if x.numel() > self.max_fused_tokens * self.in_features:
             return self._tiled(x)
-        out = bitmap_matmul(self.mask, self.values, self.row_offsets, self.in_features, x, check=False)
-        if self.bias is not None:
-            out += self.bias
-        return out.to(x.dtype)
+        out = bitmap_matmul(self.mask, values, self.row_offsets, self.in_features, x, check=False)
+        if bias is not None:
+            out += bias
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
     def _tiled(self, x: torch.Tensor) -> torch.Tensor:
         """Decode ``rows`` rows at a time into a cache-sized buffer and multiply each tile at once."""
