@@ -15,8 +15,14 @@ LLaMA) pruned to 50% per matrix:
 Timings are medians over ``--rounds`` interleaved rounds (each variant once per round, rotating order, so
 load from other processes hits all alike); ratios are medians of per-round ratios.
 
-    python scripts/bench_salr.py                  # writes the salr section of docs/RESULTS.md
+5. Per layer, batch 1 (``scripts/salr_layer_rows.py``): LLaMA-7B's and SmolLM2's projection shapes at 50%,
+   float32 and bfloat16, at each of ``--layer-threads``: dense ``W @ x``, the fused bitmap kernel (AVX-512
+   and AVX2), ``base_format=auto`` and the decode-then-GEMM reference, with bytes per token and the
+   machine's memory bandwidth. Written to its own section (``salr_kernel``).
+
+    python scripts/bench_salr.py                  # writes the salr and salr_kernel sections of docs/RESULTS.md
     python scripts/bench_salr.py --no-write --rounds 5 --tiny
+    python scripts/bench_salr.py --layers-only --no-write   # only the per-layer kernel rows
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from prunedlora.pruning.magnitude import per_matrix_mask, prune_
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/ is not a package
 from results_md import command_line, machine_description, update_section  # noqa: E402
+from salr_layer_rows import layer_tables  # noqa: E402
 
 SPARSITY = 0.5
 D_OUT, D_IN = 576, 1536  # SmolLM2 down_proj
@@ -54,6 +61,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--tiny", action="store_true", help="random tiny LLaMA instead of SmolLM2")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/RESULTS.md alone")
+    parser.add_argument("--layers-only", action="store_true", help="only the per-layer fused-kernel rows")
+    parser.add_argument("--layer-threads", default="1,2", help="thread counts of the per-layer rows")
+    parser.add_argument("--layer-rounds", type=int, default=15)
+    parser.add_argument("--layer-cache", choices=("cold", "hot"), default="cold",
+                        help="cold: weights rotate over 1 GiB of copies (read from memory); hot: one matrix")
     return parser.parse_args()
 
 
@@ -199,8 +211,29 @@ def concat_table(args: argparse.Namespace) -> str:
     return "\n".join(rows)
 
 
+def kernel_section(args: argparse.Namespace) -> str:
+    threads = [int(t) for t in args.layer_threads.split(",")]
+    cold = args.layer_cache == "cold"
+    table = layer_tables(threads, args.layer_rounds, [torch.float32, torch.bfloat16], cold)
+    return "\n\n".join([
+        "## SALR: fused bitmap kernel per layer, batch 1 (draft)",
+        f"Command: `{command_line()}`  \nMachine: {machine_description()}",
+        "One projection pruned 50% by magnitude, random weights. Times are medians of interleaved rounds; "
+        "ratios are medians of per-round ratios, with the ratio of the best rounds in brackets. Weights: "
+        + ("cold (every call reads its matrix from memory: each path rotates over 1 GiB of copies)." if cold else
+           "hot (one matrix, called again and again: cached where it fits)."),
+        table,
+    ])
+
+
 def main() -> None:
     args = parse_args()
+    kernel_md = kernel_section(args)
+    print(kernel_md)
+    if not args.no_write:
+        update_section("salr_kernel", kernel_md)
+    if args.layers_only:
+        return
     torch.set_num_threads(args.threads)
     model, model_name = load_base(args.tiny)
     weights = pruned_linears(model)

@@ -15,7 +15,8 @@ every input. Everything is vectorised torch (shifts and boolean indexing), on CP
 Linears behind one interface (``forward(x) = x Wᵀ + b``; ``in_features``, ``out_features``):
 ``nn.Linear`` holding the masked dense weight (the training reference), ``BitmapLinear`` (decode then
 ``F.linear``, the correctness reference for a fused kernel, methods.md §8 item 25) and
-``SemiStructuredLinear`` (PyTorch's 2:4 kernels, CUDA only).
+``SemiStructuredLinear`` (PyTorch's 2:4 kernels, CUDA only); ``prunedlora.pruning.fused_bitmap`` adds the
+fused kernel's linear and the ``base_format`` choice among them.
 """
 
 from __future__ import annotations
@@ -117,6 +118,8 @@ def check(bitmap: BitmapTensor) -> None:
     if tuple(bitmap.mask.shape) != (d_out, math.ceil(d_in / 8)) or bitmap.mask.dtype != torch.uint8:
         raise ValueError(f"mask has shape {tuple(bitmap.mask.shape)}/{bitmap.mask.dtype}, expected "
                          f"({d_out}, {math.ceil(d_in / 8)})/uint8")
+    if d_in % 8 and int(bitmap.mask[:, -1].bitwise_right_shift(d_in % 8).count_nonzero()):
+        raise ValueError(f"mask bits past column {d_in} are set (they must be zero)")
     counts = unpack_mask(bitmap.mask, d_in).sum(1)
     if bitmap.row_offsets.numel() != d_out + 1 or not torch.equal(bitmap.row_offsets.diff(), counts):
         raise ValueError("row_offsets do not match the per-row counts of the mask")
