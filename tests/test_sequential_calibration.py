@@ -113,6 +113,7 @@ def test_layer_zero_inputs_are_the_embeddings_and_the_call_arguments_reproduce_t
     model = tiny_llama(layers=2)
     cache = capture_layer_inputs(model, ROWS, batch_size=2)
     assert [hidden.shape[0] for hidden, _ in cache] == [2, 2, 1]
+    assert cache[1][1]["position_embeddings"] is cache[0][1]["position_embeddings"]  # held once, not per batch
     torch.testing.assert_close(cache[0][0], model.model.embed_tokens(ROWS[:2]))
     expected = model(ROWS, output_hidden_states=True).hidden_states[-1]  # the decoder's output (final norm applied)
     layers = model.model.layers

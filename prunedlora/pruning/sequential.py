@@ -52,6 +52,22 @@ class _LayerInputsCaptured(Exception):
     """Raised by the layer-0 hook to stop the forward once its inputs are recorded."""
 
 
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and bool(torch.equal(a, b))
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return False
+
+
+def _share_equal(kwargs: dict[str, Any], previous: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with each tensor (or tuple of tensors) equal to the previous batch's replaced by that object:
+    masks and rotary embeddings are the same for every full batch, and an eager attention mask of long rows is
+    ``batch · seq²`` floats, which should be held once, not once per batch."""
+    return {key: previous[key] if key in previous and _same(value, previous[key]) else value
+            for key, value in kwargs.items()}
+
+
 def capture_layer_inputs(model: nn.Module, rows: torch.Tensor, batch_size: int = CALIBRATION_BATCH) -> CachedInputs:
     """The inputs of decoder layer 0 for ``rows``, per batch of ``batch_size`` rows (see the module docstring)."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
@@ -61,7 +77,7 @@ def capture_layer_inputs(model: nn.Module, rows: torch.Tensor, batch_size: int =
     def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         kwargs = dict(kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden.detach(), kwargs))
+        captured.append((hidden.detach(), _share_equal(kwargs, captured[-1][1]) if captured else kwargs))
         raise _LayerInputsCaptured
 
     handle = decoder_layers(model)[0].register_forward_pre_hook(hook, with_kwargs=True)
