@@ -15,6 +15,12 @@ A thread samples the process's resident set every 2 ms; the figure is the peak a
 model is built (torch's large CPU buffers are mmap-backed, so freed ones leave the resident set).
 
     python scripts/bench_refit_memory.py [--rows 4] [--seq-len 128] [--threads 1]
+
+Measured (2 shared CPU cores, 1 thread, 4 x 128 tokens): one layer's statistics 526 MB; ``layerwise`` peaks
+1059 MB above the model (2.0x: the 462 MB down_proj Gram plus the re-fit's ~540 MB workspace, of which 231 MB is
+the float64 factor), 83 s; ``one_pass`` 1591 MB (3.0x), 63 s. The layerwise peak does not grow with depth; the
+one-pass statistics alone are 16.8 GB at LLaMA-7B's 32 layers. (The error ratios are ~0 here: 512 calibration
+tokens are fewer than the 5504 kept columns, so the re-fit reproduces them exactly; this measures memory only.)
 """
 
 from __future__ import annotations
