@@ -1,0 +1,121 @@
+"""Distillation from the unpruned model as a recovery objective: ``KL(teacher || student)`` per token.
+
+Per predicted token, with ``p = softmax(z_teacher / T)`` and ``q = softmax(z_student / T)`` over the vocabulary:
+
+    KL(p || q) = Σ_v p_v (log p_v - log q_v)
+
+It is taken on exactly the tokens the causal-LM cross-entropy counts (transformers' ``ForCausalLMLoss``):
+logits at position ``t`` predict ``labels[t + 1]``, and a position counts where that label is not ``-100``.
+The reduction is the cross-entropy's too: the mean over the micro-batch's counted tokens (or the sum divided by
+``num_items_in_batch`` when one is passed, as transformers does), so the training engine's ``loss / grad_accum``
+weighs both terms alike under gradient accumulation, and ``α · CE + (1 - α) · KL`` mixes like with like.
+
+Temperature: the loss is multiplied by ``T²`` (Hinton et al. 2015). The gradient of the soft term scales as
+``1 / T²``; the factor keeps its size, and so the meaning of ``α``, independent of ``T``. At ``T = 1`` (the
+prototype's setting) it changes nothing.
+
+Precision and memory. Logits may be bf16; every softmax, log and sum runs in float32 (float64 logits stay
+float64). The ``(tokens, vocab)`` float32 temporaries exist for ``chunk_tokens`` tokens at a time: at a 49k-128k
+vocabulary a float32 copy of a whole micro-batch's logits is 0.2-0.5 GB per 1k tokens, several per softmax. The
+gradient with respect to the student logits, ``T (q - p) / N``, is computed chunk by chunk in the forward and
+stored in the logits' dtype (what autograd would hand back for them anyway), so backward costs no recomputation
+and autograd keeps no float32 copy. The teacher gets no gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+IGNORE_INDEX = -100
+CHUNK_TOKENS = 1024
+"""Tokens per float32 softmax chunk (vocabulary 128k: 0.5 GB per float32 temporary)."""
+
+
+def counted_positions(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Flat indices into ``(batch * seq)`` logit positions whose next-token label counts (the CE's shift)."""
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]  # (batch, seq): label of t + 1
+    return torch.nonzero(shifted.reshape(-1) != ignore_index).flatten()
+
+
+def _chunk_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed KL(p || q) of a ``(n, vocab)`` chunk and ``q - p`` (both in the computation dtype)."""
+    dtype = torch.promote_types(student.dtype, torch.float32)
+    log_q = torch.log_softmax(student.to(dtype) / temperature, dim=-1)
+    log_p = torch.log_softmax(teacher.to(dtype) / temperature, dim=-1)
+    p = log_p.exp()
+    kl = torch.where(p > 0, p * (log_p - log_q), 0.0).sum()  # p = 0 (a -inf teacher logit) contributes 0
+    return kl, log_q.exp_().sub_(p)
+
+
+class _DistillKL(torch.autograd.Function):
+    """``T² · Σ_counted KL / normaliser``; the student-logit gradient is formed in the forward, chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, index: torch.Tensor, temperature: float,
+                normaliser: float, chunk: int) -> torch.Tensor:
+        vocab = student.shape[-1]
+        flat_s, flat_t = student.detach().reshape(-1, vocab), teacher.detach().reshape(-1, vocab)
+        grad = torch.zeros_like(flat_s) if ctx.needs_input_grad[0] else None
+        total = torch.zeros((), dtype=torch.float64, device=student.device)
+        scale = temperature * temperature / normaliser if normaliser else float("nan")  # no token: NaN, as CE
+        for start in range(0, index.numel(), chunk):
+            rows = index[start:start + chunk]
+            kl, q_minus_p = _chunk_kl(flat_s.index_select(0, rows), flat_t.index_select(0, rows), temperature)
+            total += kl.double()
+            if grad is not None:  # d(T² KL / N) / dz = T² · (q - p) / (T N)
+                grad.index_copy_(0, rows, q_minus_p.mul_(scale / temperature).to(grad.dtype))
+        ctx.save_for_backward(grad.view_as(student) if grad is not None else None)
+        return (total * scale).to(torch.promote_types(student.dtype, torch.float32))
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output.to(grad.dtype), None, None, None, None, None
+
+
+def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *,
+               temperature: float = 1.0, num_items_in_batch: int | torch.Tensor | None = None,
+               ignore_index: int = IGNORE_INDEX, chunk_tokens: int = CHUNK_TOKENS) -> torch.Tensor:
+    """``T² · KL(teacher || student)`` averaged over the tokens the causal-LM loss counts (module docstring).
+
+    Args:
+        student_logits: ``(batch, seq, vocab)``, any float dtype, with a graph to the trainable weights.
+        teacher_logits: the same shape, from the unpruned model under ``no_grad`` (never differentiated).
+        labels: ``(batch, seq)`` as given to the model (unshifted), ``ignore_index`` where no loss counts.
+        temperature: ``T > 0``.
+        num_items_in_batch: divide the sum by this instead of the counted tokens (transformers' convention when a
+            trainer passes it for exact accumulation).
+        ignore_index: the label that does not count.
+        chunk_tokens: tokens per float32 softmax chunk.
+
+    Returns:
+        A scalar in float32 (float64 logits: float64). With no counted token it is NaN, as the cross-entropy's
+        mean over no token is (the loop then skips the step).
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"distillation: student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} differ; the teacher must share the student's tokenizer "
+                         "and see the same batch")
+    if labels.shape != student_logits.shape[:-1]:
+        raise ValueError(f"distillation: labels {tuple(labels.shape)} do not match the logits' "
+                         f"{tuple(student_logits.shape[:-1])}")
+    if not temperature > 0:
+        raise ValueError(f"distillation: the temperature must be > 0, got {temperature}")
+    index = counted_positions(labels.to(student_logits.device), ignore_index)
+    normaliser = float(num_items_in_batch) if num_items_in_batch is not None else float(index.numel())
+    return _DistillKL.apply(student_logits, teacher_logits, index, float(temperature), normaliser,
+                            max(1, int(chunk_tokens)))
+
+
+def mix_losses(ce: torch.Tensor, kl: torch.Tensor | None, alpha: float) -> torch.Tensor:
+    """``α · CE + (1 - α) · KL``; ``α = 1`` is the cross-entropy alone (``kl`` may then be None: skip the teacher),
+    ``α = 0`` the distillation alone.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"distillation: the cross-entropy weight α must be in [0, 1], got {alpha}")
+    if alpha == 1.0:
+        return ce
+    if kl is None:
+        raise ValueError(f"distillation: α = {alpha} < 1 weighs the KL term, but no teacher logits were computed")
+    return kl if alpha == 0.0 else alpha * ce + (1.0 - alpha) * kl
