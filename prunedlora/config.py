@@ -326,6 +326,13 @@ class LoraPruneConfig(MethodConfig):
 SALR_BASE_CRITERIA = ("sparsegpt", "wanda", "magnitude")
 
 
+SALR_BASE_FORMATS = ("auto", "fused", "bitmap", "dense", "semi_structured")
+"""How SALR's pruned base linears run (``method.base_format`` in training, ``eval.base_format`` and
+``prunedlora.export.compressed.load_salr_export`` at load): the fused bitmap kernel where it is faster, else
+dense (auto); the fused kernel (fused); decode + GEMM in every forward (bitmap); a dense ``nn.Linear``
+(dense); PyTorch's 2:4 kernels (semi_structured, CUDA)."""
+
+
 @dataclass
 class SalrConfig(MethodConfig):
     name: str = "salr"
@@ -344,8 +351,10 @@ class SalrConfig(MethodConfig):
     """full (torch.linalg.svd), lowrank (torch.svd_lowrank, full-SVD fallback if the 1 - r/n bound fails)
     or auto (full up to min(d_out, d_in) = 256, lowrank above)."""
     base_format: str = "dense"
-    """Sparse base during training: dense (masked, reference), bitmap (decode then GEMM) or semi_structured
-    (PyTorch 2:4 kernels, CUDA, pattern=2:4)."""
+    """How the sparse base runs in this run (training and its own evaluation), one of ``SALR_BASE_FORMATS``: dense
+    (masked ``nn.Linear``, the reference), bitmap (decode then GEMM), fused (the fused bitmap kernel where no
+    gradient flows to the input, else decode then GEMM), auto (fused or dense, timed per shape) or
+    semi_structured (PyTorch 2:4 kernels, CUDA, pattern=2:4). The export is the same whatever it is."""
     base_criterion: str = "wanda"
     """How the base is pruned: wanda (default: |W_ij| * ||X_j||, per output row, from a calibration pass; it
     measures best after fine-tuning, docs/RESULTS.md), sparsegpt (OBS with weight updates, same pass) or magnitude
@@ -363,7 +372,7 @@ class SalrConfig(MethodConfig):
                "unquoted, YAML reads 2:4 as the base-60 number 124)")
         _one_of(p, "method.scope", self.scope, ("per_matrix", "global"))
         _one_of(p, "method.svd", self.svd, ("auto", "full", "lowrank"))
-        _one_of(p, "method.base_format", self.base_format, ("dense", "bitmap", "semi_structured"))
+        _one_of(p, "method.base_format", self.base_format, SALR_BASE_FORMATS)
         _check(p, self.pattern != "2:4" or sparsity.final == 0.5,
                f"method.pattern=2:4 always prunes exactly 50% (2 of every 4 weights), but sparsity.final="
                f"{sparsity.final}; set sparsity.final=0.5")
@@ -478,6 +487,8 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------------------- eval
 EVAL_TASKS = ("gsm8k", "mmlu", "humaneval", "wikitext2", "ptb", "gsm8k_loss")
 """Tasks with an evaluator (``prunedlora.eval.runner.EVALUATORS``; a test keeps the two in step)."""
+SALR_FORMS = ("auto", "compressed", "served")
+"""``eval.salr_form`` values: which of a salr run's exports ``prunedlora-eval`` loads."""
 SANDBOX_LEVELS = ("auto", "bwrap", "python")
 """``eval.sandbox`` values (``prunedlora.eval.sandbox.resolve_level``)."""
 
@@ -511,7 +522,15 @@ class EvalConfig:
     """HumanEval's OS-level sandbox: auto (bubblewrap when it works here, else Python guards with a warning),
     bwrap (required; an error without it) or python (Python guards only, not a security boundary)."""
     weights: str = "merged"
-    """prunedlora-eval run_dir=...: merged (the exported ``model/``) or adapter (the run's base + ``adapter/``)."""
+    """prunedlora-eval run_dir=...: merged (the exported ``model/``) or adapter (the run's base + ``adapter/``).
+    Not used for salr runs (``salr_form``)."""
+    salr_form: str = "auto"
+    """prunedlora-eval run_dir=<salr run>: compressed (``compressed/`` through ``load_salr_export``), served
+    (``model/`` with ``adapter/`` on top through PEFT, what vLLM serves) or auto (compressed where the run has
+    ``compressed/``, else served)."""
+    base_format: str = "auto"
+    """How the compressed form's pruned linears run (``SALR_BASE_FORMATS``): auto, fused, bitmap, dense or
+    semi_structured."""
     lm_eval_wikitext: bool = False
     """wikitext2 also reports lm-eval's per-article word/byte perplexity (rolling log-likelihood; slow)."""
 
@@ -704,6 +723,8 @@ def validate(cfg: RootConfig) -> None:
     _check(p, cfg.eval.humaneval_timeout_s > 0, f"eval.humaneval_timeout_s={cfg.eval.humaneval_timeout_s} must be > 0")
     _one_of(p, "eval.sandbox", cfg.eval.sandbox, SANDBOX_LEVELS)
     _one_of(p, "eval.weights", cfg.eval.weights, ("merged", "adapter"))
+    _one_of(p, "eval.salr_form", cfg.eval.salr_form, SALR_FORMS)
+    _one_of(p, "eval.base_format", cfg.eval.base_format, SALR_BASE_FORMATS)
     _validate_export(p, cfg.export, m)
     validate_method = getattr(m, "validate", None)
     if validate_method is not None:
