@@ -87,6 +87,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--gen-repeats", type=int, default=5, help="interleaved generate rounds per path")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--ref-tokens", type=int, default=8, help="tokens of the (slow) bitmap reference")
+    parser.add_argument("--generate-section", default="salr_generate",
+                        help="the docs/RESULTS.md section the generate rows go to (e.g. one per thread count)")
     return parser.parse_args()
 
 
@@ -283,7 +285,7 @@ def generate_section(args: argparse.Namespace) -> str:
         bw = bandwidth(t)
         bandwidths.append(f"{t} thread(s): copy {bw['copy']:.1f} GB/s, read {bw['read']:.1f} GB/s")
     return "\n\n".join([
-        "## SALR: generation from the compressed form, batch 1",
+        f"## SALR: generation from the compressed form, batch 1, {args.gen_threads} thread(s)",
         f"Command: `{command_line()}`  \nMachine: {machine_description()}",
         f"Greedy `generate` of {args.new_tokens} new tokens with the KV cache after a {prompt.shape[1]}-token prompt, "
         f"float32, {args.gen_repeats} interleaved rounds per path (`scripts/salr_generate_rows.py` says how each "
@@ -304,7 +306,7 @@ def main() -> None:
         generate_md = generate_section(args)
         print(generate_md)
         if not args.no_write:
-            update_section("salr_generate", generate_md)
+            update_section(args.generate_section, generate_md)
         return
     kernel_md = kernel_section(args)
     print(kernel_md)
@@ -338,7 +340,7 @@ def main() -> None:
         generate_md = generate_section(args)
         print(generate_md)
         if not args.no_write:
-            update_section("salr_generate", generate_md)
+            update_section(args.generate_section, generate_md)
 
 
 if __name__ == "__main__":
