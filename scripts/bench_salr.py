@@ -35,6 +35,7 @@ load from other processes hits all alike); ratios are medians of per-round ratio
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 import sys
 import time
@@ -239,7 +240,7 @@ def kernel_section(args: argparse.Namespace) -> str:
     cold = args.layer_cache == "cold"
     table = layer_tables(threads, args.layer_rounds, [torch.float32, torch.bfloat16], cold)
     return "\n\n".join([
-        "## SALR: fused bitmap kernel per layer, batch 1 (draft)",
+        "## SALR: fused bitmap kernel per layer, batch 1",
         f"Command: `{command_line()}`  \nMachine: {machine_description()}",
         "One projection pruned 50% by magnitude, random weights. Times are medians of interleaved rounds; "
         "ratios are medians of per-round ratios, with the ratio of the best rounds in brackets. Weights: "
@@ -286,7 +287,7 @@ def generate_section(args: argparse.Namespace) -> str:
         bandwidths.append(f"{t} thread(s): copy {bw['copy']:.1f} GB/s, read {bw['read']:.1f} GB/s")
     return "\n\n".join([
         f"## SALR: generation from the compressed form, batch 1, {args.gen_threads} thread(s)",
-        f"Command: `{command_line()}`  \nMachine: {machine_description()}",
+        f"Command: `python {shlex.join(sys.argv)}`  \nMachine: {machine_description()}",
         f"Greedy `generate` of {args.new_tokens} new tokens with the KV cache after a {prompt.shape[1]}-token prompt, "
         f"float32, {args.gen_repeats} interleaved rounds per path (`scripts/salr_generate_rows.py` says how each "
         "path is built and timed). Decode tok/s excludes the prompt; ratios are medians of per-round ratios "
@@ -294,9 +295,9 @@ def generate_section(args: argparse.Namespace) -> str:
         "Memory bandwidth (STREAM-like, 256 MiB float32): " + "; ".join(bandwidths) + ".",
         HEADER + "\n" + "\n".join(rows),
         "What `auto` kept (pruned linears): " + "; ".join(kept) + ".",
-        f"Where a decode step's time goes at one thread (thread CPU per token, forward hooks, "
-        f"{min(args.new_tokens, SPLIT_TOKENS)} new tokens; the hooks add a little to every part):",
-        split_table(splits),
+        *([f"Where a decode step's time goes at one thread (thread CPU per token, forward hooks, "
+           f"{min(args.new_tokens, SPLIT_TOKENS)} new tokens; the hooks add a little to every part):",
+           split_table(splits)] if 1 in threads else []),
     ])
 
 
