@@ -14,9 +14,10 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from prunedlora.config import AdaLoraConfig, ConfigError, SparsityConfig
+from prunedlora.config import ConfigError, SparsityConfig
 from prunedlora.methods import build_method
-from prunedlora.methods.adalora import (
+from prunedlora.methods.adalora.config import AdaLoraConfig
+from prunedlora.methods.adalora.method import (
     AdaLoraAllocator,
     AdaLoraMethod,
     active_ranks,

@@ -16,12 +16,13 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from prunedlora.adapters.lora import lora_modules
-from prunedlora.config import ConfigError, PrunedLoraConfig, SparsityConfig, TrainConfig
+from prunedlora.config import ConfigError, SparsityConfig, TrainConfig
 from prunedlora.methods import build_method
 from prunedlora.methods.base import Callback
-from prunedlora.methods.prunedlora import PrunedLoraCallback
+from prunedlora.methods.prunedlora.callback import PrunedLoraCallback
+from prunedlora.methods.prunedlora.config import PrunedLoraConfig
+from prunedlora.pruning.criteria import RANK_CRITERIA
 from prunedlora.pruning.rank_criteria import (
-    CRITERIA,
     gram_inverses,
     obs_prune,
     obs_prune_one,
@@ -138,7 +139,7 @@ def test_obs_pruning_raises_an_exact_quadratic_loss_less_than_magnitude_pruning(
     B, A, G_B, G_A = random_problem(10 + seed, d_out=12, d_in=10, r=6)
     j_obs = int(obs_saliency(B, A, G_B, G_A, damping=EPS).argmin())
     B_obs, A_obs = obs_prune_one(B, A, G_B, G_A, j_obs, 1.0, EPS, "both")
-    j_mag = int(CRITERIA["magnitude"](B, A, G_B, G_A).argmin())
+    j_mag = int(RANK_CRITERIA.function("magnitude")(B, A, G_B, G_A).argmin())
     B_mag, A_mag = B.clone(), A.clone()
     B_mag[:, j_mag], A_mag[j_mag] = 0.0, 0.0  # magnitude pruning: just zero, no recovery
     obs_change = toy_loss_change(B, A, G_B, G_A, B_obs, A_obs)
@@ -328,7 +329,7 @@ def test_global_allocation_meets_the_total_budget_with_floors_and_uneven_ranks(t
     assert totals[3] == 8 * (R0 - 2) and totals[7] == 8 * (R0 - 4)  # K2 * n_modules per event overall
 
 
-@pytest.mark.parametrize("criterion", sorted(CRITERIA))
+@pytest.mark.parametrize("criterion", RANK_CRITERIA.names())
 @pytest.mark.parametrize("allocation", ["uniform", "global"])
 def test_every_criterion_prunes_to_the_target(tmp_path: Path, criterion: str, allocation: str) -> None:
     cfg = method_cfg(criterion=criterion, allocation=allocation)

@@ -21,8 +21,8 @@ from prunedlora import quiet
 from prunedlora.config import ConfigError, RootConfig, validate
 from prunedlora.data.batching import ResumableBatches, ShardedBatches, build_train_examples
 from prunedlora.eval.runner import evaluate
-from prunedlora.methods import Method, build_method
-from prunedlora.methods.base import AttachContext, Callback
+from prunedlora.methods.base import AttachContext, Callback, Method
+from prunedlora.methods.registry import build_method
 from prunedlora.models.load import count_parameters, load_model, resolve_device
 from prunedlora.train import checkpoint as ckpt
 from prunedlora.train.checkpointer import Checkpointer
@@ -181,17 +181,16 @@ def _claim_run_dir(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | Co
 
 
 def _load(cfg: RootConfig, method: Method, device: torch.device) -> tuple[nn.Module, Any, list[dict]]:
-    """Model, tokenizer and training rows; then the method's optional ``prepare`` (methods/base.py).
+    """Model, tokenizer and training rows; then the method's ``prepare`` (``Method``, methods/base.py).
 
     A method with ``quantizes_base`` (SALR prunes float weights) gets the base unquantized and quantizes it
     itself in ``attach``. The data order depends only on the seed, so a resumed run sees the same batches.
     """
-    late = getattr(method, "quantizes_base", False)
+    late = method.quantizes_base
     model, tokenizer = load_model(replace(cfg.model, quantization="none") if late else cfg.model, device)
     examples = build_train_examples(cfg.task, cfg.data, tokenizer, cfg.train.seq_len, cfg.train.seed,
                                     cfg.train.packing)
-    if hasattr(method, "prepare"):
-        method.prepare(AttachContext(examples, cfg.train.seq_len, cfg.model.quantization if late else "none"))
+    method.prepare(AttachContext(examples, cfg.train.seq_len, cfg.model.quantization if late else "none"))
     return model, tokenizer, examples
 
 
