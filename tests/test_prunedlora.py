@@ -32,7 +32,7 @@ from prunedlora.pruning.rank_criteria import (
 )
 from prunedlora.train.checkpoint import adapter_state_dict, load_adapter_state_dict
 from prunedlora.train.engine import TorchEngine
-from prunedlora.train.loop import MetricsWriter, train_loop
+from prunedlora.train.loop import LoopContext, MetricsWriter, train_loop
 from prunedlora.train.optim import build_scheduler
 
 EPS = 1e-6
@@ -278,8 +278,8 @@ def train(model: nn.Module, callbacks: list[Callback], steps: int, tmp_path: Pat
     batches = batches or Batches()
     engine = TorchEngine(model, optimizer, scheduler, grad_accum=1, max_grad_norm=cfg.max_grad_norm,
                          device=torch.device("cpu"), bf16=False)
-    train_loop(model, engine, batches, callbacks, cfg, start_step=start_step,
-               writer=MetricsWriter(tmp_path / "metrics.jsonl"), save=lambda s: None, progress=False)
+    ctx = LoopContext(model, engine, batches, callbacks, MetricsWriter(tmp_path / "metrics.jsonl"), progress=False)
+    train_loop(ctx, cfg, save=lambda s: None, start_step=start_step)
     return batches, optimizer, scheduler
 
 
