@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -350,6 +351,18 @@ def test_activation_statistics_only_when_chosen() -> None:
         model = tiny_llama()
         build_method(method_cfg(criterion=criterion), schedule()).attach(model)
         assert all(bool(m.bottleneck._forward_hooks) == hooked for m in lora_modules(model).values())
+
+
+def test_method_rank_sets_the_schedule_end_and_sparsity_final_is_left_as_given(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``method.rank`` wins: the target rank is derived once and logged; the user's ``sparsity`` is not rewritten."""
+    sparsity = schedule(final=0.9, every=1, per_event=2)
+    with caplog.at_level(logging.INFO, logger="prunedlora.methods.prunedlora"):
+        model, method, pre, _ = pruned_run(tmp_path, 4, method_cfg(rank=4), sparsity)
+    assert method.target == 4 and method.sparsity is sparsity and sparsity.final == 0.9
+    assert method.callbacks()[0].final == pytest.approx(0.5)  # 1 - 4 / 8 of r0
+    assert [sorted(set(r.values())) for r in pre.ranks] == [[6], [4], [4], [4]]  # stops at rank 4, not 0.9 of r0
+    assert "target 4 (method.rank=4, not sparsity.final=0.9: the schedule prunes 0.5 of r0)" in caplog.text
 
 
 def test_rank_above_module_width_is_a_config_error_naming_module_and_fix() -> None:

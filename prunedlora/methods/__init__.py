@@ -18,7 +18,7 @@ from prunedlora.methods.registry import (
     unregister,
 )
 
-__getattr__ = lazy_attributes(__name__, {"Method": "base", "Callback": "base", "AttachContext": "base"})
+__getattr__ = lazy_attributes(__name__, {"Method": ".base", "Callback": ".base", "AttachContext": ".base"})
 
 __all__ = ["METHODS", "AttachContext", "Callback", "Method", "MethodSpec", "build_method", "method_spec",  # noqa: F822
            "method_specs", "register", "unregister"]

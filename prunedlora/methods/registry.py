@@ -64,13 +64,14 @@ def resolve_path(path: str) -> Any:
 
 def lazy_attributes(package: str, where: dict[str, str]) -> Callable[[str], Any]:
     """A module ``__getattr__`` (PEP 562) for a method folder's ``__init__``: ``where`` maps a public name to the
-    submodule that defines it, imported on first access, so that importing the folder (for its config) stays
-    torch-free while ``from prunedlora.methods.<name> import <Name>Method`` still works."""
+    module that defines it (``".method"``, relative to ``package``, or an absolute path), imported on first access,
+    so that importing the folder (for its config) stays torch-free while ``from prunedlora.methods.<name> import
+    <Name>Method`` still works."""
 
     def __getattr__(name: str) -> Any:
         if name not in where:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        return getattr(importlib.import_module(f"{package}.{where[name]}"), name)
+        return getattr(importlib.import_module(where[name], package), name)
 
     return __getattr__
 

@@ -4,5 +4,5 @@
 from prunedlora.methods.adalora.config import AdaLoraConfig
 from prunedlora.methods.registry import lazy_attributes
 
-__getattr__ = lazy_attributes(__name__, {"AdaLoraMethod": "method", "AdaLoraAllocator": "method"})
+__getattr__ = lazy_attributes(__name__, {"AdaLoraMethod": ".method", "AdaLoraAllocator": ".method"})
 __all__ = ["AdaLoraAllocator", "AdaLoraConfig", "AdaLoraMethod"]  # noqa: F822

@@ -4,5 +4,5 @@ registration), ``method.py`` (``DropLoraMethod``, ``RankMaskSampler``)."""
 from prunedlora.methods.droplora.config import DropLoraConfig
 from prunedlora.methods.registry import lazy_attributes
 
-__getattr__ = lazy_attributes(__name__, {"DropLoraMethod": "method", "RankMaskSampler": "method"})
+__getattr__ = lazy_attributes(__name__, {"DropLoraMethod": ".method", "RankMaskSampler": ".method"})
 __all__ = ["DropLoraConfig", "DropLoraMethod", "RankMaskSampler"]  # noqa: F822

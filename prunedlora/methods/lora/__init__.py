@@ -5,5 +5,5 @@ from prunedlora.methods.lora.config import LoraConfig
 from prunedlora.methods.registry import lazy_attributes
 
 __getattr__ = lazy_attributes(__name__, dict.fromkeys(("LoraMethod", "attach_lora", "export_lora", "rank_report"),
-                                                      "method"))
+                                                      ".method"))
 __all__ = ["LoraConfig", "LoraMethod", "attach_lora", "export_lora", "rank_report"]  # noqa: F822

@@ -5,5 +5,5 @@ plan), ``export.py`` (compaction), ``method.py`` (``LoraPruneMethod``)."""
 from prunedlora.methods.loraprune.config import LoraPruneConfig
 from prunedlora.methods.registry import lazy_attributes
 
-__getattr__ = lazy_attributes(__name__, {"LoraPruneMethod": "method", "LoraPruneCallback": "callback"})
+__getattr__ = lazy_attributes(__name__, {"LoraPruneMethod": ".method", "LoraPruneCallback": ".callback"})
 __all__ = ["LoraPruneCallback", "LoraPruneConfig", "LoraPruneMethod"]  # noqa: F822

@@ -5,5 +5,5 @@ rank, registration), ``callback.py`` (``PrunedLoraCallback``: masks, schedule, c
 from prunedlora.methods.prunedlora.config import PrunedLoraConfig
 from prunedlora.methods.registry import lazy_attributes
 
-__getattr__ = lazy_attributes(__name__, {"PrunedLoraMethod": "method", "PrunedLoraCallback": "callback"})
+__getattr__ = lazy_attributes(__name__, {"PrunedLoraMethod": ".method", "PrunedLoraCallback": ".callback"})
 __all__ = ["PrunedLoraCallback", "PrunedLoraConfig", "PrunedLoraMethod"]  # noqa: F822

@@ -4,5 +4,6 @@
 from prunedlora.methods.registry import lazy_attributes
 from prunedlora.methods.salr.config import SalrConfig
 
-__getattr__ = lazy_attributes(__name__, {"SalrMethod": "method", "load_salr_export": "load", "export_salr": "export"})
+__getattr__ = lazy_attributes(__name__, {"SalrMethod": ".method", "export_salr": ".export",
+                                         "load_salr_export": ".load"})  # the README's path to the loader
 __all__ = ["SalrConfig", "SalrMethod", "export_salr", "load_salr_export"]  # noqa: F822
