@@ -1,5 +1,7 @@
 """LoRAPrune's group importance (methods.md §5.2): weight-level scores, grouped, normalised, averaged.
 
+Each criterion is a record of ``prunedlora.pruning.criteria.STRUCTURED_CRITERIA`` naming its function here.
+
 Per projection, a weight-level importance ``I`` (d_out x d_in) from one of three criteria, all
 multiplied against the effective weight ``W~ = W0 + s*BA``:
 

@@ -56,8 +56,7 @@ class LoraPruneCallback(Callback):
         self.max_steps = 0
         self.skipped = 0
         self.criterion = STRUCTURED_CRITERIA[cfg.criterion]
-        self.capture = None
-        """The group-scoring capture (``channel_taylor``'s ``TaylorCapture``) of a criterion that scores groups."""
+        self.capture = None  # a criterion that scores whole groups captures them (channel_taylor: TaylorCapture)
         if self.criterion.scores_groups:
             self.capture = STRUCTURED_CRITERIA.function(cfg.criterion)({i: self.layers[i] for i in masks})
 

@@ -172,8 +172,7 @@ class PrunedLoraCallback(Callback):
                  target: int, stats: BottleneckStats | None = None) -> None:
         self.modules, self.cfg, self.sparsity, self.target, self.stats = modules, cfg, sparsity, target, stats
         self.r0 = cfg.init_rank
-        self.final = 1.0 - target / self.r0
-        """The fraction of r0 pruned at the end, what the schedule ramps to."""
+        self.final = 1.0 - target / self.r0  # the fraction of r0 pruned at the end: what the schedule ramps to
         self.criterion = RANK_CRITERIA[cfg.criterion]
         self.score = RANK_CRITERIA.function(cfg.criterion)
         self.optimizer: torch.optim.Optimizer | None = None
