@@ -103,13 +103,19 @@ def unregister(name: str) -> None:
 
 
 def discover() -> None:
-    """Import the ``config`` module of every method folder once; each registers its method."""
+    """Import the ``config`` module of every method folder once; each registers its method.
+
+    A package under ``methods/`` without a ``config.py`` is not a method (shared helpers may live in one); a method
+    folder whose ``config.py`` does not register is caught by the contract test, which matches the registry against
+    ``configs/method/*.yaml``.
+    """
     global _FOUND
     if _FOUND:
         return
     _FOUND = True
-    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
-        if info.ispkg:
+    folder = Path(__file__).parent
+    for info in pkgutil.iter_modules([str(folder)]):
+        if info.ispkg and (folder / info.name / "config.py").is_file():
             importlib.import_module(f"{__package__}.{info.name}.config")
 
 
