@@ -22,10 +22,11 @@ from pathlib import Path
 
 import torch
 
-from prunedlora.config import compose_config
+from prunedlora.compose import compose_config
 from prunedlora.data.batching import build_train_examples
-from prunedlora.methods.salr import pruned_weights, target_linears
+from prunedlora.methods.salr.method import target_linears
 from prunedlora.models.load import load_model
+from prunedlora.pruning.base_criteria import pruned_weights
 from prunedlora.pruning.calibration import calibration_rows, collect_input_stats
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/ is not a package

@@ -24,8 +24,10 @@ import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from prunedlora.config import DropLoraConfig, LoraConfig, SparsityConfig
+from prunedlora.config import SparsityConfig
 from prunedlora.methods import build_method
+from prunedlora.methods.droplora.config import DropLoraConfig
+from prunedlora.methods.lora.config import LoraConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/ is not a package
 from results_md import command_line, machine_description, update_section  # noqa: E402

@@ -42,9 +42,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from results_md import command_line, machine_description, update_section  # noqa: E402
 
-from prunedlora.config import DataConfig, LoraPruneConfig, ModelConfig, SparsityConfig  # noqa: E402
+from prunedlora.config import DataConfig, ModelConfig, SparsityConfig  # noqa: E402
 from prunedlora.export import save_pretrained_dir  # noqa: E402
-from prunedlora.methods.loraprune import LoraPruneMethod  # noqa: E402
+from prunedlora.methods.loraprune.config import LoraPruneConfig  # noqa: E402
+from prunedlora.methods.loraprune.method import LoraPruneMethod  # noqa: E402
 from prunedlora.models.load import load_model  # noqa: E402
 
 DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"

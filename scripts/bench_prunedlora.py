@@ -21,9 +21,11 @@ from dataclasses import replace
 import torch
 from results_md import command_line, machine_description, update_section
 
-from prunedlora.config import LoraConfig, PrunedLoraConfig, SparsityConfig, TinyModelConfig, TrainConfig
+from prunedlora.config import SparsityConfig, TinyModelConfig, TrainConfig
 from prunedlora.methods import build_method
 from prunedlora.methods.base import Callback
+from prunedlora.methods.lora.config import LoraConfig
+from prunedlora.methods.prunedlora.config import PrunedLoraConfig
 from prunedlora.models.tiny import build_byte_tokenizer, build_tiny_llama
 from prunedlora.train.engine import TorchEngine
 from prunedlora.train.loop import optimizer_step

@@ -38,8 +38,9 @@ import torch
 from torch import nn
 
 from prunedlora.adapters.salr import SalrLinear, salr_modules
-from prunedlora.config import SalrConfig, SparsityConfig, TinyModelConfig
+from prunedlora.config import SparsityConfig, TinyModelConfig
 from prunedlora.methods import build_method
+from prunedlora.methods.salr.config import SalrConfig
 from prunedlora.pruning.bitmap import BitmapLinear, decode, encode, size_report
 from prunedlora.pruning.magnitude import per_matrix_mask, prune_
 

@@ -97,7 +97,7 @@ def hf_peft_loop(args: argparse.Namespace) -> list[float]:
     """The usual stack: transformers model + ``peft.get_peft_model``, AdamW, autocast, a plain Python loop."""
     from peft import LoraConfig, get_peft_model
 
-    from prunedlora.config import compose_config
+    from prunedlora.compose import compose_config
     from prunedlora.data.batching import ResumableBatches, build_train_examples
     from prunedlora.models.load import load_model, resolve_device
     torch.set_num_threads(args.threads)
@@ -128,7 +128,7 @@ def hf_peft_loop(args: argparse.Namespace) -> list[float]:
 def profile_ours(args: argparse.Namespace) -> str:
     """Where our eager LoRA step spends its time: ``torch.profiler`` around a short ``prunedlora-train`` run
     (``--profile`` steps; model load and export included, so the table shows them too), top ops by self time."""
-    from prunedlora.config import compose_config
+    from prunedlora.compose import compose_config
     from prunedlora.train.recipe import run
 
     torch.set_num_threads(args.threads)
@@ -172,9 +172,9 @@ def matmul_peak(dtype: torch.dtype, device: str, threads: int, repeats: int = 10
 
 def flops_per_token(method: str, model_name: str) -> float:
     """~4 FLOPs per frozen parameter per token (forward, input gradients) and 6 per trained one."""
-    from prunedlora.config import compose_config
+    from prunedlora.compose import compose_config
     from prunedlora.methods import build_method
-    from prunedlora.methods.salr import target_linears
+    from prunedlora.methods.salr.method import target_linears
     from prunedlora.models.load import count_parameters, load_model
 
     cfg = compose_config([f"method={method}", f"model={model_name}"])

@@ -60,7 +60,7 @@ class Case:
     run: str | None = None
     """The row whose run this one serves differently (None: its own run)."""
     needs: tuple[str, str] | None = None
-    """(method config class, field) this checkout must have for the row to run, e.g. LoRAPrune's ``structure``."""
+    """(method, config field) this checkout must have for the row to run, e.g. LoRAPrune's ``structure``."""
 
 
 CASES = (
@@ -70,7 +70,7 @@ CASES = (
     Case("prunedlora", ("method=prunedlora", "sparsity.every=2")),
     Case("loraprune-per_layer", ("method=loraprune", "method.structure=per_layer", "sparsity.every=2")),
     Case("loraprune-uniform", ("method=loraprune", "method.structure=uniform", "sparsity.every=2"),
-         needs=("LoraPruneConfig", "structure")),
+         needs=("loraprune", "structure")),
     Case("salr", ("method=salr", "method.calibration_sequences=8"), serve="model+adapter"),
     # Multi-LoRA serving: the same runs' adapter/ on the base model, as a LoRARequest.
     Case("lora-adapter", (), serve="base+adapter", run="lora"),
@@ -79,15 +79,15 @@ CASES = (
 RUNS = {c.label: c for c in CASES if c.run is None}
 
 
-def _has_field(config_class: str, name: str) -> bool:
-    import prunedlora.config as config
+def _has_field(method: str, name: str) -> bool:
+    from prunedlora.methods.registry import method_spec
 
-    return name in {f.name for f in dataclasses.fields(getattr(config, config_class))}
+    return name in {f.name for f in dataclasses.fields(method_spec(method).schema)}
 
 
 def _overrides(case: Case) -> list[str]:
     """The case's overrides; ``method.structure=per_layer`` is dropped where per_layer is all there is."""
-    if "method.structure=per_layer" in case.overrides and not _has_field("LoraPruneConfig", "structure"):
+    if "method.structure=per_layer" in case.overrides and not _has_field("loraprune", "structure"):
         return [o for o in case.overrides if o != "method.structure=per_layer"]
     return list(case.overrides)
 

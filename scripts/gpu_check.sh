@@ -44,7 +44,8 @@ RUNS+=("lora-nf4 method=lora model.quantization=nf4")
 if [ "$DRY_RUN" = 1 ]; then
     printf '%s\n' "${RUNS[@]}" | "$PYTHON" -c '
 import sys
-from prunedlora.config import compose_config, validate
+from prunedlora.compose import compose_config
+from prunedlora.config import validate
 common = sys.argv[1:]
 for line in sys.stdin:
     name, *overrides = line.split()

@@ -50,7 +50,7 @@ def test_prunedlora_runs_reach_their_rank_within_the_cpu_budget() -> None:
 
 
 def test_prunedlora_suite_runs_every_variant_over_the_seeds_to_rank_8() -> None:
-    from prunedlora.methods.prunedlora import DEFAULT_SCHEDULE, sparsity_for_target
+    from prunedlora.methods.prunedlora.callback import DEFAULT_SCHEDULE
     from prunedlora.pruning.schedules import target_fraction
 
     suite = SUITES["prunedlora"]
@@ -60,8 +60,8 @@ def test_prunedlora_suite_runs_every_variant_over_the_seeds_to_rank_8() -> None:
         cfg = compose_root([*BUDGETS["cpu"]["gsm8k"], *suite.eval_overrides, *run.overrides])
         if cfg.method.name == "prunedlora":
             assert (cfg.method.init_rank, cfg.method.final_rank(cfg.sparsity.final)) == (32, 8), run.label
-            sparsity = sparsity_for_target(cfg.sparsity, 32, 8)  # what the method runs: method.rank wins
-            final = target_fraction(sparsity, 36, 60, units=32, default=DEFAULT_SCHEDULE)
+            # what the method runs: its schedule ramps to the target rank's fraction of r0 (method.rank wins)
+            final = target_fraction(cfg.sparsity, 36, 60, units=32, default=DEFAULT_SCHEDULE, final=1 - 8 / 32)
             assert final == pytest.approx(0.75), run.label  # rank 8 by 60% of the 60 steps: time to recover
     assert all(v == {42, 1, 2} for v in seeds.values()) and len(seeds) == 5
     assert [r.series for r in suite.runs[:2]] == ["prunedlora obs (default)", "lora r8"]  # paired first

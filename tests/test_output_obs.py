@@ -11,8 +11,8 @@ import itertools
 import pytest
 import torch
 
+from prunedlora.pruning.criteria import RANK_CRITERIA
 from prunedlora.pruning.rank_criteria import (
-    CRITERIA,
     lowest,
     output_hessian_inverse,
     output_obs_prune,
@@ -164,8 +164,8 @@ def toy_figures(seed: int) -> dict[str, float]:
     base = loss(t, t["B"], t["A"])
     z = t["x_recent"] @ t["A"].T
     stats = {"gram": z.T @ z / z.shape[0], "rel_damping": 0.01}
-    s_obs = CRITERIA["obs"](t["B"], t["A"], None, None, **stats)
-    s_mag = CRITERIA["magnitude"](t["B"], t["A"], None, None)
+    s_obs = RANK_CRITERIA.function("obs")(t["B"], t["A"], None, None, **stats)
+    s_mag = RANK_CRITERIA.function("magnitude")(t["B"], t["A"], None, None)
     k = 4  # one event: 16 -> 12
     out = {"obs_event": loss(t, *obs_removal(t, lowest(s_obs, k))) - base,
            "zero_event": loss(t, *zeroing(t, lowest(s_mag, k))) - base,

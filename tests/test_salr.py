@@ -13,11 +13,14 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from prunedlora.adapters.salr import SalrLinear, residual_factors, salr_modules, truncated_svd
-from prunedlora.config import ConfigError, SalrConfig, SparsityConfig
+from prunedlora.config import ConfigError, SparsityConfig
 from prunedlora.export import weight_files
 from prunedlora.export.bitmap import BITMAP_FILE, STORAGE_FILE
 from prunedlora.methods import build_method
-from prunedlora.methods.salr import SalrMethod, load_salr_export, plain_bases, sparse_base_weight
+from prunedlora.methods.salr.config import SalrConfig
+from prunedlora.methods.salr.export import plain_bases
+from prunedlora.methods.salr.load import load_salr_export, sparse_base_weight
+from prunedlora.methods.salr.method import SalrMethod
 from prunedlora.pruning.bitmap import (
     BitmapLinear,
     BitmapTensor,

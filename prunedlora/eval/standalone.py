@@ -40,7 +40,7 @@ from omegaconf import OmegaConf
 from prunedlora.config import ConfigError, EvalConfig, ModelConfig, RootConfig, validate
 from prunedlora.eval.runner import evaluate
 from prunedlora.eval.wandb_log import log_eval_run
-from prunedlora.methods.salr import load_salr_export
+from prunedlora.methods.salr.load import load_salr_export
 from prunedlora.models.load import load_model, load_tokenizer, resolve_device
 
 log = logging.getLogger(__name__)

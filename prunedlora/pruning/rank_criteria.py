@@ -6,7 +6,8 @@ B, row ``a_jᵀ`` of A). Every criterion takes the active slices
     B (d_out, r'), A (r', d_in), G_B = ∂L/∂B (d_out, r'), G_A = ∂L/∂A (r', d_in)
 
 plus keyword statistics, and returns a saliency ``(r',)``; the lowest is pruned first. Criteria ignore
-the keywords they do not use, so a caller can pass the same ``**stats`` to all of them.
+the keywords they do not use, so a caller can pass the same ``**stats`` to all of them. Each criterion is a record
+of ``prunedlora.pruning.criteria.RANK_CRITERIA`` naming its function here (and its recovery update, if any).
 
 ``obs`` (default) is OBS on the adapter's own output (methods.md, Decisions item 0, the erratum): the
 column OBS of OBC/SparseGPT applied to the rank dimension. The adapter computes ``y = s B z`` with
@@ -29,14 +30,10 @@ Nothing here knows about modules, masks or optimizers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
-from prunedlora.config import PRUNEDLORA_CRITERIA
-
-Criterion = Callable[..., Tensor]
+from prunedlora.pruning.criteria import RECOVERY_FACTORS
 
 
 # ------------------------------------------------------------------------------------------ Hessians
@@ -79,7 +76,7 @@ def output_obs_saliency(B: Tensor, A: Tensor, G_B: Tensor, G_A: Tensor, *, gram:
     ``S_j`` is the least output error ``E‖B'z − Bz‖²`` of any B' with column j zero (the error after
     ``output_obs_prune``'s re-fit), per unit of ``s²``. ``s = alpha / r0`` is the same for every module
     of a run, so these values are on one scale across modules: ``allocation=global`` compares them
-    directly (see ``ABSOLUTE_CRITERIA``).
+    directly (its record is ``absolute``).
 
     Args:
         gram: (r', r') ``E[z zᵀ]`` over the active components, tokens since the last event.
@@ -154,19 +151,6 @@ def activation_saliency(B: Tensor, A: Tensor, G_B: Tensor, G_A: Tensor, *, act_r
     return act_rms.to(B.dtype) * B.norm(dim=0)
 
 
-CRITERIA: dict[str, Criterion] = {
-    "obs": output_obs_saliency,
-    "obs_grad": obs_saliency,
-    "magnitude": magnitude_saliency,
-    "taylor": taylor_saliency,
-    "activation": activation_saliency,
-}
-assert tuple(CRITERIA) == PRUNEDLORA_CRITERIA
-ABSOLUTE_CRITERIA = frozenset({"obs"})
-"""Criteria whose saliencies share one scale across modules (output-error units): ``allocation=global``
-compares them as they are. The others are divided by their module's mean first (``relative_saliency``)."""
-
-
 # ------------------------------------------------------------------------------------------ recovery
 def _compensate(w: Tensor, g: Tensor, h_inv: Tensor, j: int, newton_scale: float) -> Tensor:
     """Recovery of §3.2 for a stack of row vectors over the components; entry j ends exactly at zero.
@@ -196,9 +180,6 @@ def _downdate(h_inv: Tensor, j: int) -> Tensor:
     out[j, :] = 0.0
     out[:, j] = 0.0
     return out
-
-
-RECOVERY_FACTORS = ("b", "a", "both")
 
 
 def obs_prune(B: Tensor, A: Tensor, G_B: Tensor, G_A: Tensor, order: list[int], newton_scale: float,
@@ -244,6 +225,18 @@ def obs_prune_one(B: Tensor, A: Tensor, G_B: Tensor, G_A: Tensor, j: int, newton
     return obs_prune(B, A, G_B, G_A, [j], newton_scale, damping, factors)
 
 
+def output_obs_recovery(B: Tensor, A: Tensor, G_B: Tensor, G_A: Tensor, order: list[int], *, gram: Tensor,
+                        rel_damping: float, **_: object) -> tuple[Tensor, None]:
+    """``obs``'s recovery: B re-fit on the output (``output_obs_prune``); A is left to its mask. Returns (B', None)."""
+    return output_obs_prune(B, output_hessian_inverse(gram, rel_damping), order), None
+
+
+def obs_grad_recovery(B: Tensor, A: Tensor, G_B: Tensor, G_A: Tensor, order: list[int], *, newton_scale: float,
+                      damping: float, recovery_factor: str, **_: object) -> tuple[Tensor, Tensor]:
+    """``obs_grad``'s recovery: the paper's update of ``recovery_factor`` (``obs_prune``). Returns (B', A')."""
+    return obs_prune(B, A, G_B, G_A, order, newton_scale, damping, recovery_factor)
+
+
 # ---------------------------------------------------------------------------------------- allocation
 def lowest(saliency: Tensor, count: int) -> list[int]:
     """Indices of the ``count`` lowest saliencies, lowest first (ties: lower index first)."""
@@ -281,7 +274,7 @@ def select_global(saliencies: dict[str, Tensor], capacity: dict[str, int], budge
         saliencies: module name -> (r'_m,) raw saliencies over its active components.
         capacity: module name -> active rank minus the floor (``min_rank``).
         budget: components to prune this event, over all modules.
-        relative: divide each module's saliencies by their mean first (False for ``ABSOLUTE_CRITERIA``,
+        relative: divide each module's saliencies by their mean first (False for ``absolute`` criteria,
             whose values are already comparable across modules).
 
     Returns:

@@ -12,7 +12,7 @@ when every query head sharing it is removed (``gqa_policy=query_head``, the defa
 ``gqa_policy=kv_group`` removes a KV head together with all its query heads as one unit. Either way the
 masks are stored per query head; the KV mask is derived (a KV head is kept while any of its query
 heads is). ``gqa_balanced`` (query_head only) removes the same number of query heads from every KV group
-of a layer, so the layer stays standard GQA at export; so does ``structure=uniform`` (``pruning.uniform``),
+of a layer, so the layer stays standard GQA at export; so does ``structure=uniform`` (``methods.loraprune.uniform``),
 which also removes the same counts from every layer.
 
 Masks during training (stack.md §4-5): nothing is reshaped or edited in place while the optimizer

@@ -1,5 +1,7 @@
 """LoRAPrune's group importance (methods.md §5.2): weight-level scores, grouped, normalised, averaged.
 
+Each criterion is a record of ``prunedlora.pruning.criteria.STRUCTURED_CRITERIA`` naming its function here.
+
 Per projection, a weight-level importance ``I`` (d_out x d_in) from one of three criteria, all
 multiplied against the effective weight ``W~ = W0 + s*BA``:
 
@@ -46,18 +48,27 @@ gradients would change the balance of the terms).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from prunedlora.adapters.lora import LoRALinear
-from prunedlora.config import LORAPRUNE_CRITERIA, LoraPruneConfig
 from prunedlora.distributed import full_grad, gathered
 from prunedlora.models.surgery import dequantized_weight, projection
+from prunedlora.pruning.criteria import STRUCTURED_CRITERIA
 from prunedlora.pruning.structure import AttentionShape, intermediate_size
 
 NORM_EPS = 1e-8
+
+
+class GroupOptions(Protocol):
+    """The settings group scores read (``LoraPruneConfig`` has them)."""
+
+    prune_heads: bool
+    prune_channels: bool
+    score_power: int
+    gqa_policy: str
 
 
 # ---------------------------------------------------------------------------------- weights, grads
@@ -87,36 +98,28 @@ def lora_guided_gradient(module: LoRALinear) -> torch.Tensor | None:
     return g_b @ (a - g_a) + b @ g_a
 
 
-def _lora_guided(module: nn.Module) -> torch.Tensor | None:
+def lora_guided_score(module: nn.Module) -> torch.Tensor | None:
+    """``lora_guided``: ``G^ ⊙ W~`` (None where the projection has no adapter or no gradient yet)."""
     if not isinstance(module, LoRALinear):
         return None
     g_hat = lora_guided_gradient(module)
     return None if g_hat is None else g_hat.mul_(effective_weight(module))
 
 
-def _magnitude(module: nn.Module) -> torch.Tensor | None:
+def magnitude_score(module: nn.Module) -> torch.Tensor | None:
+    """``magnitude``: ``W~``."""
     return effective_weight(module)
 
 
-def _true_gradient(module: nn.Module) -> torch.Tensor | None:
+def true_gradient_score(module: nn.Module) -> torch.Tensor | None:
+    """``true_gradient``: ``dL/dW0 ⊙ W~`` (None before the base weights have a gradient)."""
     grad = full_grad(base_linear(module).weight)
     return None if grad is None else grad.float() * effective_weight(module)
 
 
-WEIGHT_SCORES: dict[str, Callable[[nn.Module], torch.Tensor | None]] = {
-    "lora_guided": _lora_guided,
-    "magnitude": _magnitude,
-    "true_gradient": _true_gradient,
-}
-"""criterion -> signed weight-level product (``G ⊙ W~`` or ``W~``); None when its inputs are missing."""
-GROUP_CRITERIA = ("channel_taylor",)
-"""Criteria that score groups directly (``TaylorCapture``), not through weight-level products."""
-assert (*WEIGHT_SCORES, *GROUP_CRITERIA) == LORAPRUNE_CRITERIA
-
-
 def weight_importance(module: nn.Module, criterion: str, power: int = 1) -> torch.Tensor | None:
     """``I = |score|`` (power 1) or ``score**2`` (power 2), float32 (d_out, d_in); None if unavailable."""
-    score = WEIGHT_SCORES[criterion](module)
+    score = STRUCTURED_CRITERIA.function(criterion)(module)
     if score is None:
         return None
     score = score.abs_()
@@ -276,7 +279,7 @@ class TaylorCapture:
 
     @staticmethod
     def layer_scores(sums: dict[tuple[int, str], torch.Tensor], i: int, shape: AttentionShape,
-                     cfg: LoraPruneConfig) -> dict[str, torch.Tensor | None]:
+                     cfg: GroupOptions) -> dict[str, torch.Tensor | None]:
         """Layer ``i``'s normalised ``heads`` / ``channels`` vectors from ``take()``'s sums (None: no gradient)."""
         scores = {}
         if cfg.prune_heads:

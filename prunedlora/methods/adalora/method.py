@@ -36,10 +36,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunedlora.config import AdaLoraConfig, ConfigError, SparsityConfig
+from prunedlora.config import ConfigError, SparsityConfig
 from prunedlora.export import count_parameters, describe, save_pretrained_dir
 from prunedlora.export.hf import CLIENT as HF_CLIENT
-from prunedlora.methods.base import Callback, default_parameter_groups
+from prunedlora.methods.adalora.config import AdaLoraConfig
+from prunedlora.methods.base import Callback, Method
 from prunedlora.models.surgery import dequantize_linears, dequantized_weight, replace_module, target_module_names
 
 log = logging.getLogger(__name__)
@@ -234,13 +235,13 @@ class AdaLoraAllocator(Callback):
 
 
 # --------------------------------------------------------------------------------------------- method
-class AdaLoraMethod:
+class AdaLoraMethod(Method):
     """``method=adalora``: PEFT's AdaLoRA with our loop, checkpoints, report and export."""
 
-    name = "adalora"
+    cfg: AdaLoraConfig
 
     def __init__(self, cfg: AdaLoraConfig, sparsity: SparsityConfig) -> None:
-        self.cfg = cfg
+        super().__init__(cfg, sparsity)
         self.final_rank = cfg.final_rank(sparsity.final)
         self.peft_model: Any = None
         self._allocator: AdaLoraAllocator | None = None
@@ -255,9 +256,6 @@ class AdaLoraMethod:
         self._allocator = AdaLoraAllocator(self.peft_model, self.cfg.orth_reg_weight, self.cfg.tinit_frac,
                                            self.cfg.tfinal_frac)
         return [self._allocator]
-
-    def parameter_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-        return default_parameter_groups(model, weight_decay)
 
     def report(self, model: nn.Module) -> dict[str, Any]:
         """Active rank (non-zero λ) per module, the achieved rank sparsity and the effective adapter size.

@@ -2,7 +2,7 @@
 
 ``h = W0 x + s B (M ⊙ A dropout(x)) / (1 - p)`` in training, ``W0 x + s B A x`` at eval. Everything but
 the training forward is plain LoRA: attach, report and export (``adapter/`` in PEFT LoRA format,
-``model/`` merged) reuse ``prunedlora.methods.lora``.
+``model/`` merged) reuse ``prunedlora.methods.lora.method``.
 
 ``mask_mode=element`` (default, the authors' code) needs no callback: the mask is drawn per forward from
 the global RNG, which checkpoints already save. ``mask_mode=rank`` keeps one mask per module per
@@ -21,9 +21,10 @@ from torch import nn
 
 from prunedlora.adapters.droplora import RankDropout, bottleneck_dropout
 from prunedlora.adapters.lora import lora_modules
-from prunedlora.config import DropLoraConfig, SparsityConfig
-from prunedlora.methods.base import Callback, default_parameter_groups
-from prunedlora.methods.lora import attach_lora, export_lora, rank_report
+from prunedlora.config import SparsityConfig
+from prunedlora.methods.base import Callback, Method
+from prunedlora.methods.droplora.config import DropLoraConfig
+from prunedlora.methods.lora.method import attach_lora, export_lora, rank_report
 
 # Added to the run's seed (torch.initial_seed()) so the rank-mask stream differs from the global one.
 RANK_MASK_SEED_OFFSET = 0x5DEECE66D
@@ -70,13 +71,13 @@ class RankMaskSampler(Callback):
         self.drawn = bool(state["drawn"])
 
 
-class DropLoraMethod:
+class DropLoraMethod(Method):
     """``method=droplora``: LoRA with inverted dropout (rate ``method.p``) on the rank bottleneck."""
 
-    name = "droplora"
+    cfg: DropLoraConfig
 
     def __init__(self, cfg: DropLoraConfig, sparsity: SparsityConfig) -> None:
-        self.cfg = cfg
+        super().__init__(cfg, sparsity)
         self._rank_modules: list[RankDropout] = []
         self._seed = 0
 
@@ -94,9 +95,6 @@ class DropLoraMethod:
 
     def callbacks(self) -> list[Callback]:
         return [RankMaskSampler(self._rank_modules, self._seed)] if self._rank_modules else []
-
-    def parameter_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-        return default_parameter_groups(model, weight_decay)
 
     def report(self, model: nn.Module) -> dict[str, Any]:
         return rank_report(model)
