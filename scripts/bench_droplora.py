@@ -1,6 +1,6 @@
-"""Step-time overhead of DropLoRA's bottleneck mask over plain LoRA at the same rank (methods.md §4).
+"""Step-time overhead of DropLoRA's bottleneck mask over plain LoRA at the same rank (docs/methods.md §4).
 
-A random LLaMA shaped like the small CPU benchmark model (stack.md §13: hidden 256, 4 layers, seq 256 x
+A random LLaMA shaped like the small CPU benchmark model (hidden 256, 4 layers, seq 256 x
 batch 8 = 2048 tokens per step), LoRA on DropLoRA's targets (q, k, v, up, down), fp32, forward + backward
 + AdamW + zero_grad per step (plus the rank-mask redraw in ``mask_mode=rank``). The three variants run
 interleaved, one step each per round in a rotating order, so load from other processes hits them alike;

@@ -1,4 +1,4 @@
-"""SALR storage and CPU latency (methods.md §6.3-6.4, §8 items 23 and 25): bitmap vs dense, concat vs separate.
+"""SALR storage and CPU latency (docs/methods.md §6.3-6.4, §8 items 23 and 25): bitmap vs dense, concat vs separate.
 
 Four measurements, on SmolLM2-135M-Instruct (the offline copy; ``--tiny`` or its absence: the random tiny
 LLaMA) pruned to 50% per matrix:
@@ -250,7 +250,7 @@ def main() -> None:
         f"## SALR: bitmap storage and CPU latency ({model_name})",
         f"Command: `{command_line()}`  \nMachine: {machine_description()}",
         *[f"### {title}\n\n{table}" for title, table in sections],
-        "The bitmap path is the correctness reference (methods.md §8 item 25): it decodes the whole matrix on "
+        "The bitmap path is the correctness reference (docs/methods.md §8 item 25): it decodes the whole matrix on "
         "every call, so on CPU it is slower than the dense GEMM; the paper's speed-up needs a fused "
         "decode + GEMM kernel or 2:4 semi-structured kernels on a GPU (§8 item 23), not measured here.",
     ])

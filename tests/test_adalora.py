@@ -1,4 +1,5 @@
-"""AdaLoRA baseline (methods.md §2) through PEFT: allocation runs, regulariser applies, export and resume are exact."""
+"""AdaLoRA baseline (docs/methods.md §2) through PEFT: allocation runs, regulariser applies, export and resume
+are exact."""
 
 from __future__ import annotations
 

@@ -37,14 +37,6 @@ SKIPPED_DIRS = {".git", ".venv", ".venv-serving", ".pytest_cache", ".ruff_cache"
                 "build", "dist", "outputs", "multirun", "runs", "wandb"}
 """Directories never read: environments, caches and run outputs (the .gitignore's), not the project's files."""
 
-BRIEF_PATHS_FORBIDDEN = False
-"""Switch for ``test_no_file_refers_to_the_internal_brief``. Off while README.md and scripts/compare_suites.py still
-name ``../shared/docs/methods.md`` (issue 26 item 4 rewrites every citation to ``docs/methods.md``); set it to True
-once they are rewritten (the test then fails on any such reference). While off, the test is a strict xfail, so it
-turns red, as a reminder, the day the last reference goes."""
-CITED_DOCS_IN_REPO = False
-"""Switch for ``test_every_cited_document_is_in_the_repo``: off while code cites ``stack.md §...`` (the internal
-brief's stack notes, which no clone has); set it to True once those citations point at a document in ``docs/``."""
 BRIEF_PATH = re.compile(r"shared/docs")
 
 
@@ -373,17 +365,11 @@ def test_brief_references_finds_the_internal_brief_and_nothing_else(tmp_path: Pa
     assert brief_references(tmp_path) == ['pkg/a.py:1: """See ../shared/docs/methods.md §3."""']
 
 
-@pytest.mark.xfail(not BRIEF_PATHS_FORBIDDEN, strict=True,
-                   reason="README.md and scripts/compare_suites.py still name ../shared/docs/methods.md; this turns "
-                          "green once issue 26 item 4 rewrites them (then set BRIEF_PATHS_FORBIDDEN = True)")
 def test_no_file_refers_to_the_internal_brief() -> None:
     found = brief_references(ROOT)
     assert not found, "the internal brief is not in the repository; cite docs/methods.md:\n" + "\n".join(found)
 
 
-@pytest.mark.xfail(not CITED_DOCS_IN_REPO, strict=True,
-                   reason="code still cites stack.md §..., a document of the internal brief; this turns green once "
-                          "those citations point into docs/ (then set CITED_DOCS_IN_REPO = True)")
 def test_every_cited_document_is_in_the_repo() -> None:
     absent = [f"{c.where}: {c.text!r} ({c.doc}.md)" for c in repo_citations()
               if c.doc != "methods" and not (ROOT / "docs" / f"{c.doc}.md").exists()]

@@ -1,4 +1,4 @@
-"""DropLoRA (methods.md §4): eval is plain LoRA, training masks the bottleneck, both mask modes, export, resume."""
+"""DropLoRA (docs/methods.md §4): eval is plain LoRA, training masks the bottleneck, both mask modes, export, resume."""
 
 from __future__ import annotations
 

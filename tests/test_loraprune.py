@@ -1,4 +1,4 @@
-"""LoRAPrune (methods.md §5): the LoRA-guided gradient, grouping, masks, GQA policies, compaction and export."""
+"""LoRAPrune (docs/methods.md §5): the LoRA-guided gradient, grouping, masks, GQA policies, compaction and export."""
 
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------ criteria
 def test_lora_guided_gradient_is_minus_one_sgd_step_of_ba() -> None:
-    """methods.md §5.2: B'A' - BA = -(G_B A + B G_A) + G_B G_A at eta = 1, i.e. -G^."""
+    """docs/methods.md §5.2: B'A' - BA = -(G_B A + B G_A) + G_B G_A at eta = 1, i.e. -G^."""
     model = tiny_llama()
     attach(model)
     x = batch(0)

@@ -1,4 +1,5 @@
-"""Output-OBS, PrunedLoRA's default criterion (methods.md Decisions item 0): brute force, closed form, a toy regression.
+"""Output-OBS, PrunedLoRA's default criterion (docs/methods.md Decisions item 0): brute force, closed form, a toy
+regression.
 
 The toy is the erratum's: a 48x48 linear regression ``y = W* x``, a frozen ``W0`` plus an adapter ``s B A``
 (rank 16, s = 2) trained with Adam, then one event removes 4 of the 16 components.

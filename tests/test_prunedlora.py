@@ -1,4 +1,4 @@
-"""PrunedLoRA (methods.md §3): the paper's OBS math (obs_grad), pruning during real training, allocation, export,
+"""PrunedLoRA (docs/methods.md §3): the paper's OBS math (obs_grad), pruning during real training, allocation, export,
 resume, CLI. The default criterion's math (output OBS) is in test_output_obs.py."""
 
 from __future__ import annotations

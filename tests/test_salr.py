@@ -1,4 +1,4 @@
-"""SALR (methods.md §6): masks, residual SVD bound, concatenated adapters, bitmap storage, export, CLI."""
+"""SALR (docs/methods.md §6): masks, residual SVD bound, concatenated adapters, bitmap storage, export, CLI."""
 
 from __future__ import annotations
 

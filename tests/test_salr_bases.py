@@ -1,4 +1,4 @@
-"""SALR's base criteria beyond the paper (methods.md Decisions item 0): Wanda, SparseGPT, their calibration pass,
+"""SALR's base criteria beyond the paper (docs/methods.md Decisions item 0): Wanda, SparseGPT, their calibration pass,
 the quantized sparse base, and ``train.max_steps=0``."""
 
 from __future__ import annotations

@@ -1,4 +1,6 @@
-"""SALR's base criteria: prune every target linear's weight once, before training (methods.md §6, Decisions 0).
+"""SALR's base criteria: prune every target linear's weight once, before training.
+
+docs/methods.md §6, Decisions item 0.
 
 Each function is the record of ``prunedlora.pruning.criteria.BASE_CRITERIA`` with its name and yields
 ``(name, W_s)`` for every target, one matrix at a time: the float32 pruned weight (zeros in place). ``stats``

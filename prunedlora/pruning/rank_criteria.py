@@ -1,4 +1,4 @@
-"""Rank-component saliency, OBS recovery and rank allocation, on plain tensors (methods.md §3.2, §3.6, §8).
+"""Rank-component saliency, OBS recovery and rank allocation, on plain tensors (docs/methods.md §3.2, §3.6, §8).
 
 One adapted linear with active component set S, ``r' = |S|``. Component j is the pair (column ``b_j`` of
 B, row ``a_jᵀ`` of A). Every criterion takes the active slices
@@ -9,14 +9,14 @@ plus keyword statistics, and returns a saliency ``(r',)``; the lowest is pruned 
 the keywords they do not use, so a caller can pass the same ``**stats`` to all of them. Each criterion is a record
 of ``prunedlora.pruning.criteria.RANK_CRITERIA`` naming its function here (and its recovery update, if any).
 
-``obs`` (default) is OBS on the adapter's own output (methods.md, Decisions item 0, the erratum): the
+``obs`` (default) is OBS on the adapter's own output (docs/methods.md, Decisions item 0, the erratum): the
 column OBS of OBC/SparseGPT applied to the rank dimension. The adapter computes ``y = s B z`` with
 ``z = m ⊙ (A x)``; with ``H = E[z zᵀ]`` over the tokens since the last event (relatively damped,
 ``H + λ·mean(diag H)·I``), removing j and re-fitting B to keep ``E‖s(B'z − Bz)‖²`` minimal costs
 ``s² ‖b_j‖² / [H⁻¹]_jj``, and the re-fit is ``B ← B − (B e_j / [H⁻¹]_jj)(H⁻¹ e_j)ᵀ`` on B alone (A is
 fixed, its row j only masked).
 
-``obs_grad`` is the paper's variant (methods.md §3.2, Decisions item 1), kept for reproduction: the
+``obs_grad`` is the paper's variant (docs/methods.md §3.2, Decisions item 1), kept for reproduction: the
 second-order saliency with gradient-Gram "Hessians" ``H_B = G_BᵀG_B`` and ``H_A = G_A G_Aᵀ`` damped by an
 absolute ε. The erratum measured two flaws: from one step's mean gradient the Gram is of order ‖g‖², not
 curvature, so ``S_j`` is a constant plus a signed first-order term (rank correlation with the true removal
@@ -113,7 +113,7 @@ def output_obs_prune(B: Tensor, h_inv: Tensor, order: list[int]) -> Tensor:
 
 
 def obs_saliency(B: Tensor, A: Tensor, G_B: Tensor, G_A: Tensor, *, damping: float = 1e-6, **_: object) -> Tensor:
-    """The paper's saliency (``criterion=obs_grad``, methods.md §3.2), over the rows of B and columns of A.
+    """The paper's saliency (``criterion=obs_grad``, docs/methods.md §3.2), over the rows of B and columns of A.
 
     ``S_j = ½ Σ_i (B_ij − [G_B Hb⁻]_ij)² / (Hb⁻)_jj + ½ Σ_c (A_jc − [Ha⁻ G_A]_jc)² / (Ha⁻)_jj``: the
     j-dependent part of the minimum of ``gᵀδ + ½δᵀHδ`` subject to ``δ_j = −w_j`` for each row vector w.
@@ -196,7 +196,7 @@ def obs_prune(B: Tensor, A: Tensor, G_B: Tensor, G_A: Tensor, order: list[int], 
             counts**: zeroing B's column j or A's row j each already removes the term ``s b_j a_jᵀ``,
             and each side's compensation is built to replace that whole term, so applying both adds it
             back about twice plus a cross term (toy regression, one event: loss +0.9 to +6.9 against
-            +0.55 to +0.87 for plain zeroing; methods.md Decisions item 0). Use it only to reproduce
+            +0.55 to +0.87 for plain zeroing; docs/methods.md Decisions item 0). Use it only to reproduce
             the paper.
 
     Returns:

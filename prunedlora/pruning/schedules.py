@@ -5,17 +5,17 @@ method reads the same numbers. The value is **piecewise constant and changes onl
 the steps ``t = k * every`` with ``k >= 1``:
 
 - before the first event (``t < every``, in particular at step 0) the target is 0: nothing is ever
-  pruned at step 0 (methods.md, Decisions item 1: at B = 0 a step-0 ranking is noise);
+  pruned at step 0 (docs/methods.md, Decisions item 1: at B = 0 a step-0 ranking is noise);
 - at an event step the schedule's shape is evaluated at that step;
 - between events the previous event's value holds: ``target_fraction(t) = shape(every * (t // every))``.
 
 Shapes (``T = max_steps``):
 
-- ``constant`` (the paper's PrunedLoRA schedule, methods.md §3.3): ``per_event`` units (K2 rank components per
+- ``constant`` (the paper's PrunedLoRA schedule, docs/methods.md §3.3): ``per_event`` units (K2 rank components per
   module) every ``every`` (K1) steps, ``min(final, (t // every) * per_event / units)`` with ``units`` = r0.
   A ``per_event`` in (0, 1) is a fraction p of the *remaining* rank instead (geometric decay):
   ``min(final, 1 - (1 - p)^(t // every))``.
-- ``geometric`` (PrunedLoRA's default, methods.md Decisions item 0): the same fraction of the remaining rank
+- ``geometric`` (PrunedLoRA's default, docs/methods.md Decisions item 0): the same fraction of the remaining rank
   every event, chosen so that ``final`` is reached at the last event at or before ``end_frac * T``
   (``n = max(1, floor(end_frac T / every))`` events, ``1 - (1 - final)^(k / n)`` after the k-th). The
   relative cut is equal at every event, and the last part of training runs at the final rank, so the

@@ -1,4 +1,4 @@
-"""LoRAPrune's group importance (methods.md §5.2): weight-level scores, grouped, normalised, averaged.
+"""LoRAPrune's group importance (docs/methods.md §5.2): weight-level scores, grouped, normalised, averaged.
 
 Each criterion is a record of ``prunedlora.pruning.criteria.STRUCTURED_CRITERIA`` naming its function here.
 
@@ -9,7 +9,7 @@ multiplied against the effective weight ``W~ = W0 + s*BA``:
   ``G^ = G_B A + B G_A - G_B G_A``, minus one SGD step's change of ``BA`` at step size 1:
   ``B'A' - BA = -(G_B A + B G_A) + G_B G_A`` for ``B' = B - G_B``, ``A' = A - G_A``. Only LoRA weights
   and LoRA gradients are needed: the frozen ``W0`` never gets a gradient. ``G^`` is not multiplied by
-  ``s`` (as the authors' code; methods.md §8 item 14: it cannot change rankings after the per-module
+  ``s`` (as the authors' code; docs/methods.md §8 item 14: it cannot change rankings after the per-module
   normalisation).
 - ``magnitude``: ``|W~|``.
 - ``true_gradient`` (LLM-Pruner style, the memory baseline): ``|dL/dW0 ⊙ W~|``. It needs the base
@@ -29,7 +29,7 @@ code's). Then, per decoder layer (steps of §5.2):
    per KV group the sum of its query heads' q + o plus its k + v (``kv_group``); channel score =
    gate + up + down.
 
-A fourth criterion scores the groups directly instead of summing weight scores (methods.md Decisions item 0):
+A fourth criterion scores the groups directly instead of summing weight scores (docs/methods.md Decisions item 0):
 ``channel_taylor``, the exact first-order Taylor estimate of the loss change when a group's output is removed
 (Molchanov et al. 2019). With ``h`` the input of ``down_proj`` (or ``o_proj``) and ``g = dL/dh``, a channel
 scores ``|Σ_t g_t,c h_t,c|`` and a query head ``|Σ_t Σ_{j in head} g_t,j h_t,j|`` (a KV group, for

@@ -16,7 +16,7 @@ class AdaLoraConfig(MethodConfig):
     alpha: float = 64.0
     """Scaling numerator: PEFT scales by alpha / init_rank for the whole run (2 at the defaults)."""
     init_rank: int = 32
-    """Starting rank of every adapted matrix (PEFT ``init_r``); PrunedLoRA's r0 (methods.md §8 item 26)."""
+    """Starting rank of every adapted matrix (PEFT ``init_r``); PrunedLoRA's r0 (docs/methods.md §8 item 26)."""
     target_rank: int | None = None
     """Average final rank (PEFT ``target_r``); null: ``init_rank * (1 - sparsity.final)``."""
     tinit_frac: float = 0.1
@@ -37,7 +37,7 @@ class AdaLoraConfig(MethodConfig):
         return rank_after_pruning(self.init_rank, sparsity_final, self.target_rank)
 
     def validate(self, sparsity: SparsityConfig) -> list[str]:
-        """AdaLoRA's own checks (methods.md §2, §8 item 26)."""
+        """AdaLoRA's own checks (docs/methods.md §2, §8 item 26)."""
         p: list[str] = []
         check(p, self.rank is None, f"method.rank={self.rank} is not used by adalora; set method.init_rank and "
                                     "method.target_rank (or sparsity.final) instead")

@@ -12,7 +12,7 @@ MASK_MODES = ("element", "rank")
 
 @dataclass
 class DropLoraConfig(MethodConfig):
-    """DropLoRA (methods.md §4), with the authors' scripts' values (§4.3): lora_dropout 0.05 and adapters on
+    """DropLoRA (docs/methods.md §4), with the authors' scripts' values (§4.3): lora_dropout 0.05 and adapters on
     q, k, v, up and down (no o_proj, no gate_proj)."""
 
     name: str = "droplora"
@@ -24,7 +24,7 @@ class DropLoraConfig(MethodConfig):
     """element: independent per token and rank (authors' code); rank: one rank mask per optimizer step."""
 
     def validate(self, sparsity: SparsityConfig) -> list[str]:
-        """DropLoRA's own checks (methods.md §4); ``sparsity`` is ignored (nothing is pruned)."""
+        """DropLoRA's own checks (docs/methods.md §4); ``sparsity`` is ignored (nothing is pruned)."""
         problems: list[str] = []
         check(problems, 0 <= self.p < 1, f"method.p={self.p} is the drop probability and must be in [0, 1) "
                                          "(default 0.5)")

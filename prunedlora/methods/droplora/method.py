@@ -1,4 +1,4 @@
-"""DropLoRA (Zhang, arXiv 2508.17337; methods.md §4): LoRA with a random mask between A and B.
+"""DropLoRA (Zhang, arXiv 2508.17337; docs/methods.md §4): LoRA with a random mask between A and B.
 
 ``h = W0 x + s B (M ⊙ A dropout(x)) / (1 - p)`` in training, ``W0 x + s B A x`` at eval. Everything but
 the training forward is plain LoRA: attach, report and export (``adapter/`` in PEFT LoRA format,
@@ -31,7 +31,7 @@ RANK_MASK_SEED_OFFSET = 0x5DEECE66D
 
 
 class RankMaskSampler(Callback):
-    """Redraws every ``RankDropout`` mask once per optimizer step (``mask_mode=rank``, methods.md §4.2).
+    """Redraws every ``RankDropout`` mask once per optimizer step (``mask_mode=rank``, docs/methods.md §4.2).
 
     The mask for step ``t`` must exist before step ``t``'s first forward, and no hook fires between
     ``zero_grad`` and the next forward, so masks are drawn in ``on_train_start`` (for the first step) and
@@ -82,7 +82,7 @@ class DropLoraMethod(Method):
         self._seed = 0
 
     def attach(self, model: nn.Module) -> list[str]:
-        """Wrap the targets in LoRA (methods.md §4.3) and put a mask module on every bottleneck."""
+        """Wrap the targets in LoRA (docs/methods.md §4.3) and put a mask module on every bottleneck."""
         names = attach_lora(model, self.cfg, self.cfg.rank)
         masks = [bottleneck_dropout(self.cfg.mask_mode, m.rank, self.cfg.p) for m in lora_modules(model).values()]
         for module, mask in zip(lora_modules(model).values(), masks):
@@ -101,5 +101,5 @@ class DropLoraMethod(Method):
 
     def export(self, model: nn.Module, tokenizer: Any, out_dir: Path, base_model_id: str,
                formats: Sequence[str] | None = None) -> dict[str, Any]:
-        """Plain LoRA artifacts (methods.md §4.4): the mask is the identity outside training."""
+        """Plain LoRA artifacts (docs/methods.md §4.4): the mask is the identity outside training."""
         return export_lora(model, tokenizer, out_dir, base_model_id, formats)

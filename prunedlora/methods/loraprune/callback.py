@@ -1,4 +1,4 @@
-"""LoRAPrune's callback (methods.md §5.2-5.3): group scores, their moving average, and cumulative masking.
+"""LoRAPrune's callback (docs/methods.md §5.2-5.3): group scores, their moving average, and cumulative masking.
 
 Every optimizer step (``on_before_optimizer_step``, complete unscaled gradients), per prunable layer: head and
 channel importance by ``method.criterion`` (its ``STRUCTURED_CRITERIA`` record: a weight-level score summed over each

@@ -17,7 +17,7 @@ CHANNEL_PROJECTIONS = ["gate_proj", "up_proj", "down_proj"]
 
 @dataclass
 class LoraPruneConfig(MethodConfig):
-    """LoRAPrune (methods.md §5): structured pruning of the base (heads, MLP channels) while LoRA trains.
+    """LoRAPrune (docs/methods.md §5): structured pruning of the base (heads, MLP channels) while LoRA trains.
 
     The target fraction and the cadence come from the ``sparsity`` group: ``sparsity.final`` of the heads
     and of the channels of every prunable layer, cubic by default (``schedule: auto``) with
@@ -26,7 +26,7 @@ class LoraPruneConfig(MethodConfig):
 
     name: str = "loraprune"
     dropout: float = 0.05
-    """lora_dropout 0.05, as the authors' script (methods.md §5.3)."""
+    """lora_dropout 0.05, as the authors' script (docs/methods.md §5.3)."""
     target_modules: list[str] = field(default_factory=lambda: [*HEAD_PROJECTIONS, *CHANNEL_PROJECTIONS])
     criterion: str = "channel_taylor"
     """channel_taylor (default, beyond the paper: |sum_t g * h| over a head's slice of the o_proj input / a
@@ -57,7 +57,7 @@ class LoraPruneConfig(MethodConfig):
     checkpoint of the base's architecture (transformers without remote code, vLLM)."""
 
     def validate(self, sparsity: SparsityConfig) -> list[str]:
-        """LoRAPrune's own checks (methods.md §5, §8 items 13-18)."""
+        """LoRAPrune's own checks (docs/methods.md §5, §8 items 13-18)."""
         p: list[str] = []
         check_one_of(p, "method.structure", self.structure, STRUCTURES)
         check(p, self.structure != "uniform" or self.prune_channels,

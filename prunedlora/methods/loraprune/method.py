@@ -1,4 +1,4 @@
-"""LoRAPrune (Zhang et al., ACL Findings 2024; methods.md §5): prune base heads and MLP channels while LoRA trains.
+"""LoRAPrune (Zhang et al., ACL Findings 2024; docs/methods.md §5): prune base heads and MLP channels while LoRA trains.
 
 Attach: LoRA on the seven projections, then a ``StructureMask`` with masking hooks on every prunable
 decoder layer (all but the first ``exempt_first_frac`` of the layers and the last ``exempt_last``).
@@ -19,7 +19,7 @@ authors' ``init < ratio < final`` condition would stop one event short).
 the same counts from each (the plan's final counts scaled by the schedule's progress), sized so the export has
 per_layer's parameter count; each layer still picks its own units by its own EMA.
 
-GQA policy (methods.md §5.6): see ``prunedlora.pruning.structure``. In short: the query head is the
+GQA policy (docs/methods.md §5.6): see ``prunedlora.pruning.structure``. In short: the query head is the
 unit, scored as q(h) + o(h) + (k + v) of its KV head; a KV head's k/v rows go only when all its query
 heads are gone; ``gqa_policy=kv_group`` removes whole KV groups instead; ``gqa_balanced=true`` removes
 ``floor(target * G)`` query heads from every group. At export, layers whose KV groups kept unequal

@@ -1,4 +1,4 @@
-"""PrunedLoRA's pruning callback (methods.md §3.3 step 4): mask, schedule, score, allocate, recover, prune.
+"""PrunedLoRA's pruning callback (docs/methods.md §3.3 step 4): mask, schedule, score, allocate, recover, prune.
 
 In ``on_before_optimizer_step`` (complete, unclipped gradients of the step): (i) mask A's rows, B's columns and
 their gradients; (ii) at a pruning event (step ``k * every``, ``k >= 1``; never step 0) where the schedule asks for
@@ -46,7 +46,7 @@ DEFAULT_SCHEDULE = "geometric"
 """What ``sparsity.schedule=auto`` means for PrunedLoRA: the same fraction of the remaining rank every K1 = every
 steps, the target reached by ``sparsity.end_frac`` of the steps (the paper's K2-per-event is ``constant``)."""
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
-"""Per-parameter AdamW state whose pruned slices are zeroed (methods.md §8 item 6)."""
+"""Per-parameter AdamW state whose pruned slices are zeroed (docs/methods.md §8 item 6)."""
 
 
 # ------------------------------------------------------------------------------------ statistics
@@ -157,7 +157,7 @@ def _multiply(param: nn.Parameter, factor: torch.Tensor, grads: bool) -> None:
 
 
 class PrunedLoraCallback(Callback):
-    """Masks, schedules and prunes the rank components of every adapter (methods.md §3.3 step 4).
+    """Masks, schedules and prunes the rank components of every adapter (docs/methods.md §3.3 step 4).
 
     Args:
         modules: the LoRA wrappers by name, at rank r0.

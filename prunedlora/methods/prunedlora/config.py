@@ -16,13 +16,13 @@ class PrunedLoraConfig(MethodConfig):
     name: str = "prunedlora"
     rank: int | None = None
     alpha: float = 64.0
-    """Scaling numerator, fixed at alpha / init_rank for the whole run (default 2 r0: methods.md §8 item 5)."""
+    """Scaling numerator, fixed at alpha / init_rank for the whole run (default 2 r0: docs/methods.md §8 item 5)."""
     dropout: float = 0.05
-    """lora_dropout on the input of the LoRA branch, as the authors' trainer (methods.md §3.3)."""
+    """lora_dropout on the input of the LoRA branch, as the authors' trainer (docs/methods.md §3.3)."""
     init_rank: int = 32
     """Starting (over-parameterised) rank r0."""
     criterion: str = "obs"
-    """obs (default: OBS on the adapter's output, methods.md Decisions item 0), obs_grad (the paper's
+    """obs (default: OBS on the adapter's output, docs/methods.md Decisions item 0), obs_grad (the paper's
     gradient-Gram OBS, §3.2), magnitude, taylor or activation (``prunedlora.pruning.criteria.RANK_CRITERIA``)."""
     allocation: str = "uniform"
     """uniform: every module ends at the target rank; global: one budget across all modules."""
@@ -38,7 +38,7 @@ class PrunedLoraConfig(MethodConfig):
     """Apply the criterion's closed-form recovery update to the surviving components (obs and obs_grad have one)."""
     recovery_factor: str = "b"
     """obs_grad: the factor its recovery moves, b or a; both is the paper's two-sided update, which double
-    counts the removed term (methods.md Decisions item 0) and is there to reproduce the paper."""
+    counts the removed term (docs/methods.md Decisions item 0) and is there to reproduce the paper."""
 
     def final_rank(self, sparsity_final: float) -> int:
         """The rank training ends at: ``rank`` when set, else ``init_rank * (1 - sparsity_final)``.
@@ -50,7 +50,7 @@ class PrunedLoraConfig(MethodConfig):
         return rank_after_pruning(self.init_rank, sparsity_final, self.rank)
 
     def validate(self, sparsity: SparsityConfig) -> list[str]:
-        """PrunedLoRA's own checks (methods.md §3, §8 items 1-6); module shapes are checked at attach."""
+        """PrunedLoRA's own checks (docs/methods.md §3, §8 items 1-6); module shapes are checked at attach."""
         p: list[str] = []
         target = self.final_rank(sparsity.final)
         check(p, self.init_rank >= 1, f"method.init_rank={self.init_rank} must be >= 1")

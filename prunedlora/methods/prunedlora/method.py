@@ -1,4 +1,4 @@
-"""PrunedLoRA (Yu et al., arXiv 2510.00192; methods.md §3): start LoRA at rank r0, prune rank components
+"""PrunedLoRA (Yu et al., arXiv 2510.00192; docs/methods.md §3): start LoRA at rank r0, prune rank components
 while training down to a target rank, and never bring them back.
 
 The method in four steps (this folder: ``config.py`` the options, ``callback.py`` step 2, ``method.py`` the rest):
@@ -13,7 +13,7 @@ The method in four steps (this folder: ``config.py`` the options, ``callback.py`
    (``prunedlora.pruning.criteria.RANK_CRITERIA``), choose the lowest per module (``allocation=uniform``) or
    across modules (``allocation=global``), apply the criterion's recovery update and clear their mask bits.
 
-   The default ``criterion=obs`` is OBS on the adapter's output (methods.md Decisions item 0, the
+   The default ``criterion=obs`` is OBS on the adapter's output (docs/methods.md Decisions item 0, the
    erratum): ``H = E[z zᵀ]`` of the bottleneck ``z = m ⊙ A x`` over the tokens since the last event,
    ``S_j = ‖b_j‖² / [H⁻¹]_jj``, recovery on B only. ``criterion=obs_grad`` is the paper's gradient-Gram
    variant (§3.2), whose recovery moves one factor (``method.recovery_factor``; ``both`` reproduces the
@@ -96,7 +96,8 @@ class PrunedLoraMethod(Method):
                  self.cfg.allocation, self.cfg.criterion, next(iter(modules.values())).scaling)
         if self.cfg.newton_scale > 0 and self.cfg.recovery and "newton_scale" in criterion.options:
             log.warning("method.newton_scale=%g: the Newton term -nu H^-1 g scales like 1/|G| with a gradient-Gram "
-                        "Hessian and can blow up (methods.md §3.2); 0 is the validated default", self.cfg.newton_scale)
+                        "Hessian and can blow up (docs/methods.md §3.2); 0 is the validated default",
+                        self.cfg.newton_scale)
         return names
 
     def callbacks(self) -> list[Callback]:

@@ -19,11 +19,11 @@ class SalrConfig(MethodConfig):
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
     residual_rank: int = 8
-    """Rank of the truncated-SVD residual adapter (0: none; methods.md §6.2 item 3)."""
+    """Rank of the truncated-SVD residual adapter (0: none; docs/methods.md §6.2 item 3)."""
     pattern: str = "unstructured"
     """unstructured (magnitude threshold) or 2:4 (2 largest |w| of every 4 input columns: always 50%)."""
     scope: str = "per_matrix"
-    """per_matrix or global magnitude threshold (methods.md §8 item 22); unstructured only."""
+    """per_matrix or global magnitude threshold (docs/methods.md §8 item 22); unstructured only."""
     residual_trainable: bool = True
     """Train the residual adapter (the paper's default); false freezes it at its SVD init."""
     svd: str = "auto"
@@ -35,12 +35,13 @@ class SalrConfig(MethodConfig):
     base_criterion: str = "wanda"
     """How the base is pruned: wanda (default: |W_ij| * ||X_j||, per output row, from a calibration pass; it
     measures best after fine-tuning, docs/RESULTS.md), sparsegpt (OBS with weight updates, same pass) or magnitude
-    (the SALR paper's) (``prunedlora.pruning.criteria.BASE_CRITERIA``). Pruning methods, methods.md Decisions 0."""
+    (the SALR paper's) (``prunedlora.pruning.criteria.BASE_CRITERIA``). Pruning methods: docs/methods.md
+    Decisions item 0."""
     calibration_sequences: int = 32
     """wanda/sparsegpt: rows of train.seq_len tokens cut from the training data for the calibration pass."""
 
     def validate(self, sparsity: SparsityConfig) -> list[str]:
-        """SALR's own checks (methods.md §6.4): one-shot pruning, pattern/scope/format combinations."""
+        """SALR's own checks (docs/methods.md §6.4): one-shot pruning, pattern/scope/format combinations."""
         p: list[str] = []
         check(p, self.rank is not None, "method.rank=null: salr needs the task LoRA rank (e.g. 8)")
         check(p, self.residual_rank >= 0, f"method.residual_rank={self.residual_rank} must be >= 0")
@@ -67,7 +68,7 @@ class SalrConfig(MethodConfig):
         check(p, self.base_format != "semi_structured" or self.pattern == "2:4",
               "method.base_format=semi_structured needs method.pattern=2:4")
         check(p, sparsity.schedule in ("auto", "none"),
-              f"sparsity.schedule={sparsity.schedule}: salr prunes once, before training (methods.md §7); "
+              f"sparsity.schedule={sparsity.schedule}: salr prunes once, before training (docs/methods.md §7); "
               "use sparsity.schedule=auto (sparsity.final sets the base sparsity)")
         return p
 

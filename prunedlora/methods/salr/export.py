@@ -1,4 +1,6 @@
-"""SALR's export (``export_salr``), never merged: a dense ``BA`` would destroy the sparsity (methods.md §6.4 item 7).
+"""SALR's export (``export_salr``), never merged: a dense ``BA`` would destroy the sparsity.
+
+docs/methods.md §6.4 item 7.
 
 One folder per client: ``model/`` the pruned base as a plain Hugging Face model (zeros in place, the base's dtype),
 ``adapter/`` the residual and task adapters fused into one PEFT LoRA of rank ``r_res + r`` (scaling 1) on ``model/``,

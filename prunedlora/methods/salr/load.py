@@ -26,7 +26,7 @@ def _semi_structured_dense(layer: SemiStructuredLinear) -> torch.Tensor:
     return layer.weight.to_dense()
 
 
-# Dense weight of each sparse-base implementation (methods.md §6.4 item 5), by type.
+# Dense weight of each sparse-base implementation (docs/methods.md §6.4 item 5), by type.
 _DENSE_WEIGHT: dict[type, Callable[[nn.Module], torch.Tensor]] = {
     nn.Linear: lambda layer: layer.weight,
     BitmapLinear: lambda layer: layer.dense_weight(),

@@ -1,9 +1,9 @@
-"""SALR (Zhang et al., AAAI 2026, arXiv 2601.16991; methods.md §6): sparse base + SVD residual + task LoRA.
+"""SALR (Zhang et al., AAAI 2026, arXiv 2601.16991; docs/methods.md §6): sparse base + SVD residual + task LoRA.
 
-``attach`` prunes every target linear once, before training (methods.md §7), by ``method.base_criterion``:
+``attach`` prunes every target linear once, before training (docs/methods.md §7), by ``method.base_criterion``:
 ``magnitude`` (the paper's, ``prunedlora.pruning.magnitude``), ``wanda`` or ``sparsegpt``
 (``prunedlora.pruning.activation_aware``, from one dense calibration pass over rows of the training data,
-``prunedlora.pruning.calibration``; methods.md Decisions item 0). Then the residual ``E = W0 - W_s`` in
+``prunedlora.pruning.calibration``; docs/methods.md Decisions item 0). Then the residual ``E = W0 - W_s`` in
 float32, its rank-``r_res`` SVD as the trainable residual adapter, the pruned weight written in place (the
 frozen base is never reshaped, Decisions item 5), and a ``SalrLinear`` around it. With
 ``model.quantization=nf4|fp4|int8`` the base was loaded in float (``quantizes_base``): the pruned linears are
@@ -83,7 +83,7 @@ def sparsify_linear(linear: nn.Linear, sparse: torch.Tensor, residual_rank: int,
     what pruning removed (for magnitude and Wanda the pruned entries; SparseGPT also moves the kept ones).
 
     Returns:
-        ``B_res (d_out, r_res)``, ``A_res (r_res, d_in)`` (float32, methods.md §6.2 item 3) and
+        ``B_res (d_out, r_res)``, ``A_res (r_res, d_in)`` (float32, docs/methods.md §6.2 item 3) and
         ``{"sparsity", "numel", "residual_norm2", "residual_error2"}``: ``‖E‖_F²`` and ``‖E - B_res A_res‖_F²``.
     """
     w0 = linear.weight.float()  # a copy unless the base is float32; then cloned below
@@ -98,7 +98,8 @@ def sparsify_linear(linear: nn.Linear, sparse: torch.Tensor, residual_rank: int,
 
 
 class SalrMethod(Method):
-    """``method=salr`` (methods.md §6.4). No callbacks: the base is pruned once, before training (methods.md §7)."""
+    """``method=salr`` (docs/methods.md §6.4). No callbacks: the base is pruned once, before training
+    (docs/methods.md §7)."""
 
     cfg: SalrConfig
     quantizes_base = True
@@ -186,7 +187,7 @@ def salr_report(model: nn.Module, init_stats: dict[str, dict[str, float]]) -> di
     """Figures for ``summary.json``: ranks, achieved sparsity (overall and per matrix), residual recovery.
 
     ``residual_error_ratio`` is ``Σ‖E - E_r‖² / Σ‖E‖²`` at initialisation, the quantity bounded by
-    ``1 - r/n`` per matrix (methods.md §6.2 item 3).
+    ``1 - r/n`` per matrix (docs/methods.md §6.2 item 3).
     """
     wrappers = salr_modules(model)
     zeros = {name: int((sparse_base_weight(w.base_layer) == 0).sum()) for name, w in wrappers.items()}
