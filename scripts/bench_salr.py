@@ -20,19 +20,17 @@ load from other processes hits all alike); ratios are medians of per-round ratio
    and AVX2), ``base_format=auto`` and the decode-then-GEMM reference, with bytes per token and the
    machine's memory bandwidth. Written to its own section (``salr_kernel``).
 
-    python scripts/bench_salr.py                  # writes the salr and salr_kernel sections of docs/RESULTS.md
-    python scripts/bench_salr.py --no-write --rounds 5 --tiny
-    python scripts/bench_salr.py --layers-only --no-write   # only the per-layer kernel rows
+    python -m scripts.bench_salr                  # writes the salr and salr_kernel sections of docs/RESULTS.md
+    python -m scripts.bench_salr --no-write --rounds 5 --tiny
+    python -m scripts.bench_salr --layers-only --no-write   # only the per-layer kernel rows
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -40,13 +38,11 @@ from torch import nn
 from prunedlora.adapters.salr import SalrLinear, salr_modules
 from prunedlora.config import SparsityConfig, TinyModelConfig
 from prunedlora.methods import build_method
-from prunedlora.methods.salr.config import SalrConfig
+from prunedlora.methods.salr import SalrConfig
 from prunedlora.pruning.bitmap import BitmapLinear, decode, encode, size_report
 from prunedlora.pruning.magnitude import per_matrix_mask, prune_
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/ is not a package
-from results_md import command_line, machine_description, update_section  # noqa: E402
-from salr_layer_rows import layer_tables  # noqa: E402
+from scripts._publish import command_line, machine_description, publish
+from scripts.salr_layer_rows import layer_tables
 
 SPARSITY = 0.5
 D_OUT, D_IN = 576, 1536  # SmolLM2 down_proj
@@ -101,13 +97,13 @@ def load_base(tiny: bool) -> tuple[nn.Module, str]:
         try:
             from transformers import AutoModelForCausalLM
 
-            from prunedlora.models.smollm2 import smollm2_offline_dir
+            from prunedlora.models import smollm2_offline_dir
 
             model = AutoModelForCausalLM.from_pretrained(smollm2_offline_dir(), dtype=torch.float32)
             return model.eval(), "SmolLM2-135M"
         except Exception as err:  # no wheel, no network: fall back, and say so in the table
             print(f"SmolLM2 unavailable ({err}); using the tiny model")
-    from prunedlora.models.tiny import build_tiny_llama
+    from prunedlora.models import build_tiny_llama
 
     return build_tiny_llama(TinyModelConfig(), 259).eval(), "tiny random LLaMA"
 
@@ -229,10 +225,7 @@ def kernel_section(args: argparse.Namespace) -> str:
 
 def main() -> None:
     args = parse_args()
-    kernel_md = kernel_section(args)
-    print(kernel_md)
-    if not args.no_write:
-        update_section("salr_kernel", kernel_md)
+    publish("salr_kernel", kernel_section(args), write=not args.no_write)
     if args.layers_only:
         return
     torch.set_num_threads(args.threads)
@@ -254,9 +247,7 @@ def main() -> None:
         "every call, so on CPU it is slower than the dense GEMM; the paper's speed-up needs a fused "
         "decode + GEMM kernel or 2:4 semi-structured kernels on a GPU (§8 item 23), not measured here.",
     ])
-    print(md)
-    if not args.no_write:
-        update_section("salr", md)
+    publish("salr", md, write=not args.no_write)
 
 
 if __name__ == "__main__":
