@@ -158,7 +158,9 @@ def forward_table(model: nn.Module, args: argparse.Namespace) -> str:
     import copy
 
     dense = copy.deepcopy(model)
-    method = build_method(SalrConfig(residual_rank=args.residual_rank, rank=args.rank), SparsityConfig(final=SPARSITY))
+    # magnitude, as the rest of this benchmark (the default, wanda, needs a calibration pass over training data)
+    config = SalrConfig(residual_rank=args.residual_rank, rank=args.rank, base_criterion="magnitude")
+    method = build_method(config, SparsityConfig(final=SPARSITY))
     salr_dense = model
     method.attach(salr_dense)
     salr_bitmap = copy.deepcopy(salr_dense)
