@@ -391,12 +391,12 @@ def main(argv: list[str] | None = None) -> int:
     known = json.loads(store.read_text()) if store.is_file() else {}
     if not args.collect_only:
         prompts = gsm8k_prompts(args.prompts)
+        args.out.mkdir(parents=True, exist_ok=True)  # the vLLM logs go there, even for rows with a --run-dir
         for case in CASES:
             if not args.only or case.label in args.only:
                 run = case.run or case.label
                 known[case.label] = check(case, args.run_dir.get(run, args.out / run), prompts, args)
                 print(row(known[case.label]), flush=True)
-                args.out.mkdir(parents=True, exist_ok=True)
                 store.write_text(json.dumps(known, indent=1) + "\n")  # after every row: a crash keeps the others
     results = [known[c.label] if c.label in known else {"label": c.label, "skipped": "not checked yet"}
                for c in CASES]
