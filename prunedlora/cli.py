@@ -35,7 +35,8 @@ from prunedlora.cli_errors import (
     override_keys,
     paragraph,
 )
-from prunedlora.config import ConfigError, RootConfig, register_configs, validate
+from prunedlora.compose import register_configs
+from prunedlora.config import ConfigError, RootConfig, validate
 
 log = logging.getLogger("prunedlora")
 

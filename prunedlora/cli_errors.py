@@ -3,7 +3,8 @@
 Hydra and OmegaConf report bad overrides in their own words (and suggest ``+key`` for a misspelt key, which
 adds a key the code never reads). :func:`explain` turns those exceptions, and the file-system errors of a
 run directory that cannot be written, into the project's paragraph; the CLI prints it and exits 2. The
-valid keys come from the typed schemas in ``prunedlora.config``, so suggestions never drift from the code.
+valid keys come from the typed schemas (``prunedlora.config`` and each registered method's), so suggestions never
+drift from the code.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ import difflib
 import re
 import typing
 
-from prunedlora.config import EVAL_TASKS, METHOD_SCHEMAS, MethodConfig, RootConfig
+from prunedlora.config import EVAL_TASKS, MethodConfig, RootConfig
+from prunedlora.methods.registry import method_specs
 
 DEBUG_HINT = "Add debug=true for the full traceback."
 EVAL_USAGE = (
@@ -54,7 +56,7 @@ def _schema_keys(schema: type, prefix: str) -> list[str]:
 def valid_keys(method_schema: type | None = None) -> list[str]:
     """Every settable key: the root schema with ``method`` expanded for ``method_schema`` (all methods if None)."""
     keys = [k for k in _schema_keys(RootConfig, "") if k != "method"]
-    methods = [method_schema] if method_schema is not None else list(METHOD_SCHEMAS.values())
+    methods = [method_schema] if method_schema is not None else [spec.schema for spec in method_specs().values()]
     for schema in methods:
         keys += [k for k in _schema_keys(schema, "method.") if k not in keys]
     keys += [f"eval.task_limits.{task}" for task in EVAL_TASKS]
@@ -72,12 +74,14 @@ def _unknown_key(key: str, value: str, cause: BaseException | None) -> str:
     """A key that does not exist: nearest valid keys, or the methods that do have it."""
     schema = _method_schema(cause)
     candidates = valid_keys(schema)
-    method = next((name for name, s in METHOD_SCHEMAS.items() if s is schema), None)
-    owners = [name for name, s in METHOD_SCHEMAS.items() if key in _schema_keys(s, "method.")]
+    specs = method_specs().values()
+    method = next((spec.name for spec in specs if spec.schema is schema), None)
+    owners = [spec.name for spec in specs if key in _schema_keys(spec.schema, "method.")]
     where = f" of method={method}" if method else ""
     if owners and method not in owners:
-        return (f"{key}={value}: {key} is not a key{where}; it belongs to method={'/'.join(owners)}. Choose one of "
-                f"those methods, or drop the override.")
+        return (f"{key}={value}: {key} is not a key{where}; it belongs to "
+                f"{' and '.join(f'method={owner}' for owner in owners)}. Choose one of those methods, or drop the "
+                "override.")
     close = difflib.get_close_matches(key, candidates, n=2, cutoff=0.6)
     parent = key.rsplit(".", 1)[0] if "." in key else ""
     siblings = sorted({k[len(parent) + 1:].split(".")[0] for k in candidates if parent and k.startswith(parent + ".")})

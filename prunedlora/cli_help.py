@@ -2,13 +2,15 @@
 
 Hydra's own help starts with "powered by Hydra" and lists every config group, internal schema groups
 included. Ours opens with a paragraph and the most useful command lines, names the other commands, and
-lists the user-facing groups with their options, read from the config tree itself (so the list cannot
-drift from what composes). ``--hydra-help`` still prints Hydra's.
+lists the user-facing groups with their options, read from the config tree itself, and the methods from their
+registry (so neither list can drift from what composes). ``--hydra-help`` still prints Hydra's.
 """
 
 from __future__ import annotations
 
 from importlib.resources import files
+
+from prunedlora.methods.registry import method_specs
 
 INTERNAL_GROUPS = ("schema",)
 """Config folders that hold schemas or internals, not options a user picks."""
@@ -21,12 +23,11 @@ COMMANDS = {
 
 ABOUT = {
     "prunedlora-train": (
-        "Fine-tune a LLaMA-family causal LM with a LoRA-family method (lora, droplora, adalora, prunedlora, "
-        "loraprune, salr), pruning while it trains; then export the adapter and the merged or pruned model, "
-        "evaluate it (eval.limit items per task, 50 by default) and write summary.json, all into one run "
-        "directory (outputs/<task>/<method>/<time>, or hydra.run.dir=<dir>). Re-running with the same "
-        "hydra.run.dir resumes; Ctrl-C saves a checkpoint first. Settings are key=value overrides of the "
-        "config groups below; -m sweeps comma-separated values.",
+        "Fine-tune a LLaMA-family causal LM with a LoRA-family method ({methods}), pruning while it trains; then "
+        "export the adapter and the merged or pruned model, evaluate it (eval.limit items per task, 50 by default) "
+        "and write summary.json, all into one run directory (outputs/<task>/<method>/<time>, or "
+        "hydra.run.dir=<dir>). Re-running with the same hydra.run.dir resumes; Ctrl-C saves a checkpoint first. "
+        "Settings are key=value overrides of the config groups below; -m sweeps comma-separated values.",
         [
             "prunedlora-train model=tiny method=lora task=gsm8k train.max_steps=3      # smoke run, seconds on CPU",
             "prunedlora-train method=prunedlora method.init_rank=32 sparsity.final=0.75 hydra.run.dir=runs/pl",
@@ -73,6 +74,7 @@ def group_options() -> dict[str, list[str]]:
 def help_text(prog: str) -> str:
     """The full ``--help`` text of ``prog`` (``prunedlora-train`` or ``prunedlora-eval``)."""
     about, examples, groups = ABOUT[prog]
+    about = about.format(methods=", ".join(method_specs()))
     options = group_options()
     others = [f"  {name:<18} {what}" for name, what in COMMANDS.items() if name != prog]
     lines = [f"{prog}: {about}", "", "Examples:", *(f"  {e}" for e in examples), "", "Other commands:", *others, "",

@@ -2,7 +2,7 @@
 
 Pruning callbacks read gradients, rewrite weights and clear optimizer moments between backward and the
 optimizer step. Under ZeRO >= 1 ``p.grad`` is None and the optimizer keeps its own float32 partitions,
-so those reads and writes must go through DeepSpeed's ``safe_*`` accessors (stack.md §4). These helpers
+so those reads and writes must go through DeepSpeed's ``safe_*`` accessors. These helpers
 pick the right path per parameter: a parameter DeepSpeed manages carries ``_hp_mapping`` (ZeRO-1/2) or
 ``ds_id`` (ZeRO-3); anything else is plain PyTorch.
 """

@@ -1,13 +1,13 @@
-"""Step-time overhead of DropLoRA's bottleneck mask over plain LoRA at the same rank (methods.md §4).
+"""Step-time overhead of DropLoRA's bottleneck mask over plain LoRA at the same rank (docs/methods.md §4).
 
-A random LLaMA shaped like the small CPU benchmark model (stack.md §13: hidden 256, 4 layers, seq 256 x
+A random LLaMA shaped like the small CPU benchmark model (hidden 256, 4 layers, seq 256 x
 batch 8 = 2048 tokens per step), LoRA on DropLoRA's targets (q, k, v, up, down), fp32, forward + backward
 + AdamW + zero_grad per step (plus the rank-mask redraw in ``mask_mode=rank``). The three variants run
 interleaved, one step each per round in a rotating order, so load from other processes hits them alike;
 the table reports per-variant medians and the median of the per-round ratios. Target: <= 1.05x.
 
-    python scripts/bench_droplora.py              # writes the droplora_overhead section of docs/RESULTS.md
-    python scripts/bench_droplora.py --no-write --rounds 5
+    python -m scripts.bench_droplora              # writes the droplora_overhead section of docs/RESULTS.md
+    python -m scripts.bench_droplora --no-write --rounds 5
 """
 
 from __future__ import annotations
@@ -15,20 +15,18 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from prunedlora.config import DropLoraConfig, LoraConfig, SparsityConfig
+from prunedlora.config import SparsityConfig
 from prunedlora.methods import build_method
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/ is not a package
-from results_md import command_line, machine_description, update_section  # noqa: E402
+from prunedlora.methods.droplora import DropLoraConfig
+from prunedlora.methods.lora import LoraConfig
+from scripts._publish import command_line, machine_description, publish
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 VARIANTS = ("lora", "droplora element", "droplora rank")
@@ -156,9 +154,7 @@ def main() -> None:
         torch.set_num_threads(threads)
         lines += table(args, threads, measure(steps, args.rounds, args.warmup))
         print("\n".join(lines), flush=True)
-    md = "\n".join(lines) + "\n"
-    if not args.no_write:
-        update_section("droplora_overhead", md)
+    publish("droplora_overhead", "\n".join(lines), write=not args.no_write, echo=False)  # printed table by table
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""SALR storage and CPU latency (methods.md §6.3-6.4, §8 items 23 and 25): bitmap vs dense, concat vs separate.
+"""SALR storage and CPU latency (docs/methods.md §6.3-6.4, §8 items 23 and 25): bitmap vs dense, concat vs separate.
 
 Four measurements, on SmolLM2-135M-Instruct (the offline copy; ``--tiny`` or its absence: the random tiny
 LLaMA) pruned to 50% per matrix:
@@ -19,25 +19,23 @@ load from other processes hits all alike); ratios are medians of per-round ratio
    float32 and bfloat16, at each of ``--layer-threads``: dense ``W @ x``, the fused bitmap kernel (AVX-512
    and AVX2), ``base_format=auto`` and the decode-then-GEMM reference, with bytes per token and the
    machine's memory bandwidth. Written to its own section (``salr_kernel``).
-6. Per model, batch 1 (``scripts/salr_generate_rows.py``): greedy ``generate`` of ``--new-tokens`` tokens with the
+6. Per model, batch 1 (``scripts.salr_generate_rows``): greedy ``generate`` of ``--new-tokens`` tokens with the
    KV cache from a salr export's ``compressed/``, the dense model against the compressed form in every
    ``base_format``, at each of ``--gen-threads``: the exports named by ``--salr-run`` (SmolLM2 at 50% and 2:4,
    made with ``prunedlora-train model=smollm2_135m method=salr train.max_steps=0 ...``) and a LLaMA-7B-shaped
    stack of ``--stack-layers`` decoder layers with random weights pruned 50%, built here and written and loaded
    through the same export and loader (``--stack-dir`` keeps it). Written to its own section (``salr_generate``).
 
-    python scripts/bench_salr.py                  # writes the salr, salr_kernel and salr_generate sections
-    python scripts/bench_salr.py --no-write --rounds 5 --tiny --no-generate
-    python scripts/bench_salr.py --layers-only --no-write   # only the per-layer kernel rows
-    python scripts/bench_salr.py --generate-only --salr-run "SmolLM2-135M 50%=runs/salr50"   # only generation
+    python -m scripts.bench_salr                  # writes the salr, salr_kernel and salr_generate sections
+    python -m scripts.bench_salr --no-write --rounds 5 --tiny --no-generate
+    python -m scripts.bench_salr --layers-only --no-write   # only the per-layer kernel rows
+    python -m scripts.bench_salr --generate-only --salr-run "SmolLM2-135M 50%=runs/salr50"   # only generation
 """
 
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,15 +44,14 @@ import torch
 from torch import nn
 
 from prunedlora.adapters.salr import SalrLinear, salr_modules
-from prunedlora.config import SalrConfig, SparsityConfig, TinyModelConfig
+from prunedlora.config import SparsityConfig, TinyModelConfig
 from prunedlora.methods import build_method
+from prunedlora.methods.salr import SalrConfig
 from prunedlora.pruning.bitmap import BitmapLinear, decode, encode, size_report
 from prunedlora.pruning.magnitude import per_matrix_mask, prune_
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/ is not a package
-from results_md import command_line, machine_description, update_section  # noqa: E402
-from salr_generate_rows import HEADER, PROMPT, SPLIT_TOKENS, build_stack, model_rows, split_table  # noqa: E402
-from salr_layer_rows import bandwidth, layer_tables  # noqa: E402
+from scripts._publish import command_line, machine_description, publish
+from scripts.salr_generate_rows import HEADER, PROMPT, SPLIT_TOKENS, build_stack, model_rows, split_table
+from scripts.salr_layer_rows import bandwidth, layer_tables
 
 SPARSITY = 0.5
 D_OUT, D_IN = 576, 1536  # SmolLM2 down_proj
@@ -124,13 +121,13 @@ def load_base(tiny: bool) -> tuple[nn.Module, str]:
         try:
             from transformers import AutoModelForCausalLM
 
-            from prunedlora.models.smollm2 import smollm2_offline_dir
+            from prunedlora.models import smollm2_offline_dir
 
             model = AutoModelForCausalLM.from_pretrained(smollm2_offline_dir(), dtype=torch.float32)
             return model.eval(), "SmolLM2-135M"
         except Exception as err:  # no wheel, no network: fall back, and say so in the table
             print(f"SmolLM2 unavailable ({err}); using the tiny model")
-    from prunedlora.models.tiny import build_tiny_llama
+    from prunedlora.models import build_tiny_llama
 
     return build_tiny_llama(TinyModelConfig(), 259).eval(), "tiny random LLaMA"
 
@@ -185,7 +182,9 @@ def forward_table(model: nn.Module, args: argparse.Namespace) -> str:
     import copy
 
     dense = copy.deepcopy(model)
-    method = build_method(SalrConfig(residual_rank=args.residual_rank, rank=args.rank), SparsityConfig(final=SPARSITY))
+    # magnitude, as the rest of this benchmark (the default, wanda, needs a calibration pass over training data)
+    config = SalrConfig(residual_rank=args.residual_rank, rank=args.rank, base_criterion="magnitude")
+    method = build_method(config, SparsityConfig(final=SPARSITY))
     salr_dense = model
     method.attach(salr_dense)
     salr_bitmap = copy.deepcopy(salr_dense)
@@ -287,7 +286,7 @@ def generate_section(args: argparse.Namespace) -> str:
         bandwidths.append(f"{t} thread(s): copy {bw['copy']:.1f} GB/s, read {bw['read']:.1f} GB/s")
     return "\n\n".join([
         f"## SALR: generation from the compressed form, batch 1, {args.gen_threads} thread(s)",
-        f"Command: `python {shlex.join(sys.argv)}`  \nMachine: {machine_description()}",
+        f"Command: `{command_line()}`  \nMachine: {machine_description()}",
         f"Greedy `generate` of {args.new_tokens} new tokens with the KV cache after a {prompt.shape[1]}-token prompt, "
         f"float32, {args.gen_repeats} interleaved rounds per path (`scripts/salr_generate_rows.py` says how each "
         "path is built and timed). Decode tok/s excludes the prompt; ratios are medians of per-round ratios "
@@ -304,15 +303,9 @@ def generate_section(args: argparse.Namespace) -> str:
 def main() -> None:
     args = parse_args()
     if args.generate_only:
-        generate_md = generate_section(args)
-        print(generate_md)
-        if not args.no_write:
-            update_section(args.generate_section, generate_md)
+        publish(args.generate_section, generate_section(args), write=not args.no_write)
         return
-    kernel_md = kernel_section(args)
-    print(kernel_md)
-    if not args.no_write:
-        update_section("salr_kernel", kernel_md)
+    publish("salr_kernel", kernel_section(args), write=not args.no_write)
     if args.layers_only:
         return
     torch.set_num_threads(args.threads)
@@ -330,18 +323,13 @@ def main() -> None:
         f"## SALR: bitmap storage and CPU latency ({model_name})",
         f"Command: `{command_line()}`  \nMachine: {machine_description()}",
         *[f"### {title}\n\n{table}" for title, table in sections],
-        "The bitmap path is the correctness reference (methods.md §8 item 25): it decodes the whole matrix on "
+        "The bitmap path is the correctness reference (docs/methods.md §8 item 25): it decodes the whole matrix on "
         "every call, so on CPU it is slower than the dense GEMM; the paper's speed-up needs a fused "
         "decode + GEMM kernel or 2:4 semi-structured kernels on a GPU (§8 item 23), not measured here.",
     ])
-    print(md)
-    if not args.no_write:
-        update_section("salr", md)
+    publish("salr", md, write=not args.no_write)
     if not args.no_generate:
-        generate_md = generate_section(args)
-        print(generate_md)
-        if not args.no_write:
-            update_section(args.generate_section, generate_md)
+        publish(args.generate_section, generate_section(args), write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 
 from prunedlora.adapters.salr import salr_modules
 from prunedlora.export.compressed import base_formats, load_salr_export
-from prunedlora.methods.salr import plain_bases
+from prunedlora.methods.salr.export import plain_bases
 from prunedlora.models.surgery import replace_module
 from prunedlora.pruning.bitmap import BitmapLinear
 from prunedlora.pruning.fused_bitmap import clear_auto_cache
@@ -293,9 +293,10 @@ def build_stack(out_dir: Path, layers: int = 2) -> Path:
     ``method=salr`` (residual rank 8, task rank 8) and exported as ``out_dir/compressed``; returns that folder."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from prunedlora.config import SalrConfig, SparsityConfig
+    from prunedlora.config import SparsityConfig
     from prunedlora.methods import build_method
-    from prunedlora.models.tiny import build_byte_tokenizer
+    from prunedlora.methods.salr import SalrConfig
+    from prunedlora.models import build_byte_tokenizer
 
     tokenizer = build_byte_tokenizer()
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=4096, intermediate_size=11008,

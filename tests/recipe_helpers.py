@@ -9,8 +9,10 @@ from typing import Any
 import pytest
 import torch
 
-from prunedlora.config import RootConfig, compose_config
+from prunedlora.compose import compose_config
+from prunedlora.config import RootConfig
 from prunedlora.data import batching
+from prunedlora.methods.registry import method_specs
 from prunedlora.train.recipe import run
 
 # The tiny model on real GSM8K (512 byte-tokens fit a question and its answer), no evaluation.
@@ -19,15 +21,9 @@ TINY_OVERRIDES = [
     "task.max_samples=64", "eval.enabled=false", "logging.progress=false",
 ]
 
-# What each registered method needs to prune (or allocate) within six steps of the tiny model.
-METHOD_OVERRIDES: dict[str, list[str]] = {
-    "lora": [],
-    "droplora": ["method.mask_mode=rank"],
-    "adalora": ["method.init_rank=8", "method.delta_t=1", "method.tinit_frac=0.2", "method.tfinal_frac=0.2"],
-    "prunedlora": ["method.init_rank=8", "method.rank=4", "sparsity.every=1"],
-    "loraprune": ["model.tiny.num_hidden_layers=3", "sparsity.every=1"],
-    "salr": [],
-}
+# Every registered method, with what it needs to prune (or allocate) within six steps of the tiny model: its
+# registration's smoke_overrides (prunedlora.methods.registry), so a new method is covered without a test edit.
+METHOD_OVERRIDES: dict[str, list[str]] = {name: list(spec.smoke_overrides) for name, spec in method_specs().items()}
 
 
 def compose_root(overrides: list[str], data_root: Path | None = None) -> RootConfig:

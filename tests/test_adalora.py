@@ -1,4 +1,5 @@
-"""AdaLoRA baseline (methods.md §2) through PEFT: allocation runs, regulariser applies, export and resume are exact."""
+"""AdaLoRA baseline (docs/methods.md §2) through PEFT: allocation runs, regulariser applies, export and resume
+are exact."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from prunedlora.config import AdaLoraConfig, ConfigError, SparsityConfig
+from prunedlora.config import ConfigError, SparsityConfig
 from prunedlora.methods import build_method
-from prunedlora.methods.adalora import (
+from prunedlora.methods.adalora.config import AdaLoraConfig
+from prunedlora.methods.adalora.method import (
     AdaLoraAllocator,
     AdaLoraMethod,
     active_ranks,
@@ -27,7 +29,7 @@ from prunedlora.methods.adalora import (
 )
 from prunedlora.train.checkpoint import adapter_state_dict, load_adapter_state_dict
 from prunedlora.train.engine import TorchEngine
-from prunedlora.train.loop import MetricsWriter, optimizer_step, train_loop
+from prunedlora.train.loop import LoopContext, MetricsWriter, optimizer_step, train_loop
 
 VOCAB = 97
 INIT_RANK, TARGET_RANK = 8, 4
@@ -97,8 +99,9 @@ def trained(tmp_path_factory) -> tuple[nn.Module, AdaLoraMethod, list[dict]]:
     model.train()
     cfg = TrainConfig(max_steps=STEPS, grad_accum=2, save_every=STEPS, log_every=1, max_grad_norm=1.0)
     path = tmp_path_factory.mktemp("adalora") / "metrics.jsonl"
-    train_loop(model, make_engine(model, grad_accum=2), StepBatches(2), method.callbacks(), cfg, start_step=0,
-               writer=MetricsWriter(path), save=lambda step: None, progress=False)
+    ctx = LoopContext(model, make_engine(model, grad_accum=2), StepBatches(2), method.callbacks(), MetricsWriter(path),
+                      progress=False)
+    train_loop(ctx, cfg, save=lambda step: None)
     model.eval()
     return model, method, [json.loads(line) for line in path.read_text().splitlines()]
 

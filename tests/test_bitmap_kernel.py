@@ -264,9 +264,10 @@ NO_COMPILER = textwrap.dedent("""
     # A salr export loads and generates in every format (auto runs dense, fused decodes in every forward).
     import tempfile
     from pathlib import Path
-    from prunedlora.config import SalrConfig, SparsityConfig, TinyModelConfig
+    from prunedlora.config import SparsityConfig, TinyModelConfig
     from prunedlora.export.compressed import base_formats, load_salr_export
     from prunedlora.methods import build_method
+    from prunedlora.methods.salr import SalrConfig
     from prunedlora.models.tiny import build_byte_tokenizer, build_tiny_llama
 
     tokenizer = build_byte_tokenizer()

@@ -221,7 +221,8 @@ def test_smollm2_end_to_end_with_a_handful_of_steps(tmp_path: Path, data_root: P
 
 @pytest.mark.slow
 def test_wheel_ships_the_config_tree(tmp_path: Path) -> None:
-    """A non-editable install finds `configs/` as package data `prunedlora/configs/`."""
+    """A non-editable install finds `configs/` as package data `prunedlora/configs/`, and every module of the
+    package (setup.py finds the packages: a new method folder ships without an edit)."""
     import zipfile
 
     from cli_helpers import ROOT
@@ -234,6 +235,8 @@ def test_wheel_ships_the_config_tree(tmp_path: Path) -> None:
                    "prunedlora/configs/method/lora.yaml", "prunedlora/configs/experiment/quickstart.yaml",
                    "prunedlora/configs/hydra/launcher/slurm.yaml", "prunedlora/cli.py"):
         assert member in names, member
+    sources = {str(path.relative_to(ROOT)) for path in (ROOT / "prunedlora").rglob("*.py")}
+    assert not sources - set(names), sorted(sources - set(names))[:5]  # every package, each method folder included
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Every default has one owner: the dataclasses of ``prunedlora/config.py``.
+"""Every default has one owner: the dataclasses of ``prunedlora/config.py`` and the methods' ``config.py``.
 
 A YAML option of ``configs/`` holds its defaults list, comments, and only the values that make it a preset (a
 model's hub id, a sparsity preset's schedule); it never restates a schema default, so the two cannot drift. A method
@@ -15,7 +15,9 @@ from typing import Any
 import pytest
 from omegaconf import OmegaConf
 
-from prunedlora.config import METHOD_SCHEMAS, RootConfig, compose_config
+from prunedlora.compose import compose_config
+from prunedlora.config import RootConfig
+from prunedlora.methods.registry import method_spec
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 GROUPS = ("method", "train", "eval", "export", "data", "logging", "sparsity", "model", "task", "distributed")
@@ -25,7 +27,7 @@ EXTRA = {("model", "hf"): ["model.name_or_path=/models/x"]}
 
 def _schema_default(group: str, option: str) -> Any:
     if group == "method":
-        return METHOD_SCHEMAS[option]()
+        return method_spec(option).schema()
     field = {f.name: f for f in dataclasses.fields(RootConfig)}[group]
     return field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
 

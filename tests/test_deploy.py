@@ -44,19 +44,18 @@ class Deploy:
     """``model/`` names its own modelling code (``auto_map``): loaded with ``trust_remote_code=True``."""
 
 
-CASES = {
-    "lora": Deploy("lora"),
-    "droplora": Deploy("droplora"),
-    "adalora": Deploy("adalora"),
-    "prunedlora": Deploy("prunedlora"),
-    "loraprune-per_layer": Deploy("loraprune", remote_code=True),
-    "loraprune-uniform": Deploy("loraprune", ("method.structure=uniform",)),
-    "salr": Deploy("salr"),
+SPECIAL = {
+    "loraprune": {"loraprune-per_layer": Deploy("loraprune", remote_code=True),
+                  "loraprune-uniform": Deploy("loraprune", ("method.structure=uniform",))},
 }
+"""Methods deployed more than one way; every other registered method is one plain case, named after it."""
+CASES = {label: case for name in sorted(METHOD_OVERRIDES)
+         for label, case in SPECIAL.get(name, {name: Deploy(name)}).items()}
 
 
 def test_every_registered_method_is_deployed() -> None:
     assert {case.method for case in CASES.values()} == set(METHOD_OVERRIDES)
+    assert set(SPECIAL) <= set(METHOD_OVERRIDES), "a special case of a method that is not registered"
 
 
 def _logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:

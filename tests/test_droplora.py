@@ -1,4 +1,4 @@
-"""DropLoRA (methods.md §4): eval is plain LoRA, training masks the bottleneck, both mask modes, export, resume."""
+"""DropLoRA (docs/methods.md §4): eval is plain LoRA, training masks the bottleneck, both mask modes, export, resume."""
 
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from prunedlora.adapters.droplora import ElementDropout, RankDropout, bottleneck_dropout
 from prunedlora.adapters.lora import LoRALinear, lora_modules, merge_lora
-from prunedlora.config import DropLoraConfig, SparsityConfig
+from prunedlora.config import SparsityConfig
 from prunedlora.methods import build_method
-from prunedlora.methods.droplora import DropLoraMethod, RankMaskSampler
+from prunedlora.methods.droplora.config import DropLoraConfig
+from prunedlora.methods.droplora.method import DropLoraMethod, RankMaskSampler
 from prunedlora.train.checkpoint import adapter_state_dict, load_adapter_state_dict
 from prunedlora.train.engine import TorchEngine
 from prunedlora.train.loop import optimizer_step

@@ -229,7 +229,7 @@ def _compose(overrides):
     from hydra import compose, initialize_config_module
     from omegaconf import OmegaConf
 
-    from prunedlora.config import register_configs
+    from prunedlora.compose import register_configs
 
     register_configs()
     with initialize_config_module(version_base="1.3", config_module="prunedlora.configs"):
@@ -241,7 +241,7 @@ def _fake_run_dir(run_dir: Path, byte_tokenizer) -> None:
     from omegaconf import OmegaConf
 
     from prunedlora.adapters.lora import inject_lora
-    from prunedlora.methods.lora import export_lora
+    from prunedlora.methods.lora.method import export_lora
 
     model = build_tiny_llama(TinyModelConfig(), vocab_size=len(byte_tokenizer))
     inject_lora(model, ["q_proj", "v_proj"], rank=4, alpha=8.0)
@@ -334,8 +334,9 @@ def test_prunedlora_eval_model_dir_with_embedded_adapter(tmp_path, data_root, by
 
 def _fake_salr_run(run_dir: Path, byte_tokenizer, formats: tuple[str, ...]) -> torch.nn.Module:
     """A finished salr run on the tiny model with the folders of ``formats``; returns the trained model."""
-    from prunedlora.config import SalrConfig, SparsityConfig
-    from prunedlora.methods.salr import SalrMethod
+    from prunedlora.config import SparsityConfig
+    from prunedlora.methods.salr.config import SalrConfig
+    from prunedlora.methods.salr.method import SalrMethod
 
     torch.manual_seed(0)  # every call builds the same trained model
     model = build_tiny_llama(TinyModelConfig(), vocab_size=len(byte_tokenizer))

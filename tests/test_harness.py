@@ -69,7 +69,7 @@ def test_mmlu_limit_spreads_over_subjects_and_keeps_none(tmp_path, mirror):
     assert all(Path(p).is_absolute() and Path(p).is_file() for p in files.values())
     assert sub["fewshot_config"] == {"sampler": "first_n"} and sub["num_fewshot"] == 5
     assert sub["description"].startswith("The following are multiple choice questions (with answers) about abstract")
-    # The mirror's literal "None" choices (stack.md section 10) survive as strings.
+    # The mirror's literal "None" choices (pandas would read them as missing) survive as strings.
     spec = lm_tasks.mmlu_tasks(tmp_path / "all", mirror, limit=None, num_fewshot=0)
     assert spec.n_items == 14042 and spec.settings["fewshot_split"] is None
     choices = [c for f in (tmp_path / "all" / "data" / "mmlu").glob("*_test.jsonl")

@@ -72,7 +72,8 @@ def test_task_limits_are_validated_before_anything_runs():
     from hydra.errors import ConfigCompositionException
     from omegaconf import OmegaConf
 
-    from prunedlora.config import EVAL_TASKS, register_configs, validate
+    from prunedlora.compose import register_configs
+    from prunedlora.config import EVAL_TASKS, validate
 
     assert set(EVAL_TASKS) == set(runner.EVALUATORS)  # the config's list of tasks is the evaluators'
     register_configs()

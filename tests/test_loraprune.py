@@ -1,4 +1,4 @@
-"""LoRAPrune (methods.md §5): the LoRA-guided gradient, grouping, masks, GQA policies, compaction and export."""
+"""LoRAPrune (docs/methods.md §5): the LoRA-guided gradient, grouping, masks, GQA policies, compaction and export."""
 
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from prunedlora.adapters.lora import lora_modules
-from prunedlora.config import ConfigError, LoraPruneConfig, SparsityConfig
+from prunedlora.config import ConfigError, SparsityConfig
 from prunedlora.methods import build_method
-from prunedlora.methods.loraprune import LoraPruneCallback, LoraPruneMethod
+from prunedlora.methods.loraprune.callback import LoraPruneCallback
+from prunedlora.methods.loraprune.config import LoraPruneConfig
+from prunedlora.methods.loraprune.method import LoraPruneMethod
 from prunedlora.models.tiny import build_byte_tokenizer
 from prunedlora.pruning.structure import (
     AttentionShape,
@@ -97,7 +99,7 @@ def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------ criteria
 def test_lora_guided_gradient_is_minus_one_sgd_step_of_ba() -> None:
-    """methods.md §5.2: B'A' - BA = -(G_B A + B G_A) + G_B G_A at eta = 1, i.e. -G^."""
+    """docs/methods.md §5.2: B'A' - BA = -(G_B A + B G_A) + G_B G_A at eta = 1, i.e. -G^."""
     model = tiny_llama()
     attach(model)
     x = batch(0)
@@ -155,7 +157,7 @@ def test_channel_taylor_equals_the_autograd_first_order_loss_change_of_removing_
     for micro in range(2):  # a step of two micro-batches, each loss halved as the engine does
         x = batch(micro)
         (model(input_ids=x, labels=x).loss / 2).backward()
-    sums = {key: total.double() for key, total in callback.taylor.take().items()}  # accumulated in float32
+    sums = {key: total.double() for key, total in callback.capture.take().items()}  # accumulated in float32
     cfg = method.cfg
     for i, (heads, channels) in alphas.items():
         per_head = group_sum(sums[(i, "o_proj")], HEAD_DIM)
@@ -168,7 +170,7 @@ def test_channel_taylor_equals_the_autograd_first_order_loss_change_of_removing_
         grouped = TaylorCapture.layer_scores(sums, i, method.masks[i].shape,
                                              LoraPruneConfig(criterion="channel_taylor", gqa_policy="kv_group"))
         torch.testing.assert_close(grouped["heads"], l2_normalise(heads.grad.view(KV_HEADS, 4).sum(1).abs()))
-    assert callback.taylor.take() == {}  # take() starts the next step's sums
+    assert callback.capture.take() == {}  # take() starts the next step's sums
     base = model.model.layers[0].mlp.down_proj.base_layer.weight
     assert base.grad is None and not base.requires_grad  # no weight gradient anywhere in the base
 
@@ -195,7 +197,7 @@ def test_channel_taylor_frees_each_step_without_the_cycle_collector() -> None:
     finally:
         gc.enable()
     assert len(inputs) == 2 * 2 * len(method.masks) and alive == 0
-    assert set(callback.taylor.take()) == {(i, name) for i in method.masks for name in ("o_proj", "down_proj")}
+    assert set(callback.capture.take()) == {(i, name) for i in method.masks for name in ("o_proj", "down_proj")}
 
 
 def test_channel_taylor_default_and_unchanged_by_gradient_checkpointing() -> None:
@@ -212,7 +214,7 @@ def test_channel_taylor_default_and_unchanged_by_gradient_checkpointing() -> Non
         model.train()
         x = batch(0)
         model(input_ids=x, labels=x).loss.backward()
-        sums.append(callback.taylor.take())
+        sums.append(callback.capture.take())
     assert sums[0].keys() == sums[1].keys() and len(sums[0]) == 2 * len(method.masks)
     for key, total in sums[0].items():
         assert total.abs().max() > 0

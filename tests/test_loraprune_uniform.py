@@ -16,10 +16,10 @@ from test_method_contract import _assert_same_state as assert_same_state
 from torch._dynamo.utils import counters
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from prunedlora.config import LoraPruneConfig, SparsityConfig, TinyModelConfig
-from prunedlora.methods.loraprune import LoraPruneMethod
-from prunedlora.models.tiny import build_byte_tokenizer
-from prunedlora.pruning.uniform import (
+from prunedlora.config import SparsityConfig, TinyModelConfig
+from prunedlora.methods.loraprune.config import LoraPruneConfig
+from prunedlora.methods.loraprune.method import LoraPruneMethod
+from prunedlora.methods.loraprune.uniform import (
     MATCH_TOLERANCE,
     LayerCounts,
     ModelShape,
@@ -27,6 +27,7 @@ from prunedlora.pruning.uniform import (
     reference_layers,
     uniform_plan,
 )
+from prunedlora.models.tiny import build_byte_tokenizer
 from prunedlora.train import checkpoint as ckpt
 from prunedlora.train.recipe import run
 

@@ -1,23 +1,32 @@
 """One contract for every registered method, through the real recipe on the tiny model.
 
-A method gets every check below by being registered in ``prunedlora.methods.METHODS``; its own test file keeps
-only its own math. For each method, with pruning events inside the run where the method prunes:
+A method gets every check below by being registered (``prunedlora.methods.registry``: its folder's ``config.py``);
+its own test file keeps only its own math. For each method, with its registration's ``smoke_overrides`` so that
+pruning events fall inside the run where the method prunes:
 
-- step 0: the output equals the base model's (SALR: the documented start, which a ``max_steps=0`` run exports);
+- step 0: the output equals the base model's (a method registered with ``starts_at_base=False``, SALR: the
+  documented start, which a ``max_steps=0`` run exports);
 - only the parameters the method hands the optimizer receive gradients, and those are exactly the trainable ones;
 - (the exported folders, reloaded as a user would, give the trained model's logits: ``test_deploy.py``);
 - 3 steps + crash + resume + 3 steps equals 6 uninterrupted steps, and the final checkpoints of both runs hold the
   same adapter state (masks included) and the same callback state.
+
+A throwaway method registered inside a test (LoRA-FA: LoRA with A frozen at its initialisation, a config dataclass, a
+``Method`` subclass and one ``register`` call, as a new method folder would hold) runs the same battery: adding a
+method takes one folder (and one YAML, here a ConfigStore node), and no test edit.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from hydra.core.config_store import ConfigStore
 from recipe_helpers import (
     METHOD_OVERRIDES,
     TINY_OVERRIDES,
@@ -26,20 +35,25 @@ from recipe_helpers import (
     load_served,
     metric_records,
 )
+from torch import nn
 
-from prunedlora.config import RootConfig
-from prunedlora.methods import METHODS
+from prunedlora.config import MethodConfig, RootConfig
+from prunedlora.methods import METHODS, Method, method_spec, register, unregister
 from prunedlora.methods.base import Callback
+from prunedlora.methods.lora.method import attach_lora, export_lora, rank_report
 from prunedlora.train import checkpoint as ckpt
 from prunedlora.train import recipe
 
 STEPS, SAVE_EVERY, GRAD_ACCUM = 6, 3, 2
-STARTS_ELSEWHERE = {"salr"}
-"""Methods whose step-0 model is not the base (SALR prunes it); their start is checked against a max_steps=0 run."""
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def test_every_registered_method_is_covered() -> None:
+def test_every_registered_method_is_covered_and_has_its_yaml_option() -> None:
+    """The battery's list is the registry's, and the registry is exactly the method folders with a YAML option."""
     assert set(METHOD_OVERRIDES) == set(METHODS)
+    assert set(METHODS) == {path.stem for path in (CONFIGS / "method").glob("*.yaml")}
+    for name in METHODS:
+        assert method_spec(name).schema().name == name
 
 
 @dataclass
@@ -103,8 +117,9 @@ def _instrument(monkeypatch: pytest.MonkeyPatch, seen: Observed) -> None:
 
 
 def _config(name: str, data_root: Path, *extra: str) -> RootConfig:
-    return compose_root([*TINY_OVERRIDES, f"method={name}", *METHOD_OVERRIDES[name], f"train.max_steps={STEPS}",
-                         f"train.save_every={SAVE_EVERY}", f"train.grad_accum={GRAD_ACCUM}", *extra], data_root)
+    return compose_root([*TINY_OVERRIDES, f"method={name}", *method_spec(name).smoke_overrides,
+                         f"train.max_steps={STEPS}", f"train.save_every={SAVE_EVERY}", f"train.grad_accum={GRAD_ACCUM}",
+                         *extra], data_root)
 
 
 def _assert_same_state(a: Any, b: Any, where: str) -> None:
@@ -134,13 +149,20 @@ def tokens() -> torch.Tensor:
 @pytest.mark.parametrize("name", sorted(METHOD_OVERRIDES))
 def test_method_contract(name: str, data_root: Path, tmp_path: Path, tokens: torch.Tensor,
                          monkeypatch: pytest.MonkeyPatch) -> None:
+    check_contract(name, data_root, tmp_path, tokens, monkeypatch)
+
+
+def check_contract(name: str, data_root: Path, tmp_path: Path, tokens: torch.Tensor,
+                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The battery (module docstring) for the registered method ``name``."""
+    starts_at_base = method_spec(name).starts_at_base
     cfg = _config(name, data_root)
     seen = Observed(tokens)
     _instrument(monkeypatch, seen)
     full = recipe.run(cfg, tmp_path / "full")
 
     # Step 0: the base model's output (or the method's documented start).
-    if name not in STARTS_ELSEWHERE:
+    if starts_at_base:
         torch.testing.assert_close(seen.start, seen.base, atol=1e-5, rtol=0)
     # Only what the optimizer updates gets gradients, and that is exactly what is trainable.
     assert seen.optimized == seen.trainable and seen.trainable
@@ -155,7 +177,58 @@ def test_method_contract(name: str, data_root: Path, tmp_path: Path, tokens: tor
     for key in (ckpt.STEP_KEY, ckpt.ADAPTER_KEY, ckpt.CALLBACKS_KEY):
         _assert_same_state(final[0][key], final[1][key], key)
 
-    if name in STARTS_ELSEWHERE:  # the documented start is what a run without training deploys
+    if not starts_at_base:  # the documented start is what a run without training deploys
         start = seen.start
         recipe.run(_config(name, data_root, "train.max_steps=0"), tmp_path / "untrained")
         torch.testing.assert_close(_logits(load_served(tmp_path / "untrained"), tokens), start, atol=1e-4, rtol=0)
+
+
+# ------------------------------------------------------------------------------- a method added in a test
+@dataclass
+class LoraFaConfig(MethodConfig):
+    """LoRA-FA (Zhang et al. 2023, arXiv 2308.03303): LoRA whose A stays at its random initialisation."""
+
+    name: str = "lora_fa"
+
+
+class LoraFaMethod(Method):
+    """Only B trains; everything else is plain LoRA's."""
+
+    cfg: LoraFaConfig
+
+    def attach(self, model: nn.Module) -> list[str]:
+        names = attach_lora(model, self.cfg, self.cfg.rank)
+        for name, param in model.named_parameters():
+            if ".lora_A." in name:
+                param.requires_grad_(False)
+        return names
+
+    def report(self, model: nn.Module) -> dict[str, Any]:
+        return rank_report(model)
+
+    def export(self, model: nn.Module, tokenizer: Any, out_dir: Path, base_model_id: str,
+               formats: Sequence[str] | None = None) -> dict[str, Any]:
+        return export_lora(model, tokenizer, out_dir, base_model_id, formats)
+
+
+@pytest.fixture
+def lora_fa() -> Iterator[str]:
+    """LoRA-FA registered as a method folder's ``config.py`` would, and as a ``method`` option without a YAML."""
+    register("lora_fa", schema=LoraFaConfig, factory=LoraFaMethod)
+    ConfigStore.instance().store(group="method", name="lora_fa", node=LoraFaConfig)
+    yield "lora_fa"
+    unregister("lora_fa")
+    ConfigStore.instance().repo["method"].pop("lora_fa.yaml", None)
+
+
+@pytest.mark.slow  # the battery: three tiny recipe runs
+def test_a_method_registered_in_a_test_runs_the_recipe_and_the_battery(lora_fa: str, data_root: Path,
+                                                                        tmp_path: Path, tokens: torch.Tensor,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    assert lora_fa in METHODS and METHODS[lora_fa] is LoraFaMethod
+    check_contract(lora_fa, data_root, tmp_path, tokens, monkeypatch)
+    summary = json.loads((tmp_path / "full" / "summary.json").read_text())
+    assert summary["method"] == lora_fa and (tmp_path / "full" / "adapter" / "adapter_config.json").is_file()
+    adapter = ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / "full" / "checkpoints"))[ckpt.ADAPTER_KEY]
+    assert any(".lora_B." in key for key in adapter)  # B trained; A, frozen at its init, is not in the state
+    assert not any(".lora_A." in key for key in adapter)

@@ -1,4 +1,5 @@
-"""Output-OBS, PrunedLoRA's default criterion (methods.md Decisions item 0): brute force, closed form, a toy regression.
+"""Output-OBS, PrunedLoRA's default criterion (docs/methods.md Decisions item 0): brute force, closed form, a toy
+regression.
 
 The toy is the erratum's: a 48x48 linear regression ``y = W* x``, a frozen ``W0`` plus an adapter ``s B A``
 (rank 16, s = 2) trained with Adam, then one event removes 4 of the 16 components.
@@ -11,8 +12,8 @@ import itertools
 import pytest
 import torch
 
+from prunedlora.pruning.criteria import RANK_CRITERIA
 from prunedlora.pruning.rank_criteria import (
-    CRITERIA,
     lowest,
     output_hessian_inverse,
     output_obs_prune,
@@ -164,8 +165,8 @@ def toy_figures(seed: int) -> dict[str, float]:
     base = loss(t, t["B"], t["A"])
     z = t["x_recent"] @ t["A"].T
     stats = {"gram": z.T @ z / z.shape[0], "rel_damping": 0.01}
-    s_obs = CRITERIA["obs"](t["B"], t["A"], None, None, **stats)
-    s_mag = CRITERIA["magnitude"](t["B"], t["A"], None, None)
+    s_obs = RANK_CRITERIA.function("obs")(t["B"], t["A"], None, None, **stats)
+    s_mag = RANK_CRITERIA.function("magnitude")(t["B"], t["A"], None, None)
     k = 4  # one event: 16 -> 12
     out = {"obs_event": loss(t, *obs_removal(t, lowest(s_obs, k))) - base,
            "zero_event": loss(t, *zeroing(t, lowest(s_mag, k))) - base,

@@ -23,7 +23,7 @@ def test_preset_composes_validates_and_cites(preset):
     cfg = compose_root([f"experiment={preset}"])
     validate(cfg)
     text = (Path(configs_init).parent / "experiment" / f"{preset}.yaml").read_text()
-    assert "methods.md" in text and "Compare with" in text  # cites its setting and the headline to compare
+    assert "docs/methods.md" in text and "Compare with" in text  # cites its setting and the headline to compare
     assert cfg.train.bf16 and cfg.train.max_steps >= 3000
 
 

@@ -1,10 +1,11 @@
-"""PrunedLoRA (methods.md §3): the paper's OBS math (obs_grad), pruning during real training, allocation, export,
+"""PrunedLoRA (docs/methods.md §3): the paper's OBS math (obs_grad), pruning during real training, allocation, export,
 resume, CLI. The default criterion's math (output OBS) is in test_output_obs.py."""
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -16,12 +17,13 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from prunedlora.adapters.lora import lora_modules
-from prunedlora.config import ConfigError, PrunedLoraConfig, SparsityConfig, TrainConfig
+from prunedlora.config import ConfigError, SparsityConfig, TrainConfig
 from prunedlora.methods import build_method
 from prunedlora.methods.base import Callback
-from prunedlora.methods.prunedlora import PrunedLoraCallback
+from prunedlora.methods.prunedlora.callback import PrunedLoraCallback
+from prunedlora.methods.prunedlora.config import PrunedLoraConfig
+from prunedlora.pruning.criteria import RANK_CRITERIA
 from prunedlora.pruning.rank_criteria import (
-    CRITERIA,
     gram_inverses,
     obs_prune,
     obs_prune_one,
@@ -31,7 +33,7 @@ from prunedlora.pruning.rank_criteria import (
 )
 from prunedlora.train.checkpoint import adapter_state_dict, load_adapter_state_dict
 from prunedlora.train.engine import TorchEngine
-from prunedlora.train.loop import MetricsWriter, train_loop
+from prunedlora.train.loop import LoopContext, MetricsWriter, train_loop
 from prunedlora.train.optim import build_scheduler
 
 EPS = 1e-6
@@ -138,7 +140,7 @@ def test_obs_pruning_raises_an_exact_quadratic_loss_less_than_magnitude_pruning(
     B, A, G_B, G_A = random_problem(10 + seed, d_out=12, d_in=10, r=6)
     j_obs = int(obs_saliency(B, A, G_B, G_A, damping=EPS).argmin())
     B_obs, A_obs = obs_prune_one(B, A, G_B, G_A, j_obs, 1.0, EPS, "both")
-    j_mag = int(CRITERIA["magnitude"](B, A, G_B, G_A).argmin())
+    j_mag = int(RANK_CRITERIA.function("magnitude")(B, A, G_B, G_A).argmin())
     B_mag, A_mag = B.clone(), A.clone()
     B_mag[:, j_mag], A_mag[j_mag] = 0.0, 0.0  # magnitude pruning: just zero, no recovery
     obs_change = toy_loss_change(B, A, G_B, G_A, B_obs, A_obs)
@@ -277,8 +279,8 @@ def train(model: nn.Module, callbacks: list[Callback], steps: int, tmp_path: Pat
     batches = batches or Batches()
     engine = TorchEngine(model, optimizer, scheduler, grad_accum=1, max_grad_norm=cfg.max_grad_norm,
                          device=torch.device("cpu"), bf16=False)
-    train_loop(model, engine, batches, callbacks, cfg, start_step=start_step,
-               writer=MetricsWriter(tmp_path / "metrics.jsonl"), save=lambda s: None, progress=False)
+    ctx = LoopContext(model, engine, batches, callbacks, MetricsWriter(tmp_path / "metrics.jsonl"), progress=False)
+    train_loop(ctx, cfg, save=lambda s: None, start_step=start_step)
     return batches, optimizer, scheduler
 
 
@@ -328,7 +330,7 @@ def test_global_allocation_meets_the_total_budget_with_floors_and_uneven_ranks(t
     assert totals[3] == 8 * (R0 - 2) and totals[7] == 8 * (R0 - 4)  # K2 * n_modules per event overall
 
 
-@pytest.mark.parametrize("criterion", sorted(CRITERIA))
+@pytest.mark.parametrize("criterion", RANK_CRITERIA.names())
 @pytest.mark.parametrize("allocation", ["uniform", "global"])
 def test_every_criterion_prunes_to_the_target(tmp_path: Path, criterion: str, allocation: str) -> None:
     cfg = method_cfg(criterion=criterion, allocation=allocation)
@@ -349,6 +351,18 @@ def test_activation_statistics_only_when_chosen() -> None:
         model = tiny_llama()
         build_method(method_cfg(criterion=criterion), schedule()).attach(model)
         assert all(bool(m.bottleneck._forward_hooks) == hooked for m in lora_modules(model).values())
+
+
+def test_method_rank_sets_the_schedule_end_and_sparsity_final_is_left_as_given(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """``method.rank`` wins: the target rank is derived once and logged; the user's ``sparsity`` is not rewritten."""
+    sparsity = schedule(final=0.9, every=1, per_event=2)
+    with caplog.at_level(logging.INFO, logger="prunedlora.methods.prunedlora"):
+        model, method, pre, _ = pruned_run(tmp_path, 4, method_cfg(rank=4), sparsity)
+    assert method.target == 4 and method.sparsity is sparsity and sparsity.final == 0.9
+    assert method.callbacks()[0].final == pytest.approx(0.5)  # 1 - 4 / 8 of r0
+    assert [sorted(set(r.values())) for r in pre.ranks] == [[6], [4], [4], [4]]  # stops at rank 4, not 0.9 of r0
+    assert "target 4 (method.rank=4, not sparsity.final=0.9: the schedule prunes 0.5 of r0)" in caplog.text
 
 
 def test_rank_above_module_width_is_a_config_error_naming_module_and_fix() -> None:

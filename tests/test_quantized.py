@@ -13,8 +13,8 @@ from prunedlora.config import ConfigError, RootConfig
 from prunedlora.methods import METHODS
 from prunedlora.train.recipe import run
 
-# Methods that edit base weights in place cannot prune packed 4-bit weights (stack.md §5); they must refuse
-# with an error that names the quantization, not crash. (SALR prunes the float base, then quantizes it.)
+# Methods that edit base weights in place cannot prune packed 4-bit weights (bitsandbytes packs two per byte); they
+# must refuse with an error that names the quantization, not crash. (SALR prunes the float base, then quantizes it.)
 REFUSES_QUANTIZED: set[str] = set()
 
 

@@ -1,4 +1,4 @@
-"""SALR (methods.md §6): masks, residual SVD bound, concatenated adapters, bitmap storage, export, CLI."""
+"""SALR (docs/methods.md §6): masks, residual SVD bound, concatenated adapters, bitmap storage, export, CLI."""
 
 from __future__ import annotations
 
@@ -13,11 +13,15 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from prunedlora.adapters.salr import SalrLinear, residual_factors, salr_modules, truncated_svd
-from prunedlora.config import ConfigError, SalrConfig, SparsityConfig
+from prunedlora.config import ConfigError, SparsityConfig
 from prunedlora.export import weight_files
 from prunedlora.export.bitmap import BITMAP_FILE, STORAGE_FILE
+from prunedlora.export.compressed import load_salr_export
 from prunedlora.methods import build_method
-from prunedlora.methods.salr import SalrMethod, load_salr_export, plain_bases, sparse_base_weight
+from prunedlora.methods.salr.config import SalrConfig
+from prunedlora.methods.salr.export import plain_bases
+from prunedlora.methods.salr.formats import sparse_base_weight
+from prunedlora.methods.salr.method import SalrMethod
 from prunedlora.pruning.bitmap import (
     BitmapLinear,
     BitmapTensor,

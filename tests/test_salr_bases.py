@@ -1,4 +1,4 @@
-"""SALR's base criteria beyond the paper (methods.md Decisions item 0): Wanda, SparseGPT, their calibration pass,
+"""SALR's base criteria beyond the paper (docs/methods.md Decisions item 0): Wanda, SparseGPT, their calibration pass,
 the quantized sparse base, and ``train.max_steps=0``."""
 
 from __future__ import annotations
@@ -13,10 +13,13 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from prunedlora.adapters.salr import residual_factors, salr_modules
-from prunedlora.config import ConfigError, SalrConfig, SparsityConfig
+from prunedlora.config import ConfigError, SparsityConfig
 from prunedlora.methods import build_method
 from prunedlora.methods.base import AttachContext
-from prunedlora.methods.salr import SalrMethod, export_salr, pruned_weights, sparse_base_weight
+from prunedlora.methods.salr.config import SalrConfig
+from prunedlora.methods.salr.export import export_salr
+from prunedlora.methods.salr.formats import sparse_base_weight
+from prunedlora.methods.salr.method import SalrMethod
 from prunedlora.pruning.activation_aware import (
     _inverse_cholesky,
     _lowest_out,
@@ -24,6 +27,7 @@ from prunedlora.pruning.activation_aware import (
     sparsegpt_prune,
     wanda_mask,
 )
+from prunedlora.pruning.base_criteria import pruned_weights
 from prunedlora.pruning.calibration import calibration_rows, collect_input_stats
 from prunedlora.pruning.magnitude import per_matrix_mask, two_four_mask
 

@@ -15,10 +15,11 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from prunedlora.adapters.salr import SalrLinear, salr_modules
-from prunedlora.config import SalrConfig, SparsityConfig, TinyModelConfig
+from prunedlora.config import SparsityConfig, TinyModelConfig
 from prunedlora.export.compressed import base_formats, load_salr_export
 from prunedlora.kernels import kernel_available
 from prunedlora.methods import build_method
+from prunedlora.methods.salr import SalrConfig
 from prunedlora.models.tiny import build_tiny_llama
 from prunedlora.pruning import fused_bitmap
 from prunedlora.pruning.bitmap import BitmapLinear

@@ -10,7 +10,8 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from prunedlora.config import ConfigError, RootConfig, SparsityConfig, register_configs, validate
+from prunedlora.compose import register_configs
+from prunedlora.config import SCHEDULES, ConfigError, RootConfig, SparsityConfig, validate
 from prunedlora.pruning.schedules import SCHEDULE_FNS, is_event, resolve_schedule, target_fraction
 
 T = 100  # max_steps
@@ -21,6 +22,19 @@ def fractions(cfg: SparsityConfig, max_steps: int = T, units: int | None = 32) -
 
 
 # ------------------------------------------------------------------------------------------ shapes
+def test_the_config_accepts_exactly_the_shapes_and_auto() -> None:
+    assert set(SCHEDULE_FNS) | {"auto"} == set(SCHEDULES)
+
+
+def test_a_method_derived_final_moves_the_end_point_and_leaves_the_config_alone() -> None:
+    """``final=`` (PrunedLoRA's target rank) is reached instead of ``cfg.final``; ``cfg`` is never changed."""
+    for shape in ("constant", "geometric", "linear", "cubic"):
+        cfg = SparsityConfig(schedule=shape, initial=0.6, final=0.9, every=10, per_event=0.5)
+        f = [target_fraction(cfg, t, T, units=32, default="constant", final=0.5) for t in range(T + 1)]
+        assert max(f) == pytest.approx(0.5) and f[-1] == pytest.approx(0.5), shape
+        assert (cfg.initial, cfg.final) == (0.6, 0.9)
+
+
 def test_constant_is_per_event_units_every_k1_steps_capped_at_final() -> None:
     cfg = SparsityConfig(schedule="constant", final=0.5, every=10, per_event=2)
     f = fractions(cfg)
@@ -51,7 +65,7 @@ def test_geometric_reaches_final_by_end_frac_with_equal_relative_cuts() -> None:
 
 
 def test_prunedlora_default_schedule_is_geometric_and_done_by_sixty_percent() -> None:
-    from prunedlora.methods.prunedlora import DEFAULT_SCHEDULE
+    from prunedlora.methods.prunedlora.callback import DEFAULT_SCHEDULE
 
     cfg = SparsityConfig(schedule="auto", final=0.75, every=10)
     assert DEFAULT_SCHEDULE == "geometric" and cfg.end_frac <= 0.6
@@ -69,8 +83,8 @@ def test_per_event_and_end_frac_are_validated_with_the_key_and_a_fix() -> None:
 
 
 def test_prunedlora_warns_when_its_schedule_cannot_reach_the_target(caplog: pytest.LogCaptureFixture) -> None:
-    from prunedlora.config import PrunedLoraConfig
-    from prunedlora.methods.prunedlora import PrunedLoraCallback
+    from prunedlora.methods.prunedlora.callback import PrunedLoraCallback
+    from prunedlora.methods.prunedlora.config import PrunedLoraConfig
 
     for sparsity, steps, warned in ((SparsityConfig(final=0.75, every=10), 8, True),  # no event at all
                                     (SparsityConfig(final=0.75, every=10), 30, False),

@@ -14,7 +14,7 @@ from cli_helpers import BIN, ROOT, cli_env, logged_steps
 from cli_helpers import TINY as TINY_TRAIN
 from hydra import compose, initialize_config_module
 
-from prunedlora.config import register_configs
+from prunedlora.compose import register_configs
 
 TINY = [*TINY_TRAIN, "eval.enabled=false"]
 

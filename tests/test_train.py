@@ -13,7 +13,7 @@ from recipe_helpers import TINY_OVERRIDES, compose_root, crash_then_resume, metr
 from prunedlora.config import ConfigError, RootConfig, TrainConfig
 from prunedlora.methods.base import Callback
 from prunedlora.train.engine import TorchEngine
-from prunedlora.train.loop import MetricsWriter, train_loop
+from prunedlora.train.loop import LoopContext, MetricsWriter, train_loop
 from prunedlora.train.optim import build_scheduler
 from prunedlora.train.recipe import run
 
@@ -152,8 +152,8 @@ def test_callbacks_fire_once_per_optimizer_step_under_accumulation(tmp_path: Pat
     batches, callback, saved = CountingBatches(), RecordingCallback(model), []
     engine = TorchEngine(model, opt, build_scheduler(opt, cfg), grad_accum=cfg.grad_accum,
                          max_grad_norm=cfg.max_grad_norm, device=torch.device("cpu"), bf16=False)
-    train_loop(model, engine, batches, [callback], cfg, start_step=0, writer=MetricsWriter(tmp_path / "m.jsonl"),
-               save=saved.append, progress=False)
+    train_loop(LoopContext(model, engine, batches, [callback], MetricsWriter(tmp_path / "m.jsonl"), progress=False),
+               cfg, save=saved.append)
     assert batches.calls == 12
     assert callback.events == [("start", 4)] + [(e, s) for s in range(1, 5) for e in ("before", "end")]
     assert saved == [2, 4]

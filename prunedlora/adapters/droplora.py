@@ -1,4 +1,4 @@
-"""DropLoRA's bottleneck mask (methods.md §4): inverted dropout on ``z = m * A x`` between A and B.
+"""DropLoRA's bottleneck mask (docs/methods.md §4): inverted dropout on ``z = m * A x`` between A and B.
 
 Each module here is set as ``LoRALinear.bottleneck`` and sees ``z`` of shape ``(..., r)``. In training
 mode it multiplies ``z`` by a Bernoulli(1 - p) mask rescaled by ``1 / (1 - p)`` (p = drop probability,

@@ -1,6 +1,6 @@
-"""The SALR linear: a sparse frozen base plus two adapters run as one concatenated GEMM pair (methods.md §6).
+"""The SALR linear: a sparse frozen base plus two adapters run as one concatenated GEMM pair (docs/methods.md §6).
 
-``h = W_s x + B_cat (c ⊙ (A_cat x))`` (methods.md §6.2 item 5, §6.4 item 4) with
+``h = W_s x + B_cat (c ⊙ (A_cat x))`` (docs/methods.md §6.2 item 5, §6.4 item 4) with
 
 - ``W_s`` the magnitude-pruned frozen base behind ``base_layer`` (a masked dense ``nn.Linear``, the
   training reference, or a ``BitmapLinear``/``SemiStructuredLinear`` from ``prunedlora.pruning.bitmap``);
@@ -37,7 +37,7 @@ SVD_METHODS = ("auto", "full", "lowrank")
 
 
 def truncated_svd(e: torch.Tensor, rank: int, method: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-``rank`` singular triplets of ``e`` in float32 (methods.md §6.4 item 2).
+    """Top-``rank`` singular triplets of ``e`` in float32 (docs/methods.md §6.4 item 2).
 
     Args:
         e: ``(d_out, d_in)``, any float dtype (computed in float32).
@@ -66,7 +66,7 @@ def truncated_svd(e: torch.Tensor, rank: int, method: str = "auto") -> tuple[tor
 def residual_factors(e: torch.Tensor, rank: int, method: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """``B_res = U_r √Σ_r`` ``(d_out, r)`` and ``A_res = √Σ_r V_rᵀ`` ``(r, d_in)``, float32 (§6.2 item 3).
 
-    A randomised SVD that misses the guarantee ``‖E - E_r‖_F² <= (1 - r/n) ‖E‖_F²`` (methods.md §6.2 item
+    A randomised SVD that misses the guarantee ``‖E - E_r‖_F² <= (1 - r/n) ‖E‖_F²`` (docs/methods.md §6.2 item
     3; the exact SVD always meets it) is redone with the full SVD, so the bound holds for every method.
     """
     u, s, v = truncated_svd(e, rank, method)

@@ -251,7 +251,7 @@ DATASETS: dict[str, DatasetInfo] = {
         parse_local=_parse_ptb, from_hub=lambda rows: [{"text": r["sentence"].strip()} for r in rows]),
 }
 
-# How each plain-text dataset becomes one evaluation string (SparseGPT / Wanda protocol, stack.md 8.2).
+# How each plain-text dataset becomes one evaluation string (the SparseGPT / Wanda protocol).
 LM_JOINERS: dict[str, Callable[[list[Record]], str]] = {
     "wikitext2": lambda rows: "\n\n".join(r["text"] for r in rows),
     "ptb": lambda rows: " ".join(r["text"].strip() for r in rows),
@@ -321,7 +321,7 @@ def join_lm_text(dataset: str, records: list[dict]) -> str:
 
 
 def load_lm_text(dataset: str, split: str, data: DataConfig, path: str | None = None) -> str:
-    """The evaluation text of a plain-text corpus, joined as in SparseGPT / Wanda (stack.md 8.2).
+    """The evaluation text of a plain-text corpus, joined as in SparseGPT / Wanda.
 
     Protocol: WikiText-2 *raw* is ``"\\n\\n".join(rows)`` over the hub's ``text`` rows, where a non-blank
     line keeps its trailing newline and a blank line is ``""`` (from the local ``wiki.*.raw``:

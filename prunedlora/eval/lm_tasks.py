@@ -8,7 +8,7 @@ generated YAMLs read those files with ``dataset_path: json`` and absolute ``data
 * evaluation never needs the hub, and the task definition is byte-for-byte the same whatever the data
   source was: the only difference between an offline and an online run is where the records came from;
 * MMLU goes through our CSV reader (Python's ``csv``), so the literal choice ``None`` stays a string
-  (pandas' NA parsing, the stack.md section 10 trap, never sees the files);
+  (pandas' NA parsing, which would turn it into a missing value, never sees the files);
 * ``eval.limit`` is applied by writing only the evaluated items of the test split (the first ``limit``;
   for MMLU ``limit`` questions spread over the subjects, see :func:`spread_limit`), exactly the items
   lm-eval's own ``limit`` would take; few-shot pools are written whole.

@@ -1,4 +1,4 @@
-"""Token-level perplexity with the SparseGPT / Wanda protocol (stack.md section 8.2).
+"""Token-level perplexity with the SparseGPT / Wanda protocol.
 
 The evaluation text is tokenized once (so a BOS the tokenizer adds appears only at the very start), cut
 into non-overlapping windows of ``seqlen`` tokens with the tail dropped (``n = numel // seqlen``), and

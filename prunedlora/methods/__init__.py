@@ -1,37 +1,24 @@
-"""Methods behind one small interface (``Method``), chosen by ``method.name`` from ``METHODS``."""
+"""Methods: one folder each (``lora/``, ``droplora/``, ``adalora/``, ``prunedlora/``, ``loraprune/``, ``salr/``), all
+behind the ``Method`` base class (``base.py``) and registered by their own ``config.py`` (``registry.py``).
+
+Importing this package, or a method's config, imports no torch: ``Method``, ``Callback`` and ``AttachContext`` are
+loaded from ``base.py`` on first access.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from prunedlora.methods.registry import (
+    METHODS,
+    MethodSpec,
+    build_method,
+    lazy_attributes,
+    method_spec,
+    method_specs,
+    register,
+    unregister,
+)
 
-from prunedlora.config import ConfigError, MethodConfig, SparsityConfig
-from prunedlora.methods.adalora import AdaLoraMethod
-from prunedlora.methods.base import Callback, Method
-from prunedlora.methods.droplora import DropLoraMethod
-from prunedlora.methods.lora import LoraMethod
-from prunedlora.methods.loraprune import LoraPruneMethod
-from prunedlora.methods.prunedlora import PrunedLoraMethod
-from prunedlora.methods.salr import SalrMethod
+__getattr__ = lazy_attributes(__name__, {"Method": ".base", "Callback": ".base", "AttachContext": ".base"})
 
-METHODS: dict[str, Callable[[MethodConfig, SparsityConfig], Method]] = {
-    "lora": LoraMethod,
-    "droplora": DropLoraMethod,
-    "adalora": AdaLoraMethod,
-    "prunedlora": PrunedLoraMethod,
-    "salr": SalrMethod,
-    "loraprune": LoraPruneMethod,
-}
-
-
-def build_method(cfg: MethodConfig, sparsity: SparsityConfig) -> Method:
-    """Instantiate the method named by ``cfg.name``."""
-    try:
-        factory = METHODS[cfg.name]
-    except KeyError:
-        raise ConfigError(
-            f"method={cfg.name} is not implemented; available methods: {', '.join(sorted(METHODS))}."
-        ) from None
-    return factory(cfg, sparsity)
-
-
-__all__ = ["METHODS", "Callback", "Method", "build_method"]
+__all__ = ["METHODS", "AttachContext", "Callback", "Method", "MethodSpec", "build_method", "method_spec",  # noqa: F822
+           "method_specs", "register", "unregister"]

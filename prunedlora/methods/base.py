@@ -18,10 +18,11 @@ accumulation:
 Hooks return a dict of figures to log (possibly empty); a callback owns its state and exposes it through
 ``state_dict`` / ``load_state_dict`` so checkpoints resume it exactly.
 
-Two optional members, for methods that need more than the model at attach time (SALR): a true class attribute
-``quantizes_base`` makes the recipe load the base unquantized and leave ``model.quantization`` to the method, and
-``prepare(context: AttachContext)``, called before ``attach``, hands over the training rows (calibration) and
-that quantization.
+``Method`` is the base class every method derives from: it holds the config and the sparsity schedule and
+defines the members the recipe calls, with defaults where one exists. Two of them are for methods that need more
+than the model at attach time (SALR): ``quantizes_base = True`` makes the recipe load the base unquantized and leave
+``model.quantization`` to the method, and ``prepare(context: AttachContext)``, called before ``attach``, hands over
+the training rows (calibration) and that quantization.
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
+
+from prunedlora.config import MethodConfig, SparsityConfig
 
 
 class Callback:
@@ -68,26 +71,50 @@ class AttachContext:
     """``model.quantization`` for a method with ``quantizes_base`` (the model it gets is unquantized)."""
 
 
-class Method(Protocol):
-    """What the recipe needs from a method."""
+class Method:
+    """What the recipe needs from a method, with the defaults most methods keep.
 
-    name: str
+    A method overrides ``attach`` and ``export`` (there is no sensible default) and whatever else it changes:
+    ``prepare`` (SALR: calibration data), ``callbacks`` (the pruning methods), ``parameter_groups`` (LoRAPrune: the
+    LoRA factors only; SALR: no decay on the residual), ``report`` (its figures for ``summary.json``).
+
+    Args:
+        cfg: the method's config (its schema in the registry, ``prunedlora.methods.registry``).
+        sparsity: the ``sparsity`` group: what to prune and when (unused by methods that prune nothing).
+    """
+
+    quantizes_base: bool = False
+    """True: the recipe loads the base unquantized and hands ``model.quantization`` to ``prepare`` (SALR prunes
+    float weights and quantizes the pruned linears itself in ``attach``)."""
+
+    def __init__(self, cfg: MethodConfig, sparsity: SparsityConfig) -> None:
+        self.cfg = cfg
+        self.sparsity = sparsity
+
+    @property
+    def name(self) -> str:
+        """``method.name``."""
+        return self.cfg.name
+
+    def prepare(self, context: AttachContext) -> None:
+        """Called by the recipe before ``attach``, with the training rows and the quantization; nothing by default."""
 
     def attach(self, model: nn.Module) -> list[str]:
         """Add adapters (and masks) to ``model``, freeze the base; returns the adapted module names."""
-        ...
+        raise NotImplementedError(f"{type(self).__name__} must define attach(model)")
 
     def callbacks(self) -> list[Callback]:
-        """Callbacks for the training loop (empty for plain LoRA)."""
-        ...
+        """Callbacks for the training loop (none by default: nothing happens between steps)."""
+        return []
 
     def parameter_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-        """Optimizer parameter groups over the trainable parameters."""
-        ...
+        """Optimizer parameter groups: by default one group of every trainable parameter."""
+        params = [p for p in model.parameters() if p.requires_grad]
+        return [{"params": params, "weight_decay": weight_decay}]
 
     def report(self, model: nn.Module) -> dict[str, Any]:
         """Figures for ``summary.json``: ``ranks``, ``sparsity``, ``params_effective`` where meaningful."""
-        ...
+        return {}
 
     def export(self, model: nn.Module, tokenizer: Any, out_dir: Path, base_model_id: str,
                formats: Sequence[str] | None = None) -> dict[str, Any]:
@@ -97,10 +124,4 @@ class Method(Protocol):
         May consume ``model`` (merging, compaction); returns figures for ``summary.json``, at least
         ``params_after_export`` and ``exports`` (``prunedlora.export.describe`` of each folder written).
         """
-        ...
-
-
-def default_parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """One group of all trainable parameters."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": params, "weight_decay": weight_decay}]
+        raise NotImplementedError(f"{type(self).__name__} must define export(...)")

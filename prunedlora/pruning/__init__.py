@@ -1,17 +1,3 @@
-"""Pruning building blocks shared by the methods: sparsity schedules and rank-component criteria."""
-
-from __future__ import annotations
-
-from prunedlora.pruning.rank_criteria import CRITERIA, obs_prune, obs_prune_one, select_global
-from prunedlora.pruning.schedules import SCHEDULE_FNS, is_event, resolve_schedule, target_fraction
-
-__all__ = [
-    "CRITERIA",
-    "SCHEDULE_FNS",
-    "is_event",
-    "obs_prune",
-    "obs_prune_one",
-    "resolve_schedule",
-    "select_global",
-    "target_fraction",
-]
+"""Pruning building blocks shared by the methods: the criteria registries (``criteria.py``, torch-free) and their
+functions (``rank_criteria``, ``structured_criteria``, ``base_criteria``), sparsity schedules (``schedules``),
+structure masks and calibration passes. Importing the package imports nothing: each module is imported by name."""

@@ -1,4 +1,4 @@
-"""Activation-aware one-shot pruning of a frozen linear: Wanda and SparseGPT (methods.md Decisions item 0).
+"""Activation-aware one-shot pruning of a frozen linear: Wanda and SparseGPT (docs/methods.md Decisions item 0).
 
 Both read calibration statistics of the linear's input ``X`` (``prunedlora.pruning.calibration``) and
 return the pruned weight ``W_s`` (pruned entries exactly ``+0.0``), for the unstructured pattern (exactly

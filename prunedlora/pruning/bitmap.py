@@ -1,6 +1,8 @@
-"""Bitmap storage of sparse matrices and the sparse-base linears that run from it (methods.md §6.3, §6.4 items 5-6).
+"""Bitmap storage of sparse matrices and the sparse-base linears that run from it.
 
-Format (ours, methods.md §6.4 item 6) for a ``(d_out, d_in)`` matrix ``W``:
+docs/methods.md §6.3, §6.4 items 5-6.
+
+Format (ours, docs/methods.md §6.4 item 6) for a ``(d_out, d_in)`` matrix ``W``:
 
 - ``mask``: uint8 ``(d_out, ceil(d_in / 8))``; bit ``k`` (LSB first) of byte ``b`` of row ``i`` is set
   when ``W[i, 8b + k]`` is stored; the tail bits past ``d_in`` are zero.
@@ -14,7 +16,7 @@ every input. Everything is vectorised torch (shifts and boolean indexing), on CP
 
 Linears behind one interface (``forward(x) = x Wᵀ + b``; ``in_features``, ``out_features``):
 ``nn.Linear`` holding the masked dense weight (the training reference), ``BitmapLinear`` (decode then
-``F.linear``, the correctness reference for a fused kernel, methods.md §8 item 25) and
+``F.linear``, the correctness reference for a fused kernel, docs/methods.md §8 item 25) and
 ``SemiStructuredLinear`` (PyTorch's 2:4 kernels, CUDA only); ``prunedlora.pruning.fused_bitmap`` adds the
 fused kernel's linear and the ``base_format`` choice among them.
 """
@@ -186,7 +188,7 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
 
 
 class BitmapLinear(nn.Module):
-    """Reference sparse linear: decode the bitmap to a dense weight, then ``F.linear`` (methods.md §6.4 item 5).
+    """Reference sparse linear: decode the bitmap to a dense weight, then ``F.linear`` (docs/methods.md §6.4 item 5).
 
     Holds only the bitmap form (``mask``, ``values``, ``row_offsets``) and the bias; the dense weight is a
     temporary of each forward. Gradients flow to the input (the weight is frozen).

@@ -1,4 +1,4 @@
-"""Calibration for activation-aware pruning criteria (Wanda, SparseGPT; methods.md Decisions item 0).
+"""Calibration for activation-aware pruning criteria (Wanda, SparseGPT; docs/methods.md Decisions item 0).
 
 Both criteria need the inputs ``X`` of each linear to be pruned: Wanda their per-feature norms ``‖X_j‖₂``,
 SparseGPT the Gram matrix ``H = X Xᵀ``. They are collected in **one dense pass**: the unpruned model runs

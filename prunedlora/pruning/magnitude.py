@@ -1,10 +1,10 @@
-"""Magnitude masks for static pruning of frozen weights (SALR, methods.md §6.2 item 2, §6.4 item 1).
+"""Magnitude masks for static pruning of frozen weights (SALR, docs/methods.md §6.2 item 2, §6.4 item 1).
 
 A mask is a bool tensor of the weight's shape, ``True`` where the weight is kept. Three patterns:
 
 - ``per_matrix`` (default): every matrix keeps exactly ``numel - round(p * numel)`` entries, the largest
   ``|w|``; ties at the threshold are pruned in index order, so the mask is deterministic.
-- ``global``: one threshold over every matrix at once (methods.md §8 item 22), found by bisection on the
+- ``global``: one threshold over every matrix at once (docs/methods.md §8 item 22), found by bisection on the
   float32 bit patterns, so no concatenation of all weights is ever built; ties at the threshold are pruned.
 - ``2:4``: in every group of 4 consecutive input columns of a row, the 2 largest ``|w|`` are kept
   (semi-structured, 50% whatever ``p`` says).

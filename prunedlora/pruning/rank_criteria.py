@@ -1,4 +1,4 @@
-"""Rank-component saliency, OBS recovery and rank allocation, on plain tensors (methods.md §3.2, §3.6, §8).
+"""Rank-component saliency, OBS recovery and rank allocation, on plain tensors (docs/methods.md §3.2, §3.6, §8).
 
 One adapted linear with active component set S, ``r' = |S|``. Component j is the pair (column ``b_j`` of
 B, row ``a_jᵀ`` of A). Every criterion takes the active slices
@@ -6,16 +6,17 @@ B, row ``a_jᵀ`` of A). Every criterion takes the active slices
     B (d_out, r'), A (r', d_in), G_B = ∂L/∂B (d_out, r'), G_A = ∂L/∂A (r', d_in)
 
 plus keyword statistics, and returns a saliency ``(r',)``; the lowest is pruned first. Criteria ignore
-the keywords they do not use, so a caller can pass the same ``**stats`` to all of them.
+the keywords they do not use, so a caller can pass the same ``**stats`` to all of them. Each criterion is a record
+of ``prunedlora.pruning.criteria.RANK_CRITERIA`` naming its function here (and its recovery update, if any).
 
-``obs`` (default) is OBS on the adapter's own output (methods.md, Decisions item 0, the erratum): the
+``obs`` (default) is OBS on the adapter's own output (docs/methods.md, Decisions item 0, the erratum): the
 column OBS of OBC/SparseGPT applied to the rank dimension. The adapter computes ``y = s B z`` with
 ``z = m ⊙ (A x)``; with ``H = E[z zᵀ]`` over the tokens since the last event (relatively damped,
 ``H + λ·mean(diag H)·I``), removing j and re-fitting B to keep ``E‖s(B'z − Bz)‖²`` minimal costs
 ``s² ‖b_j‖² / [H⁻¹]_jj``, and the re-fit is ``B ← B − (B e_j / [H⁻¹]_jj)(H⁻¹ e_j)ᵀ`` on B alone (A is
 fixed, its row j only masked).
 
-``obs_grad`` is the paper's variant (methods.md §3.2, Decisions item 1), kept for reproduction: the
+``obs_grad`` is the paper's variant (docs/methods.md §3.2, Decisions item 1), kept for reproduction: the
 second-order saliency with gradient-Gram "Hessians" ``H_B = G_BᵀG_B`` and ``H_A = G_A G_Aᵀ`` damped by an
 absolute ε. The erratum measured two flaws: from one step's mean gradient the Gram is of order ‖g‖², not
 curvature, so ``S_j`` is a constant plus a signed first-order term (rank correlation with the true removal
@@ -29,14 +30,10 @@ Nothing here knows about modules, masks or optimizers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor
 
-from prunedlora.config import PRUNEDLORA_CRITERIA
-
-Criterion = Callable[..., Tensor]
+from prunedlora.pruning.criteria import RECOVERY_FACTORS
 
 
 # ------------------------------------------------------------------------------------------ Hessians
@@ -79,7 +76,7 @@ def output_obs_saliency(B: Tensor, A: Tensor, G_B: Tensor, G_A: Tensor, *, gram:
     ``S_j`` is the least output error ``E‖B'z − Bz‖²`` of any B' with column j zero (the error after
     ``output_obs_prune``'s re-fit), per unit of ``s²``. ``s = alpha / r0`` is the same for every module
     of a run, so these values are on one scale across modules: ``allocation=global`` compares them
-    directly (see ``ABSOLUTE_CRITERIA``).
+    directly (its record is ``absolute``).
 
     Args:
         gram: (r', r') ``E[z zᵀ]`` over the active components, tokens since the last event.
@@ -116,7 +113,7 @@ def output_obs_prune(B: Tensor, h_inv: Tensor, order: list[int]) -> Tensor:
 
 
 def obs_saliency(B: Tensor, A: Tensor, G_B: Tensor, G_A: Tensor, *, damping: float = 1e-6, **_: object) -> Tensor:
-    """The paper's saliency (``criterion=obs_grad``, methods.md §3.2), over the rows of B and columns of A.
+    """The paper's saliency (``criterion=obs_grad``, docs/methods.md §3.2), over the rows of B and columns of A.
 
     ``S_j = ½ Σ_i (B_ij − [G_B Hb⁻]_ij)² / (Hb⁻)_jj + ½ Σ_c (A_jc − [Ha⁻ G_A]_jc)² / (Ha⁻)_jj``: the
     j-dependent part of the minimum of ``gᵀδ + ½δᵀHδ`` subject to ``δ_j = −w_j`` for each row vector w.
@@ -154,19 +151,6 @@ def activation_saliency(B: Tensor, A: Tensor, G_B: Tensor, G_A: Tensor, *, act_r
     return act_rms.to(B.dtype) * B.norm(dim=0)
 
 
-CRITERIA: dict[str, Criterion] = {
-    "obs": output_obs_saliency,
-    "obs_grad": obs_saliency,
-    "magnitude": magnitude_saliency,
-    "taylor": taylor_saliency,
-    "activation": activation_saliency,
-}
-assert tuple(CRITERIA) == PRUNEDLORA_CRITERIA
-ABSOLUTE_CRITERIA = frozenset({"obs"})
-"""Criteria whose saliencies share one scale across modules (output-error units): ``allocation=global``
-compares them as they are. The others are divided by their module's mean first (``relative_saliency``)."""
-
-
 # ------------------------------------------------------------------------------------------ recovery
 def _compensate(w: Tensor, g: Tensor, h_inv: Tensor, j: int, newton_scale: float) -> Tensor:
     """Recovery of §3.2 for a stack of row vectors over the components; entry j ends exactly at zero.
@@ -198,9 +182,6 @@ def _downdate(h_inv: Tensor, j: int) -> Tensor:
     return out
 
 
-RECOVERY_FACTORS = ("b", "a", "both")
-
-
 def obs_prune(B: Tensor, A: Tensor, G_B: Tensor, G_A: Tensor, order: list[int], newton_scale: float,
               damping: float, factors: str = "b") -> tuple[Tensor, Tensor]:
     """The paper's pruning (``criterion=obs_grad``): prune ``order`` one after another with §3.2's recovery.
@@ -215,7 +196,7 @@ def obs_prune(B: Tensor, A: Tensor, G_B: Tensor, G_A: Tensor, order: list[int], 
             counts**: zeroing B's column j or A's row j each already removes the term ``s b_j a_jᵀ``,
             and each side's compensation is built to replace that whole term, so applying both adds it
             back about twice plus a cross term (toy regression, one event: loss +0.9 to +6.9 against
-            +0.55 to +0.87 for plain zeroing; methods.md Decisions item 0). Use it only to reproduce
+            +0.55 to +0.87 for plain zeroing; docs/methods.md Decisions item 0). Use it only to reproduce
             the paper.
 
     Returns:
@@ -242,6 +223,18 @@ def obs_prune_one(B: Tensor, A: Tensor, G_B: Tensor, G_A: Tensor, j: int, newton
                   damping: float, factors: str = "b") -> tuple[Tensor, Tensor]:
     """Prune component j with the paper's recovery update (§3.2); see ``obs_prune``."""
     return obs_prune(B, A, G_B, G_A, [j], newton_scale, damping, factors)
+
+
+def output_obs_recovery(B: Tensor, A: Tensor, G_B: Tensor, G_A: Tensor, order: list[int], *, gram: Tensor,
+                        rel_damping: float, **_: object) -> tuple[Tensor, None]:
+    """``obs``'s recovery: B re-fit on the output (``output_obs_prune``); A is left to its mask. Returns (B', None)."""
+    return output_obs_prune(B, output_hessian_inverse(gram, rel_damping), order), None
+
+
+def obs_grad_recovery(B: Tensor, A: Tensor, G_B: Tensor, G_A: Tensor, order: list[int], *, newton_scale: float,
+                      damping: float, recovery_factor: str, **_: object) -> tuple[Tensor, Tensor]:
+    """``obs_grad``'s recovery: the paper's update of ``recovery_factor`` (``obs_prune``). Returns (B', A')."""
+    return obs_prune(B, A, G_B, G_A, order, newton_scale, damping, recovery_factor)
 
 
 # ---------------------------------------------------------------------------------------- allocation
@@ -281,7 +274,7 @@ def select_global(saliencies: dict[str, Tensor], capacity: dict[str, int], budge
         saliencies: module name -> (r'_m,) raw saliencies over its active components.
         capacity: module name -> active rank minus the floor (``min_rank``).
         budget: components to prune this event, over all modules.
-        relative: divide each module's saliencies by their mean first (False for ``ABSOLUTE_CRITERIA``,
+        relative: divide each module's saliencies by their mean first (False for ``absolute`` criteria,
             whose values are already comparable across modules).
 
     Returns:

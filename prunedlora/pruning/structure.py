@@ -1,21 +1,22 @@
 """Structured pruning of LLaMA decoder layers: dependency groups, masks during training, compaction at export.
 
-Dependency groups (methods.md §5.2, §7 item 3). With ``d`` the head dimension, ``n_q`` query heads,
+Dependency groups (docs/methods.md §5.2, §7 item 3). With ``d`` the head dimension, ``n_q`` query heads,
 ``n_kv`` KV heads and ``G = n_q / n_kv`` query heads per KV head:
 
 - query head ``h``: rows ``h*d:(h+1)*d`` of ``q_proj`` and the same columns of ``o_proj``;
 - KV head ``g``: rows ``g*d:(g+1)*d`` of ``k_proj`` and ``v_proj``, shared by query heads ``g*G .. g*G+G-1``;
 - MLP channel ``c``: row ``c`` of ``gate_proj`` and ``up_proj``, column ``c`` of ``down_proj``.
 
-GQA policy (methods.md §5.6). The unit is the **query head**; a KV head (its k/v rows) is removed only
+GQA policy (docs/methods.md §5.6). The unit is the **query head**; a KV head (its k/v rows) is removed only
 when every query head sharing it is removed (``gqa_policy=query_head``, the default). The alternative
 ``gqa_policy=kv_group`` removes a KV head together with all its query heads as one unit. Either way the
 masks are stored per query head; the KV mask is derived (a KV head is kept while any of its query
 heads is). ``gqa_balanced`` (query_head only) removes the same number of query heads from every KV group
-of a layer, so the layer stays standard GQA at export; so does ``structure=uniform`` (``pruning.uniform``),
+of a layer, so the layer stays standard GQA at export; so does ``structure=uniform`` (``methods.loraprune.uniform``),
 which also removes the same counts from every layer.
 
-Masks during training (stack.md §4-5): nothing is reshaped or edited in place while the optimizer
+Masks during training (DeepSpeed cannot follow a parameter reshaped after ``initialize``, and bitsandbytes'
+packed 4-bit weights cannot be zeroed per row or column): nothing is reshaped or edited in place while the optimizer
 exists. Each prunable layer gets a ``StructureMask`` child module (buffers ``head_mask`` and
 ``channel_mask``, so checkpoints carry them) and forward hooks: the outputs of q/k/v/gate/up are
 multiplied by their row masks and the *inputs* of o_proj/down_proj by their column masks. Masking the
@@ -76,7 +77,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 def prunable_layer_indices(num_layers: int, exempt_first_frac: float, exempt_last: int) -> list[int]:
     """Layers pruning may touch: all but the first ``floor(frac * L)`` and the last ``exempt_last``.
 
-    32 layers with the defaults (0.1, 1) exempt 0-2 and 31, as the authors' code (methods.md §5.3).
+    32 layers with the defaults (0.1, 1) exempt 0-2 and 31, as the authors' code (docs/methods.md §5.3).
     """
     first = math.floor(exempt_first_frac * num_layers + 1e-9)
     return [i for i in range(first, num_layers - exempt_last)]
@@ -190,7 +191,7 @@ def select_pruned(scores: torch.Tensor, keep: torch.Tensor, num_pruned: int, min
     """New keep-mask with the ``num_pruned`` lowest-scoring units removed, cumulatively.
 
     Units already removed count towards ``num_pruned`` and always rank lowest, so a decision is never
-    undone (methods.md §5.3); ties go to the lower index (stable sort). At least ``min_keep`` stay.
+    undone (docs/methods.md §5.3); ties go to the lower index (stable sort). At least ``min_keep`` stay.
 
     Args:
         scores: (n,) importance, higher is more important.

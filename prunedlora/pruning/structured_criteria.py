@@ -1,4 +1,6 @@
-"""LoRAPrune's group importance (methods.md §5.2): weight-level scores, grouped, normalised, averaged.
+"""LoRAPrune's group importance (docs/methods.md §5.2): weight-level scores, grouped, normalised, averaged.
+
+Each criterion is a record of ``prunedlora.pruning.criteria.STRUCTURED_CRITERIA`` naming its function here.
 
 Per projection, a weight-level importance ``I`` (d_out x d_in) from one of three criteria, all
 multiplied against the effective weight ``W~ = W0 + s*BA``:
@@ -7,7 +9,7 @@ multiplied against the effective weight ``W~ = W0 + s*BA``:
   ``G^ = G_B A + B G_A - G_B G_A``, minus one SGD step's change of ``BA`` at step size 1:
   ``B'A' - BA = -(G_B A + B G_A) + G_B G_A`` for ``B' = B - G_B``, ``A' = A - G_A``. Only LoRA weights
   and LoRA gradients are needed: the frozen ``W0`` never gets a gradient. ``G^`` is not multiplied by
-  ``s`` (as the authors' code; methods.md §8 item 14: it cannot change rankings after the per-module
+  ``s`` (as the authors' code; docs/methods.md §8 item 14: it cannot change rankings after the per-module
   normalisation).
 - ``magnitude``: ``|W~|``.
 - ``true_gradient`` (LLM-Pruner style, the memory baseline): ``|dL/dW0 ⊙ W~|``. It needs the base
@@ -27,7 +29,7 @@ code's). Then, per decoder layer (steps of §5.2):
    per KV group the sum of its query heads' q + o plus its k + v (``kv_group``); channel score =
    gate + up + down.
 
-A fourth criterion scores the groups directly instead of summing weight scores (methods.md Decisions item 0):
+A fourth criterion scores the groups directly instead of summing weight scores (docs/methods.md Decisions item 0):
 ``channel_taylor``, the exact first-order Taylor estimate of the loss change when a group's output is removed
 (Molchanov et al. 2019). With ``h`` the input of ``down_proj`` (or ``o_proj``) and ``g = dL/dh``, a channel
 scores ``|Σ_t g_t,c h_t,c|`` and a query head ``|Σ_t Σ_{j in head} g_t,j h_t,j|`` (a KV group, for
@@ -46,18 +48,27 @@ gradients would change the balance of the terms).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from prunedlora.adapters.lora import LoRALinear
-from prunedlora.config import LORAPRUNE_CRITERIA, LoraPruneConfig
 from prunedlora.distributed import full_grad, gathered
 from prunedlora.models.surgery import dequantized_weight, projection
+from prunedlora.pruning.criteria import STRUCTURED_CRITERIA
 from prunedlora.pruning.structure import AttentionShape, intermediate_size
 
 NORM_EPS = 1e-8
+
+
+class GroupOptions(Protocol):
+    """The settings group scores read (``LoraPruneConfig`` has them)."""
+
+    prune_heads: bool
+    prune_channels: bool
+    score_power: int
+    gqa_policy: str
 
 
 # ---------------------------------------------------------------------------------- weights, grads
@@ -87,36 +98,28 @@ def lora_guided_gradient(module: LoRALinear) -> torch.Tensor | None:
     return g_b @ (a - g_a) + b @ g_a
 
 
-def _lora_guided(module: nn.Module) -> torch.Tensor | None:
+def lora_guided_score(module: nn.Module) -> torch.Tensor | None:
+    """``lora_guided``: ``G^ ⊙ W~`` (None where the projection has no adapter or no gradient yet)."""
     if not isinstance(module, LoRALinear):
         return None
     g_hat = lora_guided_gradient(module)
     return None if g_hat is None else g_hat.mul_(effective_weight(module))
 
 
-def _magnitude(module: nn.Module) -> torch.Tensor | None:
+def magnitude_score(module: nn.Module) -> torch.Tensor | None:
+    """``magnitude``: ``W~``."""
     return effective_weight(module)
 
 
-def _true_gradient(module: nn.Module) -> torch.Tensor | None:
+def true_gradient_score(module: nn.Module) -> torch.Tensor | None:
+    """``true_gradient``: ``dL/dW0 ⊙ W~`` (None before the base weights have a gradient)."""
     grad = full_grad(base_linear(module).weight)
     return None if grad is None else grad.float() * effective_weight(module)
 
 
-WEIGHT_SCORES: dict[str, Callable[[nn.Module], torch.Tensor | None]] = {
-    "lora_guided": _lora_guided,
-    "magnitude": _magnitude,
-    "true_gradient": _true_gradient,
-}
-"""criterion -> signed weight-level product (``G ⊙ W~`` or ``W~``); None when its inputs are missing."""
-GROUP_CRITERIA = ("channel_taylor",)
-"""Criteria that score groups directly (``TaylorCapture``), not through weight-level products."""
-assert (*WEIGHT_SCORES, *GROUP_CRITERIA) == LORAPRUNE_CRITERIA
-
-
 def weight_importance(module: nn.Module, criterion: str, power: int = 1) -> torch.Tensor | None:
     """``I = |score|`` (power 1) or ``score**2`` (power 2), float32 (d_out, d_in); None if unavailable."""
-    score = WEIGHT_SCORES[criterion](module)
+    score = STRUCTURED_CRITERIA.function(criterion)(module)
     if score is None:
         return None
     score = score.abs_()
@@ -276,7 +279,7 @@ class TaylorCapture:
 
     @staticmethod
     def layer_scores(sums: dict[tuple[int, str], torch.Tensor], i: int, shape: AttentionShape,
-                     cfg: LoraPruneConfig) -> dict[str, torch.Tensor | None]:
+                     cfg: GroupOptions) -> dict[str, torch.Tensor | None]:
         """Layer ``i``'s normalised ``heads`` / ``channels`` vectors from ``take()``'s sums (None: no gradient)."""
         scores = {}
         if cfg.prune_heads:

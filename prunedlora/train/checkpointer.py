@@ -14,47 +14,51 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from torch import nn
-
-from prunedlora.data.batching import ResumableBatches, ShardedBatches
-from prunedlora.methods.base import Callback
 from prunedlora.train import checkpoint as ckpt
-from prunedlora.train.engine import DeepSpeedEngine, TorchEngine, barrier
-from prunedlora.train.loop import MetricsWriter
-from prunedlora.train.nonfinite import NonFiniteGuard, nonfinite_tensors
+from prunedlora.train.engine import barrier
+from prunedlora.train.loop import LoopContext
+from prunedlora.train.nonfinite import nonfinite_tensors
 
 log = logging.getLogger(__name__)
 
 
 class Checkpointer:
-    """Saves and restores one run's training state (see the module docstring)."""
+    """Saves and restores one run's training state (see the module docstring).
 
-    def __init__(self, run_dir: Path, model: nn.Module, engine: TorchEngine | DeepSpeedEngine,
-                 batches: ResumableBatches | ShardedBatches, callbacks: list[Callback], config: dict[str, Any], *,
-                 keep: int, nonfinite: NonFiniteGuard, distributed: bool, is_main: bool) -> None:
+    Args:
+        run_dir: the run directory (checkpoints go to ``run_dir/checkpoints``).
+        ctx: the loop's parts whose state a checkpoint holds (model, engine, batches, callbacks; the writer is
+            truncated on resume, ``nonfinite`` refuses a poisoned state).
+        config: the resolved config, saved with each checkpoint.
+        keep: checkpoints kept on disk.
+        distributed: every rank calls ``save`` and ``resume`` (collectives); ``is_main`` writes.
+    """
+
+    def __init__(self, run_dir: Path, ctx: LoopContext, config: dict[str, Any], *, keep: int, distributed: bool,
+                 is_main: bool) -> None:
         self.root = run_dir / "checkpoints"
-        self.model, self.engine, self.batches, self.callbacks, self.config = model, engine, batches, callbacks, config
-        self.keep, self.nonfinite, self.distributed, self.is_main = keep, nonfinite, distributed, is_main
+        self.ctx, self.config, self.keep, self.distributed, self.is_main = ctx, config, keep, distributed, is_main
 
     def save(self, step: int) -> None:
-        adapter = ckpt.adapter_state_dict(self.model)  # collective under ZeRO-3
+        ctx = self.ctx
+        adapter = ckpt.adapter_state_dict(ctx.model)  # collective under ZeRO-3
         if bad := nonfinite_tensors(adapter):  # never let a poisoned state rotate the last good one away
-            raise self.nonfinite.refuse_checkpoint(step, bad)
+            raise ctx.nonfinite.refuse_checkpoint(step, bad)
         staging = ckpt.staging_dir(self.root, step)
         state = {
             ckpt.STEP_KEY: step,
             ckpt.ADAPTER_KEY: adapter,
-            **self.engine.save(staging),  # DeepSpeed writes its partitions here, every rank
+            **ctx.engine.save(staging),  # DeepSpeed writes its partitions here, every rank
             ckpt.RNG_KEY: ckpt.rng_state(),
-            ckpt.DATA_KEY: self.batches.state_dict(),
-            ckpt.CALLBACKS_KEY: [cb.state_dict() for cb in self.callbacks],
+            ckpt.DATA_KEY: ctx.batches.state_dict(),
+            ckpt.CALLBACKS_KEY: [cb.state_dict() for cb in ctx.callbacks],
             ckpt.CONFIG_KEY: self.config,
         }
         barrier(self.distributed)
         if self.is_main:
             ckpt.commit_checkpoint(self.root, step, state, self.keep)
 
-    def resume(self, writer: MetricsWriter) -> int:
+    def resume(self) -> int:
         """Restore the newest checkpoint that loads, if any; returns the completed step count (0 for a fresh run).
 
         Raises:
@@ -68,14 +72,15 @@ class Checkpointer:
             kept = ckpt.set_aside(path) if self.is_main else path
             log.warning("%s; skipped it (kept as %s) and resuming from the newest checkpoint that loads, %s",
                         reason, kept, latest.name)
+        ctx = self.ctx
         # Under DeepSpeed its own checkpoint restores the trainable parameters; ours adds what it lacks (masks).
-        ckpt.load_adapter_state_dict(self.model, state[ckpt.ADAPTER_KEY], trainable_too=not self.distributed)
-        self.engine.load(latest, state)
-        self.batches.load_state_dict(state[ckpt.DATA_KEY])
-        for cb, cb_state in zip(self.callbacks, state[ckpt.CALLBACKS_KEY], strict=True):
+        ckpt.load_adapter_state_dict(ctx.model, state[ckpt.ADAPTER_KEY], trainable_too=not self.distributed)
+        ctx.engine.load(latest, state)
+        ctx.batches.load_state_dict(state[ckpt.DATA_KEY])
+        for cb, cb_state in zip(ctx.callbacks, state[ckpt.CALLBACKS_KEY], strict=True):
             cb.load_state_dict(cb_state)
         ckpt.set_rng_state(state[ckpt.RNG_KEY])
         step = int(state[ckpt.STEP_KEY])
-        writer.truncate_after(step)
+        ctx.writer.truncate_after(step)
         log.info("resuming from %s (step %d)", latest, step)
         return step

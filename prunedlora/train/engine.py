@@ -8,6 +8,8 @@ scales the loss for accumulation, clips, steps the scheduler and clears gradient
   ``on_step_end`` callbacks).
 - ``DeepSpeedEngine``: DeepSpeed does all of it inside ``engine.backward`` / ``engine.step``, which must
   be called for every micro-batch; ``on_step_end`` therefore runs after DeepSpeed cleared the gradients.
+
+Both satisfy the ``Engine`` protocol, which is all the loop and the checkpointer know of them.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import contextlib
 import math
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -25,6 +27,46 @@ from prunedlora.config import DistributedConfig, TrainConfig
 from prunedlora.train.checkpoint import OPTIMIZER_KEY, SCHEDULER_KEY
 
 DEEPSPEED_TAG = "deepspeed"
+
+
+class Engine(Protocol):
+    """What the loop and the checkpointer ask of an engine (``TorchEngine``, ``DeepSpeedEngine``)."""
+
+    device: torch.device
+
+    @property
+    def optimizer(self) -> Any:
+        """The optimizer the callbacks see (its ``param_groups`` and state: Adam moments to prune)."""
+        ...
+
+    @property
+    def lr(self) -> float:
+        """The learning rate the next update uses."""
+        ...
+
+    def micro_step(self, batch: dict[str, torch.Tensor], boundary: bool) -> tuple[float, int]:
+        """Forward and backward of one micro-batch (``boundary``: the step's last); returns (loss, tokens)."""
+        ...
+
+    def optimizer_step(self) -> dict[str, float]:
+        """Clip, update, advance the schedule; returns figures to log (``grad_norm``)."""
+        ...
+
+    def skip_step(self) -> None:
+        """Drop the step's gradients without an update (a non-finite step)."""
+        ...
+
+    def zero_grad(self) -> None:
+        """Clear the gradients after the step's callbacks."""
+        ...
+
+    def save(self, directory: Path) -> dict[str, Any]:
+        """Optimizer and schedule state for the checkpoint (or written into ``directory``)."""
+        ...
+
+    def load(self, directory: Path, state: dict[str, Any]) -> None:
+        """Restore what ``save`` saved."""
+        ...
 
 
 def autocast_context(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
@@ -215,7 +257,7 @@ def build_deepspeed_engine(model: nn.Module, optimizer: torch.optim.Optimizer,
 
 def build_engine(train: TrainConfig, distributed: DistributedConfig, model: nn.Module,
                  optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, *,
-                 device: torch.device, world_size: int) -> TorchEngine | DeepSpeedEngine:
+                 device: torch.device, world_size: int) -> Engine:
     """The engine ``train`` and ``distributed`` ask for, around an existing model, optimizer and schedule."""
     if distributed.name == "none":
         return TorchEngine(model, optimizer, scheduler, grad_accum=train.grad_accum,

@@ -14,7 +14,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from prunedlora.config import TrainConfig
-from prunedlora.data.batching import ResumableBatches
+from prunedlora.data.batching import ResumableBatches, ShardedBatches
 from prunedlora.methods.base import Callback
-from prunedlora.train.engine import DeepSpeedEngine, TorchEngine
+from prunedlora.train.engine import Engine
 from prunedlora.train.memory import peak_memory_mb
 from prunedlora.train.nonfinite import NonFiniteGuard
 from prunedlora.train.preemption import Preempted, PreemptionGuard
@@ -75,7 +75,22 @@ def _flatten_numbers(record: dict[str, Any], prefix: str) -> dict[str, float]:
     return flat
 
 
-def optimizer_step(engine: TorchEngine | DeepSpeedEngine, callbacks: list[Callback], step: int) -> dict[str, Any]:
+@dataclass
+class LoopContext:
+    """What the loop drives and where it reports, built once by the recipe's setup (or by a test)."""
+
+    model: nn.Module
+    engine: Engine
+    batches: ResumableBatches | ShardedBatches
+    callbacks: list[Callback]
+    writer: MetricsWriter
+    nonfinite: NonFiniteGuard = field(default_factory=NonFiniteGuard)
+    """What a step whose loss or gradient norm is not finite does (default: stop the run, ``TrainingDiverged``)."""
+    progress: bool = True
+    """Show a tqdm bar."""
+
+
+def optimizer_step(engine: Engine, callbacks: list[Callback], step: int) -> dict[str, Any]:
     """Callbacks, update (clip, step, schedule), callbacks, zero_grad. Returns the figures to log."""
     figures: dict[str, Any] = {}
     for cb in callbacks:
@@ -87,7 +102,7 @@ def optimizer_step(engine: TorchEngine | DeepSpeedEngine, callbacks: list[Callba
     return figures
 
 
-def guarded_optimizer_step(engine: TorchEngine | DeepSpeedEngine, callbacks: list[Callback], step: int,
+def guarded_optimizer_step(engine: Engine, callbacks: list[Callback], step: int,
                            loss: float, nonfinite: NonFiniteGuard) -> dict[str, Any]:
     """``optimizer_step``, unless the step is not finite: then ``nonfinite`` stops the run or skips the step."""
     if not math.isfinite(loss):  # before any callback or update sees this step's gradients
@@ -101,47 +116,35 @@ def guarded_optimizer_step(engine: TorchEngine | DeepSpeedEngine, callbacks: lis
     return figures
 
 
-def train_loop(
-    model: nn.Module,
-    engine: TorchEngine | DeepSpeedEngine,
-    batches: ResumableBatches,
-    callbacks: list[Callback],
-    cfg: TrainConfig,
-    *,
-    start_step: int,
-    writer: MetricsWriter,
-    save: Callable[[int], None],
-    progress: bool = True,
-    preemption: PreemptionGuard | None = None,
-    nonfinite: NonFiniteGuard | None = None,
-) -> StepResult | None:
+def train_loop(ctx: LoopContext, cfg: TrainConfig, *, save: Callable[[int], None], start_step: int = 0,
+               preemption: PreemptionGuard | None = None) -> StepResult | None:
     """Train from ``start_step`` (completed steps) to ``cfg.max_steps``; returns the last step's result.
 
     ``save(step)`` is called every ``cfg.save_every`` steps and after the last one. When ``preemption``
     has caught a signal, the loop saves after the current step and raises ``Preempted``. A step whose loss
-    or gradient norm is not finite goes to ``nonfinite`` (default: stop the run with ``TrainingDiverged``).
+    or gradient norm is not finite goes to ``ctx.nonfinite``.
     """
-    nonfinite = nonfinite or NonFiniteGuard()
-    model.train()
+    engine, callbacks = ctx.engine, ctx.callbacks
+    ctx.model.train()
     for cb in callbacks:
-        cb.on_train_start(model, engine.optimizer, cfg.max_steps)
-    bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", unit="step", disable=not progress,
+        cb.on_train_start(ctx.model, engine.optimizer, cfg.max_steps)
+    bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", unit="step", disable=not ctx.progress,
                dynamic_ncols=True)
     last: StepResult | None = None
     for step in range(start_step + 1, cfg.max_steps + 1):
         t0 = time.perf_counter()
         losses, tokens = [], 0
         for micro in range(cfg.grad_accum):
-            loss, n = engine.micro_step(batches.next_batch(), boundary=micro == cfg.grad_accum - 1)
+            loss, n = engine.micro_step(ctx.batches.next_batch(), boundary=micro == cfg.grad_accum - 1)
             losses.append(loss)
             tokens += n
         lr = engine.lr  # the rate this update uses, before the scheduler moves it
         last = StepResult(step, sum(losses) / len(losses), tokens, 0.0)
-        figures = guarded_optimizer_step(engine, callbacks, step, last.loss, nonfinite)
+        figures = guarded_optimizer_step(engine, callbacks, step, last.loss, ctx.nonfinite)
         last.seconds = time.perf_counter() - t0
         if step % cfg.log_every == 0 or step == cfg.max_steps:
-            writer.log({"step": step, "loss": last.loss, "lr": lr, "tokens_per_s": tokens / last.seconds,
-                        "step_time_s": last.seconds, "peak_memory_mb": peak_memory_mb(engine.device), **figures})
+            ctx.writer.log({"step": step, "loss": last.loss, "lr": lr, "tokens_per_s": tokens / last.seconds,
+                            "step_time_s": last.seconds, "peak_memory_mb": peak_memory_mb(engine.device), **figures})
         bar.set_postfix(loss=f"{last.loss:.4f}", tok_s=f"{tokens / last.seconds:.0f}")
         bar.update(1)
         preempted = preemption is not None and preemption.requested

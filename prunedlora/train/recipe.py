@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -18,23 +19,16 @@ import torch
 from torch import nn
 
 from prunedlora import quiet
-from prunedlora.config import ConfigError, RootConfig, validate
+from prunedlora.config import ConfigError, RootConfig, TrainConfig, validate
 from prunedlora.data.batching import ResumableBatches, ShardedBatches, build_train_examples
 from prunedlora.eval.runner import evaluate
-from prunedlora.methods import Method, build_method
-from prunedlora.methods.base import AttachContext, Callback
+from prunedlora.methods.base import AttachContext, Method
+from prunedlora.methods.registry import build_method
 from prunedlora.models.load import count_parameters, load_model, resolve_device
 from prunedlora.train import checkpoint as ckpt
 from prunedlora.train.checkpointer import Checkpointer
-from prunedlora.train.engine import (
-    DeepSpeedEngine,
-    TorchEngine,
-    barrier,
-    broadcast_from_rank0,
-    build_engine,
-    init_distributed,
-)
-from prunedlora.train.loop import MetricsWriter, train_loop
+from prunedlora.train.engine import barrier, broadcast_from_rank0, build_engine, init_distributed
+from prunedlora.train.loop import LoopContext, MetricsWriter, train_loop
 from prunedlora.train.memory import peak_memory_mb, reset_peak_memory, resident_memory_mb
 from prunedlora.train.nonfinite import NonFiniteGuard
 from prunedlora.train.optim import build_optimizer, build_scheduler
@@ -80,16 +74,14 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
         if is_main else None
     writer = MetricsWriter(run_dir / "metrics.jsonl" if is_main else None, wandb_run)
     nonfinite = NonFiniteGuard(cfg.train.skip_nonfinite, run_dir / "checkpoints")
-    checkpointer = Checkpointer(run_dir, model, engine, batches, callbacks, config_dict,
-                                keep=cfg.train.keep_checkpoints, nonfinite=nonfinite, distributed=distributed,
+    ctx = LoopContext(model, engine, batches, callbacks, writer, nonfinite, progress=cfg.logging.progress and is_main)
+    checkpointer = Checkpointer(run_dir, ctx, config_dict, keep=cfg.train.keep_checkpoints, distributed=distributed,
                                 is_main=is_main)
-    start_step = checkpointer.resume(writer)
+    start_step = checkpointer.resume()
 
     try:
         # ------------------------------------------------------------ train
-        final_loss, memory = _train(model, engine, batches, callbacks, cfg, run_dir, start_step=start_step,
-                                    writer=writer, checkpointer=checkpointer, nonfinite=nonfinite,
-                                    progress=cfg.logging.progress and is_main)
+        final_loss, memory = _train(ctx, cfg.train, run_dir, checkpointer.save, start_step)
         # ------------------------------------------------------------ save, evaluate (rank 0)
         if distributed:
             # Export from a plain copy on rank 0: full adapter weights gathered, no DeepSpeed hooks.
@@ -105,24 +97,23 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
     return summary
 
 
-def _train(model: nn.Module, engine: TorchEngine | DeepSpeedEngine, batches: ResumableBatches | ShardedBatches,
-           callbacks: list[Callback], cfg: RootConfig, run_dir: Path, *, start_step: int, writer: MetricsWriter,
-           checkpointer: Checkpointer, nonfinite: NonFiniteGuard, progress: bool) -> tuple[float | None, dict]:
+def _train(ctx: LoopContext, train: TrainConfig, run_dir: Path, save: Callable[[int], None],
+           start_step: int) -> tuple[float | None, dict]:
     """Train to ``train.max_steps``; on a preemption signal, checkpoint and hand the signal on (it exits).
 
     Returns the final loss and the memory figures: resident before training, and the training peak, measured from
     the start of training so that loading spikes do not count.
     """
-    memory = {"memory_before_training_mb": resident_memory_mb(engine.device)}  # model, adapters, optimizer, data
-    reset_peak_memory(engine.device)
+    device = ctx.engine.device
+    memory = {"memory_before_training_mb": resident_memory_mb(device)}  # model, adapters, optimizer, data
+    reset_peak_memory(device)
     with PreemptionGuard() as guard:
         try:
-            last = train_loop(model, engine, batches, callbacks, cfg.train, start_step=start_step, writer=writer,
-                              save=checkpointer.save, progress=progress, preemption=guard, nonfinite=nonfinite)
+            last = train_loop(ctx, train, save=save, start_step=start_step, preemption=guard)
         except Preempted as exc:
             log.warning("%s. To resume: %s", exc, resume_command(run_dir))
             guard.forward(exc.signum)  # submitit requeues, or exit 128+signum for sbatch scripts
-    memory["peak_memory_mb"] = peak_memory_mb(engine.device)
+    memory["peak_memory_mb"] = peak_memory_mb(device)
     final_loss = last.loss if last is not None else _last_logged_loss(run_dir / "metrics.jsonl")
     return final_loss, memory
 
@@ -181,17 +172,16 @@ def _claim_run_dir(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | Co
 
 
 def _load(cfg: RootConfig, method: Method, device: torch.device) -> tuple[nn.Module, Any, list[dict]]:
-    """Model, tokenizer and training rows; then the method's optional ``prepare`` (methods/base.py).
+    """Model, tokenizer and training rows; then the method's ``prepare`` (``Method``, methods/base.py).
 
     A method with ``quantizes_base`` (SALR prunes float weights) gets the base unquantized and quantizes it
     itself in ``attach``. The data order depends only on the seed, so a resumed run sees the same batches.
     """
-    late = getattr(method, "quantizes_base", False)
+    late = method.quantizes_base
     model, tokenizer = load_model(replace(cfg.model, quantization="none") if late else cfg.model, device)
     examples = build_train_examples(cfg.task, cfg.data, tokenizer, cfg.train.seq_len, cfg.train.seed,
                                     cfg.train.packing)
-    if hasattr(method, "prepare"):
-        method.prepare(AttachContext(examples, cfg.train.seq_len, cfg.model.quantization if late else "none"))
+    method.prepare(AttachContext(examples, cfg.train.seq_len, cfg.model.quantization if late else "none"))
     return model, tokenizer, examples
 
 

@@ -13,12 +13,12 @@ from typing import Any
 from torch import nn
 
 from prunedlora.adapters.lora import LoRALinear, inject_lora, lora_modules, mark_only_lora_as_trainable
-from prunedlora.config import LoraConfig, SparsityConfig
 from prunedlora.export import count_parameters, describe, save_merged_model
 from prunedlora.export.hf import CLIENT as HF_CLIENT
 from prunedlora.export.peft_adapter import CLIENT as ADAPTER_CLIENT
 from prunedlora.export.peft_adapter import export_peft_adapter
-from prunedlora.methods.base import Callback, default_parameter_groups
+from prunedlora.methods.base import Method
+from prunedlora.methods.lora.config import LoraConfig
 
 
 def attach_lora(
@@ -59,22 +59,13 @@ def export_lora(model: nn.Module, tokenizer: Any, out_dir: Path, base_model_id: 
     return {"params_after_export": params_merged, "exports": exports}
 
 
-class LoraMethod:
-    """``method=lora``."""
+class LoraMethod(Method):
+    """``method=lora``: nothing happens between steps, so no callbacks."""
 
-    name = "lora"
-
-    def __init__(self, cfg: LoraConfig, sparsity: SparsityConfig) -> None:
-        self.cfg = cfg
+    cfg: LoraConfig
 
     def attach(self, model: nn.Module) -> list[str]:
         return attach_lora(model, self.cfg, self.cfg.rank)
-
-    def callbacks(self) -> list[Callback]:
-        return []
-
-    def parameter_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-        return default_parameter_groups(model, weight_decay)
 
     def report(self, model: nn.Module) -> dict[str, Any]:
         return rank_report(model)

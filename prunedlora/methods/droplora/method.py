@@ -1,8 +1,8 @@
-"""DropLoRA (Zhang, arXiv 2508.17337; methods.md §4): LoRA with a random mask between A and B.
+"""DropLoRA (Zhang, arXiv 2508.17337; docs/methods.md §4): LoRA with a random mask between A and B.
 
 ``h = W0 x + s B (M ⊙ A dropout(x)) / (1 - p)`` in training, ``W0 x + s B A x`` at eval. Everything but
 the training forward is plain LoRA: attach, report and export (``adapter/`` in PEFT LoRA format,
-``model/`` merged) reuse ``prunedlora.methods.lora``.
+``model/`` merged) reuse ``prunedlora.methods.lora.method``.
 
 ``mask_mode=element`` (default, the authors' code) needs no callback: the mask is drawn per forward from
 the global RNG, which checkpoints already save. ``mask_mode=rank`` keeps one mask per module per
@@ -21,16 +21,17 @@ from torch import nn
 
 from prunedlora.adapters.droplora import RankDropout, bottleneck_dropout
 from prunedlora.adapters.lora import lora_modules
-from prunedlora.config import DropLoraConfig, SparsityConfig
-from prunedlora.methods.base import Callback, default_parameter_groups
-from prunedlora.methods.lora import attach_lora, export_lora, rank_report
+from prunedlora.config import SparsityConfig
+from prunedlora.methods.base import Callback, Method
+from prunedlora.methods.droplora.config import DropLoraConfig
+from prunedlora.methods.lora.method import attach_lora, export_lora, rank_report
 
 # Added to the run's seed (torch.initial_seed()) so the rank-mask stream differs from the global one.
 RANK_MASK_SEED_OFFSET = 0x5DEECE66D
 
 
 class RankMaskSampler(Callback):
-    """Redraws every ``RankDropout`` mask once per optimizer step (``mask_mode=rank``, methods.md §4.2).
+    """Redraws every ``RankDropout`` mask once per optimizer step (``mask_mode=rank``, docs/methods.md §4.2).
 
     The mask for step ``t`` must exist before step ``t``'s first forward, and no hook fires between
     ``zero_grad`` and the next forward, so masks are drawn in ``on_train_start`` (for the first step) and
@@ -70,18 +71,18 @@ class RankMaskSampler(Callback):
         self.drawn = bool(state["drawn"])
 
 
-class DropLoraMethod:
+class DropLoraMethod(Method):
     """``method=droplora``: LoRA with inverted dropout (rate ``method.p``) on the rank bottleneck."""
 
-    name = "droplora"
+    cfg: DropLoraConfig
 
     def __init__(self, cfg: DropLoraConfig, sparsity: SparsityConfig) -> None:
-        self.cfg = cfg
+        super().__init__(cfg, sparsity)
         self._rank_modules: list[RankDropout] = []
         self._seed = 0
 
     def attach(self, model: nn.Module) -> list[str]:
-        """Wrap the targets in LoRA (methods.md §4.3) and put a mask module on every bottleneck."""
+        """Wrap the targets in LoRA (docs/methods.md §4.3) and put a mask module on every bottleneck."""
         names = attach_lora(model, self.cfg, self.cfg.rank)
         masks = [bottleneck_dropout(self.cfg.mask_mode, m.rank, self.cfg.p) for m in lora_modules(model).values()]
         for module, mask in zip(lora_modules(model).values(), masks):
@@ -95,13 +96,10 @@ class DropLoraMethod:
     def callbacks(self) -> list[Callback]:
         return [RankMaskSampler(self._rank_modules, self._seed)] if self._rank_modules else []
 
-    def parameter_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-        return default_parameter_groups(model, weight_decay)
-
     def report(self, model: nn.Module) -> dict[str, Any]:
         return rank_report(model)
 
     def export(self, model: nn.Module, tokenizer: Any, out_dir: Path, base_model_id: str,
                formats: Sequence[str] | None = None) -> dict[str, Any]:
-        """Plain LoRA artifacts (methods.md §4.4): the mask is the identity outside training."""
+        """Plain LoRA artifacts (docs/methods.md §4.4): the mask is the identity outside training."""
         return export_lora(model, tokenizer, out_dir, base_model_id, formats)

@@ -1,4 +1,4 @@
-"""AdaLoRA baseline (Zhang et al., ICLR 2023; methods.md §2) behind our ``Method`` interface.
+"""AdaLoRA baseline (Zhang et al., ICLR 2023; docs/methods.md §2) behind our ``Method`` interface.
 
 PEFT's implementation does the work; this module wires it into our loop, which calls the plain model and
 knows nothing about PEFT:
@@ -36,10 +36,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from prunedlora.config import AdaLoraConfig, ConfigError, SparsityConfig
+from prunedlora.config import ConfigError, SparsityConfig
 from prunedlora.export import count_parameters, describe, save_pretrained_dir
 from prunedlora.export.hf import CLIENT as HF_CLIENT
-from prunedlora.methods.base import Callback, default_parameter_groups
+from prunedlora.methods.adalora.config import AdaLoraConfig
+from prunedlora.methods.base import Callback, Method
 from prunedlora.models.surgery import dequantize_linears, dequantized_weight, replace_module, target_module_names
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ _GRAMS = {"lora_A": lambda q: q @ q.T, "lora_B": lambda p: p.T @ p}
 
 # -------------------------------------------------------------------------------------------- schedule
 def schedule_steps(max_steps: int, tinit_frac: float, tfinal_frac: float) -> tuple[int, int]:
-    """PEFT's ``tinit`` and ``tfinal`` in optimizer steps (methods.md §8 item 26: 10% and 20%).
+    """PEFT's ``tinit`` and ``tfinal`` in optimizer steps (docs/methods.md §8 item 26: 10% and 20%).
 
     Rounded down, so ``tinit + tfinal < max_steps`` whenever the fractions sum to less than 1 (the config
     check): the budget always has at least one step to shrink in.
@@ -124,7 +125,7 @@ def orthogonal_factors(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 def orthogonal_penalty(factors: list[tuple[str, nn.Parameter]]) -> torch.Tensor:
-    """``R = (1/N) [Σ_Q ‖Q Qᵀ − I‖_F + Σ_P ‖Pᵀ P − I‖_F]`` over all N factors (methods.md §2, as PEFT)."""
+    """``R = (1/N) [Σ_Q ‖Q Qᵀ − I‖_F + Σ_P ‖Pᵀ P − I‖_F]`` over all N factors (docs/methods.md §2, as PEFT)."""
     terms = []
     for kind, param in factors:
         gram = _GRAMS[kind](param)  # (r, r)
@@ -135,7 +136,7 @@ def orthogonal_penalty(factors: list[tuple[str, nn.Parameter]]) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------- callback
 class AdaLoraAllocator(Callback):
-    """Runs PEFT's rank allocation and the orthogonality regulariser inside our loop (methods.md §2).
+    """Runs PEFT's rank allocation and the orthogonality regulariser inside our loop (docs/methods.md §2).
 
     Args:
         peft_model: the handle ``attach_adalora`` returned.
@@ -195,7 +196,7 @@ class AdaLoraAllocator(Callback):
         return {"orth_reg": reg.item()}  # host sync, once per optimizer step
 
     def on_step_end(self, step: int) -> dict[str, Any]:
-        """``update_and_allocate(step)``: importance EMAs, cubic budget, λ masking (methods.md §2)."""
+        """``update_and_allocate(step)``: importance EMAs, cubic budget, λ masking (docs/methods.md §2)."""
         if not self._started:
             raise RuntimeError("AdaLoraAllocator.on_step_end before on_train_start: PEFT's schedule is not set")
         if any(p.grad is None for _, p in self._factors):
@@ -234,13 +235,13 @@ class AdaLoraAllocator(Callback):
 
 
 # --------------------------------------------------------------------------------------------- method
-class AdaLoraMethod:
+class AdaLoraMethod(Method):
     """``method=adalora``: PEFT's AdaLoRA with our loop, checkpoints, report and export."""
 
-    name = "adalora"
+    cfg: AdaLoraConfig
 
     def __init__(self, cfg: AdaLoraConfig, sparsity: SparsityConfig) -> None:
-        self.cfg = cfg
+        super().__init__(cfg, sparsity)
         self.final_rank = cfg.final_rank(sparsity.final)
         self.peft_model: Any = None
         self._allocator: AdaLoraAllocator | None = None
@@ -255,9 +256,6 @@ class AdaLoraMethod:
         self._allocator = AdaLoraAllocator(self.peft_model, self.cfg.orth_reg_weight, self.cfg.tinit_frac,
                                            self.cfg.tfinal_frac)
         return [self._allocator]
-
-    def parameter_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-        return default_parameter_groups(model, weight_decay)
 
     def report(self, model: nn.Module) -> dict[str, Any]:
         """Active rank (non-zero λ) per module, the achieved rank sparsity and the effective adapter size.
@@ -301,7 +299,7 @@ class AdaLoraMethod:
 
 
 def adalora_delta_weight(layer: nn.Module, adapter: str = "default") -> torch.Tensor:
-    """``P diag(λ) Q · scaling / ranknum`` in float32, as PEFT's ``SVDLinear`` merges (methods.md §2)."""
+    """``P diag(λ) Q · scaling / ranknum`` in float32, as PEFT's ``SVDLinear`` merges (docs/methods.md §2)."""
     p, lam, q = layer.lora_B[adapter].float(), layer.lora_E[adapter].float(), layer.lora_A[adapter].float()
     return p @ (q * lam) * layer.scaling[adapter] / (layer.ranknum[adapter].float() + 1e-5)
 

@@ -35,7 +35,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from prunedlora.config import LoraPruneConfig
+from prunedlora.methods.loraprune.config import LoraPruneConfig
 from prunedlora.pruning.structure import prunable_layer_indices
 
 MATCH_TOLERANCE = 0.01

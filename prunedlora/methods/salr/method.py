@@ -1,27 +1,27 @@
-"""SALR (Zhang et al., AAAI 2026, arXiv 2601.16991; methods.md §6): sparse base + SVD residual + task LoRA.
+"""SALR (Zhang et al., AAAI 2026, arXiv 2601.16991; docs/methods.md §6): sparse base + SVD residual + task LoRA.
 
-``attach`` prunes every target linear once, before training (methods.md §7), by ``method.base_criterion``:
+``attach`` prunes every target linear once, before training (docs/methods.md §7), by ``method.base_criterion``:
 ``magnitude`` (the paper's, ``prunedlora.pruning.magnitude``), ``wanda`` or ``sparsegpt``
 (``prunedlora.pruning.activation_aware``, from one dense calibration pass over rows of the training data,
-``prunedlora.pruning.calibration``; methods.md Decisions item 0). Then the residual ``E = W0 - W_s`` in
+``prunedlora.pruning.calibration``; docs/methods.md Decisions item 0). Then the residual ``E = W0 - W_s`` in
 float32, its rank-``r_res`` SVD as the trainable residual adapter, the pruned weight written in place (the
 frozen base is never reshaped, Decisions item 5), and a ``SalrLinear`` around it. With
 ``model.quantization=nf4|fp4|int8`` the base was loaded in float (``quantizes_base``): the pruned linears are
 quantized only now, so the residual comes from the float weights and the pruned entries stay exactly zero.
 No callbacks: nothing changes during training.
 
-Export (``export_salr``, never merged: a dense ``BA`` would destroy the sparsity, §6.4 item 7), one folder per
-client: ``model/`` the pruned base as a plain Hugging Face model (zeros in place, the base's dtype), ``adapter/``
-the residual and task adapters fused into one PEFT LoRA of rank ``r_res + r`` (scaling 1) on ``model/``, and
-``compressed/`` the bitmap form with its own copy of that adapter, which ``load_salr_export`` rebuilds alone.
+This folder: ``config.py`` (options, registration), ``method.py`` (attach, report), ``export.py`` (``model/``,
+``adapter/``, ``compressed/``: never merged, a dense ``BA`` would destroy the sparsity, §6.4 item 7) and ``formats.py``
+(the base's formats in training; ``prunedlora.export.compressed.load_salr_export`` rebuilds a model from
+``compressed/`` alone). The base
+criteria are records of ``prunedlora.pruning.criteria.BASE_CRITERIA`` (``prunedlora.pruning.base_criteria``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,79 +29,19 @@ import torch
 from torch import nn
 
 from prunedlora.adapters.salr import SalrLinear, residual_factors, salr_modules
-from prunedlora.config import ConfigError, SalrConfig, SparsityConfig
-from prunedlora.export import count_parameters, describe
-from prunedlora.export.bitmap import CLIENT as BITMAP_CLIENT
-from prunedlora.export.bitmap import dense_bytes, save_bitmap_form, unique_state_dict, write_storage_report
-from prunedlora.export.compressed import compressed_dir, load_salr_export  # noqa: F401 (moved there; re-exported)
-from prunedlora.export.hf import CLIENT as HF_CLIENT
-from prunedlora.export.hf import save_config_dir, save_pretrained_dir
-from prunedlora.export.peft_adapter import CLIENT as ADAPTER_CLIENT
-from prunedlora.export.peft_adapter import save_fused_adapter
-from prunedlora.methods.base import AttachContext, Callback
+from prunedlora.config import ConfigError, SparsityConfig
+from prunedlora.methods.base import AttachContext, Method
+from prunedlora.methods.salr.config import SalrConfig
+from prunedlora.methods.salr.export import SALR_FOLDERS, export_salr
+from prunedlora.methods.salr.formats import BASE_FORMATS, sparse_base_weight
 from prunedlora.models.quantize import quantize_linear
-from prunedlora.models.surgery import dequantized_weight, replace_module, target_module_names
-from prunedlora.pruning.activation_aware import sparsegpt_factor, sparsegpt_prune, wanda_mask
-from prunedlora.pruning.bitmap import BitmapLinear, SemiStructuredLinear, encode
+from prunedlora.models.surgery import replace_module, target_module_names
+from prunedlora.pruning.base_criteria import pruned_weights
 from prunedlora.pruning.calibration import InputStats, calibration_rows, collect_input_stats
-from prunedlora.pruning.fused_bitmap import FusedBitmapLinear, bitmap_base
-from prunedlora.pruning.magnitude import mask_function, sparsity_of
+from prunedlora.pruning.criteria import BASE_CRITERIA, CALIBRATION_NEEDS
+from prunedlora.pruning.magnitude import sparsity_of
 
 log = logging.getLogger(__name__)
-
-
-# ------------------------------------------------------------------------------------- sparse bases
-def _semi_structured_dense(layer: SemiStructuredLinear) -> torch.Tensor:
-    return layer.weight.to_dense()
-
-
-# Dense weight of each sparse-base implementation (methods.md §6.4 item 5), by type.
-_DENSE_WEIGHT: dict[type, Callable[[nn.Module], torch.Tensor]] = {
-    nn.Linear: lambda layer: layer.weight,
-    BitmapLinear: lambda layer: layer.dense_weight(),
-    FusedBitmapLinear: lambda layer: layer.dense_weight(),
-    SemiStructuredLinear: _semi_structured_dense,
-}
-# method.base_format -> converter from the pruned dense nn.Linear (load time: prunedlora.export.compressed).
-BASE_FORMATS: dict[str, Callable[[nn.Linear], nn.Module]] = {
-    "dense": lambda linear: linear,
-    "bitmap": BitmapLinear.from_linear,
-    "fused": lambda linear: bitmap_base(encode(linear.weight), linear.bias, "fused"),
-    "auto": lambda linear: bitmap_base(encode(linear.weight), linear.bias, "auto"),
-    "semi_structured": SemiStructuredLinear,
-}
-
-
-def sparse_base_weight(base: nn.Module) -> torch.Tensor:
-    """The (pruned) base weight as a dense tensor, whatever implementation holds it (bitsandbytes: float32)."""
-    reader = _DENSE_WEIGHT.get(type(base))
-    return reader(base) if reader is not None else dequantized_weight(base)
-
-
-def dense_linear(base: nn.Module) -> nn.Linear:
-    """A plain ``nn.Linear`` equal to ``base`` (``base`` itself when it already is one)."""
-    if type(base) is nn.Linear:
-        return base
-    linear = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
-    weight = sparse_base_weight(base)
-    linear.to(device=weight.device, dtype=weight.dtype)
-    linear.weight = nn.Parameter(weight.detach(), requires_grad=False)
-    if base.bias is not None:
-        linear.bias = nn.Parameter(base.bias.detach(), requires_grad=False)
-    return linear
-
-
-@contextlib.contextmanager
-def plain_bases(model: nn.Module) -> Iterator[dict[str, SalrLinear]]:
-    """Temporarily put dense ``nn.Linear`` bases where the ``SalrLinear`` wrappers are (for saving)."""
-    wrappers = salr_modules(model)
-    for name, wrapper in wrappers.items():
-        replace_module(model, name, dense_linear(wrapper.base_layer))
-    try:
-        yield wrappers
-    finally:
-        for name, wrapper in wrappers.items():
-            replace_module(model, name, wrapper)
 
 
 # -------------------------------------------------------------------------------------------- attach
@@ -144,7 +84,7 @@ def sparsify_linear(linear: nn.Linear, sparse: torch.Tensor, residual_rank: int,
     what pruning removed (for magnitude and Wanda the pruned entries; SparseGPT also moves the kept ones).
 
     Returns:
-        ``B_res (d_out, r_res)``, ``A_res (r_res, d_in)`` (float32, methods.md §6.2 item 3) and
+        ``B_res (d_out, r_res)``, ``A_res (r_res, d_in)`` (float32, docs/methods.md §6.2 item 3) and
         ``{"sparsity", "numel", "residual_norm2", "residual_error2"}``: ``‖E‖_F²`` and ``‖E - B_res A_res‖_F²``.
     """
     w0 = linear.weight.float()  # a copy unless the base is float32; then cloned below
@@ -158,40 +98,17 @@ def sparsify_linear(linear: nn.Linear, sparse: torch.Tensor, residual_rank: int,
     return b_res, a_res, stats
 
 
-def pruned_weights(targets: dict[str, nn.Linear], criterion: str, sparsity: float, scope: str, pattern: str,
-                   stats: dict[str, InputStats] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(name, W_s)`` for every target, one matrix at a time: the float32 pruned weight of ``criterion``.
+class SalrMethod(Method):
+    """``method=salr`` (docs/methods.md §6.4). No callbacks: the base is pruned once, before training
+    (docs/methods.md §7)."""
 
-    ``stats`` (from ``collect_input_stats``) is needed by ``wanda`` (norms) and ``sparsegpt`` (Gram matrices).
-    """
-    if criterion == "magnitude":
-        mask_of = mask_function((m.weight for m in targets.values()), sparsity, scope, pattern)
-        for name, linear in targets.items():
-            yield name, linear.weight.detach().float().masked_fill(~mask_of(linear.weight), 0.0)
-        return
-    if stats is None:
-        raise ValueError(f"base_criterion={criterion} needs calibration statistics")
-    shared: tuple[InputStats, tuple[torch.Tensor, torch.Tensor]] | None = None  # q/k/v share one input's factor
-    for name, linear in targets.items():
-        if criterion == "wanda":
-            mask = wanda_mask(linear.weight, stats[name].sq_norm, sparsity, pattern)
-            yield name, linear.weight.detach().float().masked_fill(~mask, 0.0)
-            continue
-        if shared is None or shared[0] is not stats[name]:
-            shared = stats[name], sparsegpt_factor(stats[name].gram)
-        yield name, sparsegpt_prune(linear.weight, None, sparsity, pattern, factor=shared[1])
-
-
-class SalrMethod:
-    """``method=salr`` (methods.md §6.4)."""
-
-    name = "salr"
+    cfg: SalrConfig
     quantizes_base = True
     """The recipe loads the base unquantized and hands ``model.quantization`` to ``prepare``: pruning needs float
     weights, so the pruned linears are quantized after ``attach`` prunes them."""
 
     def __init__(self, cfg: SalrConfig, sparsity: SparsityConfig) -> None:
-        self.cfg = cfg
+        super().__init__(cfg, sparsity)
         self.base_sparsity = sparsity.final if cfg.pattern != "2:4" else 0.5
         self.init_stats: dict[str, dict[str, float]] = {}
         self.context = AttachContext()
@@ -205,15 +122,18 @@ class SalrMethod:
         self.context = context
 
     def _calibration(self, model: nn.Module, targets: dict[str, nn.Module]) -> dict[str, InputStats] | None:
+        """The input statistics the base criterion needs (its record's calibration needs), from a calibration pass."""
         criterion, ctx = self.cfg.base_criterion, self.context
-        if criterion == "magnitude" or self.base_sparsity == 0:
+        needs = BASE_CRITERIA[criterion].needs & CALIBRATION_NEEDS
+        if not needs or self.base_sparsity == 0:
             return None
         if not ctx.train_examples:
+            without = " or ".join(c.name for c in BASE_CRITERIA if not c.needs & CALIBRATION_NEEDS)
             raise ConfigError(f"method.base_criterion={criterion} prunes from a calibration pass over training data, "
-                              "but none was given (SalrMethod.prepare); use method.base_criterion=magnitude, or "
+                              f"but none was given (SalrMethod.prepare); use method.base_criterion={without}, or "
                               "pass the training examples")
         rows = calibration_rows(ctx.train_examples, self.cfg.calibration_sequences, ctx.seq_len)
-        return collect_input_stats(model, targets, rows, gram=criterion == "sparsegpt")
+        return collect_input_stats(model, targets, rows, gram="input_gram" in needs)
 
     def attach(self, model: nn.Module) -> list[str]:
         """Calibrate (wanda, sparsegpt), prune, build the residual adapters, (quantize,) wrap; only the adapters
@@ -248,9 +168,6 @@ class SalrMethod:
         numel = sum(s["numel"] for s in self.init_stats.values())
         return sum(s["sparsity"] * s["numel"] for s in self.init_stats.values()) / max(1, numel)
 
-    def callbacks(self) -> list[Callback]:
-        return []  # one-shot pruning before training (methods.md §7)
-
     def parameter_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         """Task LoRA with ``weight_decay``; the residual adapter without (decay erodes it, §6.4 item 4)."""
         residual = [p for n, p in model.named_parameters() if p.requires_grad and ".residual_" in n]
@@ -262,7 +179,7 @@ class SalrMethod:
         return salr_report(model, self.init_stats)
 
     def export(self, model: nn.Module, tokenizer: Any, out_dir: Path, base_model_id: str,
-               formats: tuple[str, ...] | None = None) -> dict[str, Any]:
+               formats: Sequence[str] | None = None) -> dict[str, Any]:
         return export_salr(model, tokenizer, out_dir, formats or tuple(SALR_FOLDERS))
 
 
@@ -271,7 +188,7 @@ def salr_report(model: nn.Module, init_stats: dict[str, dict[str, float]]) -> di
     """Figures for ``summary.json``: ranks, achieved sparsity (overall and per matrix), residual recovery.
 
     ``residual_error_ratio`` is ``Σ‖E - E_r‖² / Σ‖E‖²`` at initialisation, the quantity bounded by
-    ``1 - r/n`` per matrix (methods.md §6.2 item 3).
+    ``1 - r/n`` per matrix (docs/methods.md §6.2 item 3).
     """
     wrappers = salr_modules(model)
     zeros = {name: int((sparse_base_weight(w.base_layer) == 0).sum()) for name, w in wrappers.items()}
@@ -285,55 +202,3 @@ def salr_report(model: nn.Module, init_stats: dict[str, dict[str, float]]) -> di
         "params_adapter_effective": sum(w.total_rank * (w.in_features + w.out_features) for w in wrappers.values()),
         "residual_error_ratio": sum(s["residual_error2"] for s in init_stats.values()) / norm2 if norm2 else 0.0,
     }
-
-
-# -------------------------------------------------------------------------------------------- export
-SALR_FOLDERS = {"hf": "model", "adapter": "adapter", "bitmap": "compressed"}
-
-
-def export_salr(model: nn.Module, tokenizer: Any, out_dir: Path,
-                formats: tuple[str, ...] = tuple(SALR_FOLDERS)) -> dict[str, Any]:
-    """Write the folders of ``formats`` (see the module docstring); never merges, each holds one copy.
-
-    ``model`` is left as it was (the recipe evaluates it afterwards). Returns the figures of ``summary.json``:
-    ``params_after_export``, ``exports`` (what each folder holds, who loads it, its bytes) and, with ``bitmap``,
-    ``bytes_dense``, ``bytes_bitmap``, ``bitmap_ratio`` (pruned matrices only, the format's own ratio) and
-    ``checkpoint_bytes`` (the weight files of ``compressed/`` against the dense model's weights).
-    """
-    folders = {fmt: out_dir / SALR_FOLDERS[fmt] for fmt in formats}
-    with plain_bases(model) as wrappers:
-        if "hf" in folders:
-            save_pretrained_dir(model, tokenizer, folders["hf"])
-        if "bitmap" in folders:
-            save_config_dir(model, tokenizer, folders["bitmap"])
-        state = unique_state_dict(model)
-        params_plain = count_parameters(model)[0]
-    pruned = sum(int((state[f"{name}.weight"] == 0).sum()) for name in wrappers)
-    adapter = sum(w.total_rank * (w.in_features + w.out_features) for w in wrappers.values())
-    figures: dict[str, Any] = {"params_after_export": params_plain - pruned + adapter, "exports": {}}
-    rank = max(w.total_rank for w in wrappers.values())
-    if "hf" in folders:
-        figures["exports"]["model"] = describe(folders["hf"], "hf", "the pruned base, dense with zeros in place; "
-                                               "serve it with adapter/", HF_CLIENT, serve_with="adapter")
-    if "adapter" in folders:  # absolute: AutoPeftModelForCausalLM resolves a relative path against the cwd
-        save_fused_adapter(model, folders["adapter"], str((out_dir / SALR_FOLDERS["hf"]).resolve()))
-        figures["exports"]["adapter"] = describe(folders["adapter"], "adapter", "the residual and task adapters "
-                                                 f"fused into one LoRA of rank {rank}", ADAPTER_CLIENT,
-                                                 base="model", rank=rank)
-    if "bitmap" in folders:
-        figures |= _write_compressed(model, state, list(wrappers), folders["bitmap"])
-        figures["exports"]["compressed"] = describe(folders["bitmap"], "bitmap", "the pruned base in bitmap form, "
-                                                    "its fused adapter and the size report", BITMAP_CLIENT)
-    return figures
-
-
-def _write_compressed(model: nn.Module, state: dict[str, torch.Tensor], pruned: list[str],
-                      out_dir: Path) -> dict[str, Any]:
-    """``compressed/`` (beside ``config.json`` and the tokenizer): the bitmap file, the fused adapter (its base is
-    this folder's bitmap form) and ``salr_storage.json``; returns the storage figures."""
-    _, report = save_bitmap_form(state, pruned, out_dir)
-    save_fused_adapter(model, out_dir, str(out_dir.resolve()))
-    files = write_storage_report(report, out_dir, dense_bytes(state))
-    total = report["total"]
-    return {"bytes_dense": total["bytes_dense"], "bytes_bitmap": total["bytes_bitmap"], "bitmap_ratio": total["ratio"],
-            "checkpoint_bytes": files}

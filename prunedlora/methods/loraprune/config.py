@@ -1,0 +1,108 @@
+"""``method=loraprune``'s options, their checks, and its registration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prunedlora.config import MethodConfig, SparsityConfig, check, check_one_of
+from prunedlora.methods.registry import register
+from prunedlora.pruning.criteria import STRUCTURED_CRITERIA
+
+GQA_POLICIES = ("query_head", "kv_group")
+SCHEDULES = ("auto", "cubic", "linear", "none")
+STRUCTURES = ("per_layer", "uniform")
+HEAD_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+CHANNEL_PROJECTIONS = ["gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraPruneConfig(MethodConfig):
+    """LoRAPrune (docs/methods.md §5): structured pruning of the base (heads, MLP channels) while LoRA trains.
+
+    The target fraction and the cadence come from the ``sparsity`` group: ``sparsity.final`` of the heads
+    and of the channels of every prunable layer, cubic by default (``schedule: auto``) with
+    ``warmup_frac``/``cooldown_frac``, pruning events every ``sparsity.every`` optimizer steps.
+    """
+
+    name: str = "loraprune"
+    dropout: float = 0.05
+    """lora_dropout 0.05, as the authors' script (docs/methods.md §5.3)."""
+    target_modules: list[str] = field(default_factory=lambda: [*HEAD_PROJECTIONS, *CHANNEL_PROJECTIONS])
+    criterion: str = "channel_taylor"
+    """channel_taylor (default, beyond the paper: |sum_t g * h| over a head's slice of the o_proj input / a
+    channel of the down_proj input; it measures best, docs/RESULTS.md), lora_guided (the paper's:
+    |(G_B A + B G_A - G_B G_A) * (W0 + s BA)|), magnitude, or true_gradient (LLM-Pruner's, memory-heavy)
+    (``prunedlora.pruning.criteria.STRUCTURED_CRITERIA``)."""
+    ema: float = 0.9
+    """Moving-average factor of the group importance, updated every optimizer step."""
+    score_power: int = 1
+    """1: absolute value of the Taylor term (the authors' code); 2: its square (the paper)."""
+    prune_every: int | None = None
+    """Unused, must stay null: events happen every ``sparsity.every`` steps (one source of truth)."""
+    exempt_first_frac: float = 0.1
+    """Never prune the first floor(frac * num_layers) decoder layers."""
+    exempt_last: int = 1
+    """Never prune the last this many decoder layers."""
+    gqa_policy: str = "query_head"
+    """query_head: prune query heads, drop a KV head when all its query heads are gone; kv_group."""
+    gqa_balanced: bool = False
+    """query_head only: remove floor(target * G) query heads from every KV group of a layer, so every layer
+    stays standard GQA at export (no k/v expansion); fewer heads go when G does not divide evenly."""
+    prune_heads: bool = True
+    prune_channels: bool = True
+    structure: str = "per_layer"
+    """per_layer: prune the prunable layers only, each by its own scores (exported as ``pruned_llama``, loaded with
+    trust_remote_code). uniform: prune every layer by the same counts (query heads per KV group, KV groups, MLP
+    channels), sized to per_layer's exported parameter count under the same settings, so ``model/`` is a plain
+    checkpoint of the base's architecture (transformers without remote code, vLLM)."""
+
+    def validate(self, sparsity: SparsityConfig) -> list[str]:
+        """LoRAPrune's own checks (docs/methods.md §5, §8 items 13-18)."""
+        p: list[str] = []
+        check_one_of(p, "method.structure", self.structure, STRUCTURES)
+        check(p, self.structure != "uniform" or self.prune_channels,
+              "method.structure=uniform matches per_layer's parameter count through the MLP width, and "
+              "method.prune_channels=false leaves only whole heads, too coarse to match it; set "
+              "method.prune_channels=true or method.structure=per_layer")
+        check(p, self.rank is not None, "method.rank=null: loraprune needs a LoRA rank (default 8)")
+        check_one_of(p, "method.criterion", self.criterion, STRUCTURED_CRITERIA.names())
+        check_one_of(p, "method.gqa_policy", self.gqa_policy, GQA_POLICIES)
+        check(p, not (self.gqa_balanced and self.gqa_policy == "kv_group"),
+              "method.gqa_balanced=true applies to gqa_policy=query_head only (kv_group keeps whole groups); "
+              "drop one of them")
+        check(p, 0 <= self.ema < 1, f"method.ema={self.ema} must be in [0, 1) (default 0.9)")
+        check(p, self.score_power in (1, 2), f"method.score_power={self.score_power} must be 1 or 2")
+        check(p, self.prune_every is None,
+              f"method.prune_every={self.prune_every} is not used: loraprune prunes every sparsity.every steps, "
+              f"the cadence the schedule is computed on; set sparsity.every={self.prune_every} instead")
+        check(p, 0 <= self.exempt_first_frac < 1 and self.exempt_last >= 0,
+              f"method.exempt_first_frac={self.exempt_first_frac} must be in [0, 1) and method.exempt_last="
+              f"{self.exempt_last} >= 0")
+        check(p, self.prune_heads or self.prune_channels,
+              "method.prune_heads and method.prune_channels are both false: nothing to prune; use method=lora")
+        check(p, sparsity.schedule in SCHEDULES,
+              f"sparsity.schedule={sparsity.schedule} is not supported by loraprune (its target is a fraction "
+              f"of each layer's heads and channels); use one of {', '.join(SCHEDULES)}")
+        if "lora_gradients" in self.needs() and "all-linear" not in self.target_modules:
+            needed = (HEAD_PROJECTIONS if self.prune_heads else []) + (CHANNEL_PROJECTIONS if self.prune_channels
+                                                                       else [])
+            missing = [name for name in needed if name not in self.target_modules]
+            check(p, not missing, f"method.target_modules lacks {missing}: criterion {self.criterion} scores a group "
+                                  "from the LoRA gradients of every projection in it; add them, or use "
+                                  "method.criterion=channel_taylor (the default) or magnitude")
+        return p
+
+    def needs(self) -> dict[str, str]:
+        """What ``method.criterion`` needs from the run (``NEEDS`` of its record), by the setting that needs it."""
+        if self.criterion not in STRUCTURED_CRITERIA:
+            return {}
+        return dict.fromkeys(STRUCTURED_CRITERIA[self.criterion].needs, f"method.criterion={self.criterion}")
+
+    def export_formats(self) -> tuple[str, ...]:
+        """model/ only: the LoRA is merged into the physically pruned base, on which no adapter of the
+        original base fits."""
+        return ("hf",)
+
+
+register("loraprune", schema=LoraPruneConfig, factory="prunedlora.methods.loraprune.method:LoraPruneMethod",
+         smoke_overrides=("model.tiny.num_hidden_layers=3", "sparsity.every=1"))

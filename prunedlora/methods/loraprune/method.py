@@ -1,0 +1,141 @@
+"""LoRAPrune (Zhang et al., ACL Findings 2024; docs/methods.md §5): prune base heads and MLP channels while LoRA trains.
+
+Attach: LoRA on the seven projections, then a ``StructureMask`` with masking hooks on every prunable
+decoder layer (all but the first ``exempt_first_frac`` of the layers and the last ``exempt_last``).
+
+This folder: ``config.py`` (options, registration), ``callback.py`` (scores, EMA, masking), ``export.py``
+(compaction), ``method.py`` (attach, report). Every optimizer step (``on_before_optimizer_step``, complete unscaled
+gradients), per prunable layer: head and channel importance (the ``method.criterion`` record of
+``prunedlora.pruning.criteria.STRUCTURED_CRITERIA``: ``channel_taylor`` by default, captured by hooks on the
+inputs of o_proj/down_proj during the step's backward passes; the paper's ``lora_guided``, ``magnitude``, or
+``true_gradient``) is averaged into an EMA (0.9). At pruning events (every ``sparsity.every`` steps) the
+target fraction ``sparsity.final`` follows the cubic schedule (``sparsity.schedule: auto``) with the
+group's warm-up/cool-down, and each layer independently masks its lowest-EMA fraction of query heads
+(or KV groups) and of MLP channels. Masks are cumulative: masked units rank lowest and are never
+restored. Pruning fires whenever the scheduled count rises, so the final fraction is reached (the
+authors' ``init < ratio < final`` condition would stop one event short).
+
+``structure=uniform`` (``uniform.py``): every decoder layer is masked, and every event removes
+the same counts from each (the plan's final counts scaled by the schedule's progress), sized so the export has
+per_layer's parameter count; each layer still picks its own units by its own EMA.
+
+GQA policy (docs/methods.md §5.6): see ``prunedlora.pruning.structure``. In short: the query head is the
+unit, scored as q(h) + o(h) + (k + v) of its KV head; a KV head's k/v rows go only when all its query
+heads are gone; ``gqa_policy=kv_group`` removes whole KV groups instead; ``gqa_balanced=true`` removes
+``floor(target * G)`` query heads from every group. At export, layers whose KV groups kept unequal
+numbers of query heads get k/v expanded to one KV head per query head (exact).
+
+Quantized bases: masks act on module outputs, so a bitsandbytes 4/8-bit base trains unchanged (packed
+weights are never edited; ``lora_guided`` and ``magnitude`` dequantize ``W0`` one module at a time to
+score it). At export its linears are dequantized exactly (float32) before compaction, so ``model/`` is a
+float model, like the other methods' merged exports.
+
+Export: masks removed, projections physically sliced (base and LoRA factors), LoRA merged, and
+``model/`` written as a ``pruned_llama`` checkpoint (``config.json`` with per-layer head counts and MLP
+widths, ``auto_map`` to ``modeling_pruned_llama.py``), loadable with
+``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)``, plus ``pruning_manifest.json``
+(kept head, KV-head and channel indices per layer). Under ``structure=uniform`` ``model/`` is instead a plain
+checkpoint of the base's architecture, loadable without remote code.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from prunedlora.adapters.lora import lora_modules
+from prunedlora.config import SparsityConfig
+from prunedlora.methods.base import Callback, Method
+from prunedlora.methods.lora.method import attach_lora
+from prunedlora.methods.loraprune.callback import LoraPruneCallback, sparsity_figures
+from prunedlora.methods.loraprune.config import LoraPruneConfig
+from prunedlora.methods.loraprune.export import export_loraprune
+from prunedlora.methods.loraprune.uniform import ModelShape, UniformPlan, uniform_plan
+from prunedlora.pruning.structure import StructureMask, attach_structure_masks, decoder_layers, prunable_layer_indices
+
+log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------- method
+class LoraPruneMethod(Method):
+    """``method=loraprune``."""
+
+    cfg: LoraPruneConfig
+
+    def __init__(self, cfg: LoraPruneConfig, sparsity: SparsityConfig) -> None:
+        super().__init__(cfg, sparsity)
+        self.model: nn.Module | None = None
+        self.masks: dict[int, StructureMask] = {}
+        self.plan: UniformPlan | None = None
+        """``structure=uniform``'s final counts (set by ``attach``)."""
+        self._callbacks: list[LoraPruneCallback] = []
+
+    def attach(self, model: nn.Module) -> list[str]:
+        layers = decoder_layers(model)
+        names = attach_lora(model, self.cfg, self.cfg.rank)
+        if self.cfg.structure == "uniform":
+            prunable = list(range(len(layers)))  # one LlamaConfig: every layer gets the same shape
+            self.plan = uniform_plan(ModelShape.from_config(model.config), self.cfg, self.sparsity.final)
+            log.info("loraprune uniform: every layer keeps %s at sparsity.final=%s: %d parameters, per_layer's %d "
+                     "(%+.2f%%)", self.plan.kept, self.sparsity.final, self.plan.parameters,
+                     self.plan.reference_parameters, 100 * (self.plan.parameters / self.plan.reference_parameters - 1))
+        else:
+            prunable = prunable_layer_indices(len(layers), self.cfg.exempt_first_frac, self.cfg.exempt_last)
+        self.masks = attach_structure_masks(model, prunable)
+        self.model = model
+        if not prunable:
+            log.warning("loraprune: no prunable layer among %d (exempt_first_frac=%s, exempt_last=%d); nothing will "
+                        "be pruned", len(layers), self.cfg.exempt_first_frac, self.cfg.exempt_last)
+        log.info("loraprune: structure %s, criterion %s, GQA policy %s, pruned layers %s", self.cfg.structure,
+                 self.cfg.criterion, self.cfg.gqa_policy, prunable)
+        return names
+
+    def callbacks(self) -> list[Callback]:
+        if self.model is None:
+            raise RuntimeError("call attach(model) before callbacks()")
+        self._callbacks.append(LoraPruneCallback(self.model, self.masks, self.cfg, self.sparsity, self.plan))
+        return self._callbacks[-1:]
+
+    def parameter_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+        """The LoRA factors only: base weights (trainable-looking under ``true_gradient``) never join."""
+        params = [p for m in lora_modules(model).values() for p in (*m.lora_A.parameters(), *m.lora_B.parameters())]
+        return [{"params": params, "weight_decay": weight_decay}]
+
+    def report(self, model: nn.Module) -> dict[str, Any]:
+        """Sparsity figures and per-layer kept query heads, KV heads and channels (before export)."""
+        layers = decoder_layers(model)
+        kept_heads, kept_kv, kept_channels = [], [], []
+        for i, layer in enumerate(layers):
+            mask = self.masks.get(i)
+            if mask is None:
+                attn = layer.self_attn
+                kept_heads.append(attn.q_proj.out_features // attn.head_dim)
+                kept_kv.append(attn.k_proj.out_features // attn.head_dim)
+                kept_channels.append(layer.mlp.gate_proj.out_features)
+            else:
+                kept_heads.append(int(mask.head_mask.sum()))
+                kept_kv.append(int(mask.kv_mask().sum()))
+                kept_channels.append(int(mask.channel_mask.sum()))
+        return {
+            **sparsity_figures(self.masks),
+            "criterion": self.cfg.criterion,
+            "gqa_policy": self.cfg.gqa_policy,
+            "structure": self.cfg.structure,
+            **({"uniform_plan": self.plan.to_dict()} if self.plan is not None else {}),
+            "prunable_layers": sorted(self.masks),
+            "kept_heads_per_layer": kept_heads,
+            "kept_kv_heads_per_layer": kept_kv,
+            "kept_channels_per_layer": kept_channels,
+        }
+
+    def export(self, model: nn.Module, tokenizer: Any, out_dir: Path, base_model_id: str,
+               formats: Sequence[str] | None = None) -> dict[str, Any]:
+        """``model/`` (``formats`` can only be ``hf``: config validation rejects the rest)."""
+        for callback in self._callbacks:  # channel_taylor's capture hooks go before the model is compacted
+            if callback.capture is not None:
+                callback.capture.remove()
+        return export_loraprune(model, tokenizer, out_dir, self.cfg.structure)
