@@ -4,6 +4,7 @@
     python -m scripts.compare --suite sweep        # prunedlora, loraprune, salr at sparsity 0.25 / 0.5 / 0.75
     python -m scripts.compare --suite quality      # LoRAPrune and SALR at 50% on PTB: WikiText-2 / PTB PPL
     python -m scripts.compare --suite prunedlora   # PrunedLoRA 32 -> 8 variants vs LoRA r8 / r16, seeds 42, 1, 2
+    python -m scripts.compare --suite structure    # LoRAPrune per_layer vs uniform at 50% / 25%, seeds 42, 1
     options: [--jobs 2] [--threads 1] [--out runs/compare] [--budget cpu|gpu] [--dry-run] [--collect-only]
              [--no-write] [--only label,label]
 

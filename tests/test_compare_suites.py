@@ -136,12 +136,13 @@ def test_loss_plot_draws_finished_runs_and_their_difference_to_lora_r8(tmp_path:
     assert (tmp_path / "loss.png").stat().st_size > 10_000
 
 
-def test_quality_suite_pairs_loraprune_structures_over_sparsities_and_seeds() -> None:
+def test_structure_suite_pairs_loraprune_structures_over_sparsities_and_seeds() -> None:
     """Issue 23's measurement: channel_taylor per_layer vs uniform at 50% and 25%, seeds 42 and 1 (not run here)."""
     from scripts.compare_suites import _structure_verdicts
 
-    suite = SUITES["quality"]
-    runs = [r for r in suite.runs if r.structure in ("per_layer", "uniform")]
+    suite = SUITES["structure"]
+    runs = list(suite.runs)
+    assert "loraprune-channel_taylor-s0.50" in {r.label for r in SUITES["quality"].runs}  # shared with quality
     seen = set()
     for run in runs:
         cfg = compose_root([*BUDGETS["cpu"]["ptb"], *run.overrides])
@@ -159,4 +160,5 @@ def test_quality_suite_pairs_loraprune_structures_over_sparsities_and_seeds() ->
            "exported parameters uniform / per_layer 0.9900)" in first
     assert "not measured (ptb/ppl" in second
     assert all("not measured" in v for v in _structure_verdicts(rows)[2:])
-    assert _structure_verdicts(rows) == suite.verdicts(rows)[-4:]
+    assert _structure_verdicts(rows) == suite.verdicts(rows)
+    assert not any("per_layer" in v for v in SUITES["quality"].verdicts(rows))
