@@ -127,3 +127,15 @@ def test_a_save_is_on_disk_before_and_after_its_rename(tmp_path: Path, monkeypat
     assert events == [("fsync", str(staging / ckpt.STATE_FILE)), ("fsync", str(staging)), ("rename", str(final)),
                       ("fsync", str(root))]
     assert torch.load(final / ckpt.STATE_FILE) == {"step": 3}
+
+
+def test_a_metrics_line_cut_short_by_a_kill_is_dropped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """kill -9 during a write leaves a partial last line; resuming drops it (and later steps), keeps the rest."""
+    from prunedlora.train.loop import MetricsWriter
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "loss": 1.2}\n{"step": 4, "lo')
+    with caplog.at_level(logging.WARNING, logger="prunedlora.train.loop"):
+        MetricsWriter(path).truncate_after(2)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+    assert "line 4 is not a complete record" in caplog.text

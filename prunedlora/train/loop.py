@@ -11,6 +11,7 @@ optimizer steps (1-based once taken); logs and checkpoints use it only.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -28,6 +29,8 @@ from prunedlora.train.engine import Engine
 from prunedlora.train.memory import peak_memory_mb
 from prunedlora.train.nonfinite import NonFiniteGuard
 from prunedlora.train.preemption import Preempted, PreemptionGuard
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,10 +52,20 @@ class MetricsWriter:
         self.wandb_run = wandb_run
 
     def truncate_after(self, step: int) -> None:
-        """Drop records of steps after ``step``: a resumed run redoes them."""
+        """Drop records of steps after ``step``: a resumed run redoes them. A line that does not parse (a record
+        cut short when the run was killed mid-write) is dropped with a warning rather than stopping the resume."""
         if self.path is None or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+        kept = []
+        for number, line in enumerate(self.path.read_text().splitlines(), 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                log.warning("%s line %d is not a complete record (the run was killed while writing it?): dropped",
+                            self.path, number)
+                continue
+            if record.get("step", 0) <= step:
+                kept.append(line)
         self.path.write_text("".join(line + "\n" for line in kept))
 
     def log(self, record: dict[str, Any]) -> None:
