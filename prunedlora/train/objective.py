@@ -4,7 +4,9 @@
 teacher forward runs, so a CE run computes exactly what it did before there was a choice. Below 1, per micro-batch:
 
 1. the teacher's logits, under ``no_grad`` and in eval mode (no dropout: the teacher is deterministic and draws no
-   random numbers, so a resumed run is bit-exact), inside the caller's autocast;
+   random numbers, so a resumed run is bit-exact), inside the caller's autocast; a 4-bit base computes with the
+   kernel and layout training uses (``cpu_repack_disabled``: an eval-mode forward would otherwise repack it in place
+   on some CPUs, for the student too);
 2. the student's forward with the labels (its cross-entropy, as before);
 3. ``distill_kl`` on the same counted tokens with the same mean (``train/distill.py``), mixed by ``mix_losses``.
 
@@ -34,6 +36,7 @@ from torch import nn
 
 from prunedlora.config import ModelConfig, RecoveryConfig
 from prunedlora.methods.base import Method, TeacherStorage
+from prunedlora.models.quantize import cpu_repack_disabled
 from prunedlora.train.distill import distill_kl, mix_losses
 
 Forward = Callable[..., Any]
@@ -76,7 +79,7 @@ class SwitchedTeacher:
         self.model, self.method = model, method
 
     def logits(self, forward: Forward, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        with torch.no_grad(), eval_mode(self.model), self.method.teacher(self.model):
+        with torch.no_grad(), eval_mode(self.model), self.method.teacher(self.model), cpu_repack_disabled(self.model):
             return forward(**_inputs(batch)).logits
 
     def held_bytes(self) -> int:
@@ -90,7 +93,7 @@ class HeldTeacher:
         self.model = model
 
     def logits(self, forward: Forward, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        with torch.no_grad():
+        with torch.no_grad(), cpu_repack_disabled(self.model):
             return self.model(**_inputs(batch)).logits
 
     def held_bytes(self) -> int:
