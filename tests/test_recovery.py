@@ -204,17 +204,17 @@ def test_salr_holds_the_dense_weights_in_the_teacher_dtype_and_nothing_without_d
 
 # ------------------------------------------------------------------------------- every method, recipe
 class TeacherProbe(Callback):
-    """At the last step, after its pruning event: the teacher's logits of ``tokens``."""
+    """At the last step, after its pruning event: the run's teacher's logits of ``tokens`` (wherever it is)."""
 
-    def __init__(self, seen: dict, method, max_steps: int) -> None:
-        self.seen, self.method, self.max_steps = seen, method, max_steps
+    def __init__(self, seen: dict, max_steps: int) -> None:
+        self.seen, self.max_steps = seen, max_steps
 
     def on_train_start(self, model, optimizer, max_steps) -> None:
         self.model = model
 
     def on_step_end(self, step: int) -> dict:
         if step == self.max_steps:
-            teacher = SwitchedTeacher(self.model, self.method)
+            teacher = self.seen["objective"].teacher
             self.seen["teacher"] = teacher.logits(self.model, {"input_ids": self.seen["tokens"]}).float()
             self.seen["student"] = _eval_logits(self.model, self.seen["tokens"])
         return {}
@@ -228,8 +228,8 @@ def _eval_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def _instrument(monkeypatch: pytest.MonkeyPatch, seen: dict, max_steps: int) -> None:
-    """The base's logits before ``attach``, and a ``TeacherProbe`` among the callbacks."""
-    build = recipe.build_method
+    """The base's logits before ``attach``, the run's objective, and a ``TeacherProbe`` among the callbacks."""
+    build, build_objective = recipe.build_method, recipe.build_objective
 
     def instrumented(*args, **kwargs):
         method = build(*args, **kwargs)
@@ -240,10 +240,15 @@ def _instrument(monkeypatch: pytest.MonkeyPatch, seen: dict, max_steps: int) -> 
             return attach(model)
 
         method.attach = attach_and_look
-        method.callbacks = lambda: [*callbacks(), TeacherProbe(seen, method, max_steps)]
+        method.callbacks = lambda: [*callbacks(), TeacherProbe(seen, max_steps)]
         return method
 
+    def objective_seen(*args, **kwargs):
+        seen["objective"] = build_objective(*args, **kwargs)
+        return seen["objective"]
+
     monkeypatch.setattr(recipe, "build_method", instrumented)
+    monkeypatch.setattr(recipe, "build_objective", objective_seen)
 
 
 @pytest.mark.slow  # one tiny recipe run per method
@@ -264,10 +269,11 @@ def test_the_teacher_is_the_unpruned_model_after_the_methods_pruning(name: str, 
         assert records[0]["loss_kl"] == 0.0
     else:  # SALR starts pruned
         assert records[0]["loss_kl"] > 0.0
+    source = recipe.build_method(cfg.method, cfg.sparsity).teacher_source
     assert {k: summary["recovery"][k] for k in ("objective", "alpha", "temperature", "teacher")} == \
-        {"objective": "mix", "alpha": 0.5, "temperature": 2.0, "teacher": "self"}
+        {"objective": "mix", "alpha": 0.5, "temperature": 2.0, "teacher": source}
     held = summary["recovery"]["teacher_held_mb"]
-    assert held > 0 if name == "salr" else held == 0
+    assert held > 0 if name == "salr" or source == "copy" else held == 0
 
 
 @pytest.mark.slow

@@ -76,6 +76,17 @@ def _restore_before_grad_forward(module: nn.Module, args: tuple) -> None:
         restore_standard_layout(module)
 
 
+def stored_bytes(module: nn.Module) -> int:
+    """Bytes ``module``'s parameters and buffers occupy: packed storage for 4/8-bit weights, plus a 4-bit weight's
+    block scales (its ``quant_state.absmax``, float32 per 64 weights without double quantization)."""
+    total = 0
+    for tensor in (*module.parameters(), *module.buffers()):
+        total += tensor.numel() * tensor.element_size()
+        absmax = getattr(getattr(tensor, "quant_state", None), "absmax", None)
+        total += absmax.numel() * absmax.element_size() if absmax is not None else 0
+    return total
+
+
 @contextmanager
 def cpu_repack_disabled(model: nn.Module) -> Iterator[None]:
     """Inside: no 4-bit linear of ``model`` repacks, so an eval-mode forward without gradients (a distilling run's

@@ -36,7 +36,7 @@ from torch import nn
 
 from prunedlora.config import ModelConfig, RecoveryConfig
 from prunedlora.methods.base import Method, TeacherStorage
-from prunedlora.models.quantize import cpu_repack_disabled
+from prunedlora.models.quantize import cpu_repack_disabled, stored_bytes
 from prunedlora.train.distill import distill_kl, mix_losses
 
 Forward = Callable[..., Any]
@@ -97,8 +97,7 @@ class HeldTeacher:
             return self.model(**_inputs(batch)).logits
 
     def held_bytes(self) -> int:
-        tensors = [*self.model.parameters(), *self.model.buffers()]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return stored_bytes(self.model)
 
 
 class Objective:

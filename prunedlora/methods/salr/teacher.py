@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunedlora.methods.base import TeacherStorage
-from prunedlora.models.quantize import quantize_linear
+from prunedlora.models.quantize import quantize_linear, stored_bytes
 
 
 class HeldLinear(nn.Module):
@@ -63,5 +63,5 @@ def hold_dense(linear: nn.Linear, storage: TeacherStorage, quantization: str) ->
 
 
 def held_bytes(modules: dict[str, nn.Module]) -> int:
-    """Bytes of the copies (packed storage for quantized ones)."""
-    return sum(t.numel() * t.element_size() for m in modules.values() for t in (*m.parameters(), *m.buffers()))
+    """Bytes of the copies (packed storage and scales for quantized ones)."""
+    return sum(stored_bytes(m) for m in modules.values())
