@@ -2,19 +2,24 @@
 
 The loss math itself is ``test_distill.py``'s. Here: the options compose and refuse bad values; a method's YAML can
 choose its default objective; the KL term is exactly zero while the student is the unpruned model; the teacher is the
-unpruned model after every method's pruning events (its logits equal the base's logits before ``attach``); gradient
-accumulation, a resume after a crash and a separately held teacher train exactly as they should.
+unpruned model after every method's pruning events (its logits equal the base's logits before ``attach``, in float32
+and under bf16 autocast); gradient accumulation, a resume after a crash or a ``kill -9`` and a separately held
+teacher train exactly as they should. ZeRO-2/3: ``test_deepspeed.py``; an nf4 base: ``test_quantized.py``.
 """
 
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pytest
 import torch
+from cli_helpers import BIN, TINY, cli_env, logged_steps, run_cli
 from hydra.core.config_store import ConfigStore
 from recipe_helpers import TINY_OVERRIDES, compose_root, crash_then_resume, metric_records
 
@@ -25,6 +30,7 @@ from prunedlora.methods.lora.config import LoraConfig
 from prunedlora.methods.lora.method import LoraMethod
 from prunedlora.train import checkpoint as ckpt
 from prunedlora.train import recipe
+from prunedlora.train.engine import autocast_context
 from prunedlora.train.objective import Objective, SwitchedTeacher
 from prunedlora.train.rundir import config_differences
 
@@ -181,6 +187,19 @@ def test_a_skipped_step_logs_none_of_its_terms(tiny) -> None:
     assert engine.objective.take_figures() == {}
 
 
+def test_offloading_a_teacher_that_holds_nothing_says_it_has_no_effect(tiny, caplog: pytest.LogCaptureFixture
+                                                                       ) -> None:
+    from prunedlora.config import RecoveryConfig
+    from prunedlora.train.objective import build_objective
+
+    model, method = _lora_on_tiny(tiny, nonzero_b=False)
+    for offload in (False, True):
+        caplog.clear()
+        objective = build_objective(RecoveryConfig("mix", 0.5, teacher_offload=offload), method, model)
+        assert isinstance(objective.teacher, SwitchedTeacher)
+        assert ("recovery.teacher_offload=true has no effect with method=lora" in caplog.text) is offload
+
+
 def test_salr_holds_the_dense_weights_in_the_teacher_dtype_and_nothing_without_distillation(tiny) -> None:
     """What SALR's teacher costs: one copy of every pruned linear in ``recovery.teacher_dtype``, outside the model."""
     import copy
@@ -214,16 +233,17 @@ class TeacherProbe(Callback):
 
     def on_step_end(self, step: int) -> dict:
         if step == self.max_steps:
-            teacher = self.seen["objective"].teacher
-            self.seen["teacher"] = teacher.logits(self.model, {"input_ids": self.seen["tokens"]}).float()
-            self.seen["student"] = _eval_logits(self.model, self.seen["tokens"])
+            teacher, bf16 = self.seen["objective"].teacher, self.seen.get("bf16", False)
+            with autocast_context(torch.device("cpu"), bf16):  # as the engine runs it
+                self.seen["teacher"] = teacher.logits(self.model, {"input_ids": self.seen["tokens"]}).float()
+            self.seen["student"] = _eval_logits(self.model, self.seen["tokens"], bf16)
         return {}
 
 
-def _eval_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+def _eval_logits(model: torch.nn.Module, tokens: torch.Tensor, bf16: bool = False) -> torch.Tensor:
     from prunedlora.train.objective import eval_mode
 
-    with torch.no_grad(), eval_mode(model):
+    with torch.no_grad(), eval_mode(model), autocast_context(torch.device("cpu"), bf16):
         return model(tokens).logits.float()
 
 
@@ -236,7 +256,7 @@ def _instrument(monkeypatch: pytest.MonkeyPatch, seen: dict, max_steps: int) -> 
         attach, callbacks = method.attach, method.callbacks
 
         def attach_and_look(model):
-            seen["base"] = _eval_logits(model, seen["tokens"])
+            seen["base"] = _eval_logits(model, seen["tokens"], seen.get("bf16", False))
             return attach(model)
 
         method.attach = attach_and_look
@@ -276,6 +296,28 @@ def test_the_teacher_is_the_unpruned_model_after_the_methods_pruning(name: str, 
     assert held > 0 if name == "salr" or source == "copy" else held == 0
 
 
+@pytest.mark.slow  # two tiny recipe runs
+@pytest.mark.parametrize("name", ["loraprune", "salr"])
+def test_under_bf16_autocast_the_teacher_is_the_base_as_autocast_computes_it(name: str, data_root: Path,
+                                                                            tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """``train.bf16=true`` with the default teacher storage (``recovery.teacher_dtype=bfloat16``): after the pruning
+    events, LoRAPrune's switched-off model and SALR's bf16 dense copies give exactly the logits the base gives under
+    the same autocast (a bf16 copy holds the very weight autocast would multiply with), and both terms train."""
+    seen = {"tokens": torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(7)), "bf16": True}
+    _instrument(monkeypatch, seen, 6)
+    cfg = compose_root([*TINY_OVERRIDES, f"method={name}", *method_spec(name).smoke_overrides, *STEPS,
+                        "recovery=mix", "train.bf16=true"], data_root)
+    summary = recipe.run(cfg, tmp_path)
+    assert torch.equal(seen["teacher"], seen["base"])
+    assert not torch.equal(seen["student"], seen["base"])
+    records = metric_records(tmp_path)
+    for r in records:
+        assert r["loss"] == pytest.approx(0.5 * r["loss_ce"] + 0.5 * r["loss_kl"], rel=1e-5)
+    assert (records[0]["loss_kl"] == 0.0) is (name == "loraprune") and records[-1]["loss_kl"] > 0.0
+    assert summary["recovery"].get("teacher_dtype") == ("bfloat16" if name == "salr" else None)
+
+
 @pytest.mark.slow
 def test_a_distilling_run_resumes_bit_exactly_after_a_crash(data_root: Path, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
@@ -291,6 +333,33 @@ def test_a_distilling_run_resumes_bit_exactly_after_a_crash(data_root: Path, tmp
     final = [ckpt.load_checkpoint(ckpt.latest_checkpoint(tmp_path / d / "checkpoints")) for d in ("full", "resumed")]
     for key, value in final[0][ckpt.ADAPTER_KEY].items():
         assert torch.equal(value, final[1][ckpt.ADAPTER_KEY][key]), key
+
+
+@pytest.mark.slow  # three CLI runs of a slightly wider tiny model
+def test_a_distilling_run_killed_with_sigkill_resumes_bit_exactly(data_root: Path, tmp_path: Path) -> None:
+    """SALR (the dense copies are held again from a fresh process's base), the default bf16 teacher storage, dropout
+    on (the RNG resumes too): kill -9 mid-training, then the same command gives the same losses and terms, bit for bit,
+    as a run never killed."""
+    args = [*TINY, "method=salr", "method.calibration_sequences=4", "method.dropout=0.1", "recovery=mix",
+            "model.tiny.hidden_size=256", "model.tiny.intermediate_size=512", "train.max_steps=12",
+            "train.save_every=2", "eval.enabled=false"]
+    straight = run_cli(["prunedlora-train", *args, f"hydra.run.dir={tmp_path / 'straight'}"], data_root)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    victim = tmp_path / "victim"
+    proc = subprocess.Popen([str(BIN / "prunedlora-train"), *args, f"hydra.run.dir={victim}"], env=cli_env(data_root),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and logged_steps(victim / "metrics.jsonl") < 5:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL and not (victim / "summary.json").exists()
+    resumed = run_cli(["prunedlora-train", *args, f"hydra.run.dir={victim}"], data_root)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming from" in resumed.stdout + resumed.stderr
+    keys = ("step", "loss", "loss_ce", "loss_kl", "grad_norm")
+    runs = [[{k: r[k] for k in keys} for r in metric_records(d)] for d in (tmp_path / "straight", victim)]
+    assert runs[0] == runs[1] and len(runs[0]) == 12 and runs[0][0]["loss_kl"] > 0
 
 
 # ---------------------------------------------------------------------------------- a held copy teacher

@@ -27,6 +27,7 @@ terms accumulate alike. The teacher is the unpruned model, in one of two places 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any, Protocol
@@ -38,6 +39,8 @@ from prunedlora.config import ModelConfig, RecoveryConfig
 from prunedlora.methods.base import Method, TeacherStorage
 from prunedlora.models.quantize import cpu_repack_disabled, stored_bytes
 from prunedlora.train.distill import distill_kl, mix_losses
+
+log = logging.getLogger(__name__)
 
 Forward = Callable[..., Any]
 """A model call: ``forward(**batch)`` returns a transformers ``CausalLMOutput``."""
@@ -179,4 +182,8 @@ def build_objective(recovery: RecoveryConfig, method: Method, model: nn.Module,
         if held is None:
             raise ValueError(f"method={method.name} distills from a separate copy of the base, but none was built")
         return Objective(recovery.alpha, recovery.temperature, HeldTeacher(held))
-    return Objective(recovery.alpha, recovery.temperature, SwitchedTeacher(model, method))
+    teacher = SwitchedTeacher(model, method)
+    if recovery.teacher_offload and not teacher.held_bytes():
+        log.warning("recovery.teacher_offload=true has no effect with method=%s: its teacher is the training model "
+                    "with the method's additions switched off, which holds no weights to offload", method.name)
+    return Objective(recovery.alpha, recovery.temperature, teacher)
