@@ -12,9 +12,10 @@ No callbacks: nothing changes during training. A distilling run's teacher is the
 copied before each linear is pruned and swapped in for the teacher's forward (``teacher.py``).
 
 This folder: ``config.py`` (options, registration), ``method.py`` (attach, report), ``export.py`` (``model/``,
-``adapter/``, ``compressed/``: never merged, a dense ``BA`` would destroy the sparsity, §6.4 item 7) and ``load.py``
-(the base's formats, and ``load_salr_export``, which rebuilds a model from ``compressed/`` alone). The base
-criteria are records of ``prunedlora.pruning.criteria.BASE_CRITERIA`` (``prunedlora.pruning.base_criteria``).
+``adapter/``, ``compressed/``: never merged, a dense ``BA`` would destroy the sparsity, §6.4 item 7), ``formats.py``
+(the base's formats in training; ``prunedlora.export.compressed.load_salr_export`` rebuilds a model from
+``compressed/`` alone) and ``teacher.py`` (the dense copies a distilling run holds). The base criteria are records
+of ``prunedlora.pruning.criteria.BASE_CRITERIA`` (``prunedlora.pruning.base_criteria``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from prunedlora.config import ConfigError, SparsityConfig
 from prunedlora.methods.base import AttachContext, Method
 from prunedlora.methods.salr.config import SalrConfig
 from prunedlora.methods.salr.export import SALR_FOLDERS, export_salr
-from prunedlora.methods.salr.load import BASE_FORMATS, sparse_base_weight
+from prunedlora.methods.salr.formats import BASE_FORMATS, sparse_base_weight
 from prunedlora.methods.salr.teacher import held_bytes, hold_dense
 from prunedlora.models.quantize import quantize_linear
 from prunedlora.models.surgery import replace_module, swapped_modules, target_module_names
