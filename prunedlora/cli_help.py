@@ -33,7 +33,7 @@ ABOUT = {
             "prunedlora-train method=prunedlora method.init_rank=32 sparsity.final=0.75 hydra.run.dir=runs/pl",
             "prunedlora-train -m method=lora,prunedlora sparsity.final=0.25,0.5 hydra.sweep.dir=sweeps/s1",
         ],
-        ["model", "method", "sparsity", "task", "train", "eval", "export", "data", "logging", "distributed",
+        ["model", "method", "sparsity", "recovery", "task", "train", "eval", "export", "data", "logging", "distributed",
          "experiment", "hydra/launcher"],
     ),
     "prunedlora-eval": (

@@ -121,6 +121,36 @@ class SparsityConfig:
     """linear/cubic: fraction of final steps at the final sparsity."""
 
 
+# ------------------------------------------------------------------------------------------ recovery
+RECOVERY_OBJECTIVES = {"ce": "α = 1", "distill": "α = 0", "mix": "0 < α < 1"}
+"""``recovery`` options (``configs/recovery/``) and the CE weight ``α`` each one means."""
+
+
+@dataclass
+class RecoveryConfig:
+    """The training objective: ``α · CE + (1 - α) · T² · KL(teacher || student)`` per counted token, the teacher
+    being the unpruned model (``prunedlora.train.objective``; each method says what its teacher is)."""
+
+    name: str = "ce"
+    """ce (cross-entropy on the task's tokens alone, no teacher), distill (KL to the unpruned model alone) or mix."""
+    alpha: float = 1.0
+    """α, the weight of the cross-entropy; 1 - α weighs the KL term. ce: 1, distill: 0, mix: in (0, 1)."""
+    temperature: float = 1.0
+    """T > 0: both distributions are softened by T and the KL term is multiplied by T² (Hinton et al. 2015)."""
+    teacher_dtype: str = "bfloat16"
+    """Storage dtype of teacher weights held beside the training model (SALR's dense weights, a method's separate
+    frozen copy): bfloat16, float32 or float16. A teacher that is the training model with its adapters and masks
+    switched off holds nothing. A quantized base's teacher is quantized the same way instead."""
+    teacher_offload: bool = False
+    """Keep held teacher weights in CPU memory and bring each one to the device only for the teacher's forward
+    (training on a GPU); not with a quantized base."""
+
+    @property
+    def distills(self) -> bool:
+        """Whether the KL term has any weight (a teacher forward runs for every micro-batch)."""
+        return self.alpha < 1.0
+
+
 # ---------------------------------------------------------------------------------------------- task
 @dataclass
 class TaskConfig:
@@ -296,6 +326,7 @@ class RootConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     method: Any = MISSING
     sparsity: SparsityConfig = field(default_factory=SparsityConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -403,6 +434,7 @@ def validate(cfg: RootConfig) -> None:
     check_one_of(p, "eval.salr_form", cfg.eval.salr_form, SALR_FORMS)
     check_one_of(p, "eval.base_format", cfg.eval.base_format, SALR_BASE_FORMATS)
     _validate_export(p, cfg.export, m)
+    _validate_recovery(p, cfg.recovery, cfg.model)
     p.extend(m.validate(cfg.sparsity))
     if p:
         raise ConfigError("Invalid configuration: " + "; ".join(p) + ".")
@@ -422,3 +454,20 @@ def _validate_export(p: list[str], export: ExportConfig, method: MethodConfig) -
               f"it writes {', '.join(writes)}: drop {fmt}, or set export.formats=null for all of them")
     check(p, len(set(export.formats)) == len(export.formats), f"export.formats={list(export.formats)} names a "
                                                                "format twice")
+
+
+def _validate_recovery(p: list[str], r: RecoveryConfig, model: ModelConfig) -> None:
+    """``recovery``: a known objective whose α agrees with its name, a positive temperature, a held teacher's
+    storage."""
+    check_one_of(p, "recovery", r.name, tuple(RECOVERY_OBJECTIVES))
+    expected = {"ce": r.alpha == 1.0, "distill": r.alpha == 0.0, "mix": 0.0 < r.alpha < 1.0}
+    check(p, expected.get(r.name, True),
+          f"recovery.alpha={r.alpha} with recovery={r.name}, which means {RECOVERY_OBJECTIVES.get(r.name)}; for "
+          "another weight of the cross-entropy choose recovery=mix recovery.alpha=<in (0, 1)> (recovery=ce: 1, "
+          "recovery=distill: 0)")
+    check(p, r.temperature > 0, f"recovery.temperature={r.temperature} must be > 0 (1: the distributions as they are)")
+    check_one_of(p, "recovery.teacher_dtype", r.teacher_dtype, DTYPES)
+    check(p, not (r.teacher_offload and model.quantization != "none"),
+          f"recovery.teacher_offload=true with model.quantization={model.quantization}: bitsandbytes' packed "
+          "weights stay on the device they were quantized on; use recovery.teacher_offload=false (a 4-bit teacher "
+          "is already a quarter of a bf16 one)")

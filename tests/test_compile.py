@@ -67,6 +67,21 @@ def test_compiled_runs_resume_and_survive_gradient_checkpointing(data_root: Path
     assert resumed["ranks"] == full["ranks"]
 
 
+@pytest.mark.slow
+def test_a_distilling_run_keeps_one_compiled_graph(data_root: Path, tmp_path: Path) -> None:
+    """recovery=mix: the teacher forward runs eagerly beside the compiled training call, with LoRAPrune's adapters
+    swapped out and masks opened and both put back before the student runs: nothing recompiles."""
+    overrides = [*TINY_OVERRIDES, "method=loraprune", *METHOD_OVERRIDES["loraprune"], *STEPS, "recovery=mix"]
+    run(compose_root(overrides, data_root), tmp_path / "eager")
+    _fresh_dynamo()
+    run(compose_root([*overrides, *COMPILED], data_root), tmp_path / "compiled")
+    assert _graphs() == 1
+    for key in ("loss", "loss_ce", "loss_kl"):
+        compiled, eager = ([r[key] for r in metric_records(tmp_path / d)] for d in ("compiled", "eager"))
+        assert compiled == pytest.approx(eager, rel=2e-2, abs=2e-2), key
+    assert metric_records(tmp_path / "compiled")[-1]["loss_kl"] > 0
+
+
 @pytest.mark.parametrize("override, fragment", [
     ("distributed=deepspeed_zero3", "distributed=deepspeed_zero3"),
     ("model.quantization=nf4", "model.quantization=nf4"),

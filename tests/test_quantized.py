@@ -242,3 +242,53 @@ def test_evaluation_of_an_nf4_base_in_each_layout(entry: str, layout: str, tmp_p
             ppl = results["wikitext2"]["ppl"]
     assert math.isfinite(ppl) and ppl > 1
     assert (len(repacked) > 0) == (layout == "repacked")
+
+
+# ------------------------------------------------------------------------ distillation on an nf4 base
+@pytest.mark.parametrize("method", ["lora", "loraprune", "salr"])
+def test_distillation_on_an_nf4_base_has_the_quantized_base_as_its_teacher(method: str, tmp_path: Path,
+                                                                           data_root: Path) -> None:
+    """LoRA's and LoRAPrune's teacher is the nf4 base itself (step 1's KL is exactly 0: B = 0, nothing pruned yet),
+    SALR's the dense weights quantized to nf4 as the base would be (a quarter of their bf16 size, plus the scales),
+    and all train."""
+    import math
+
+    from recipe_helpers import metric_records
+
+    extra = ["sparsity.every=1"] if method == "loraprune" else []  # a pruning event at each of the 3 steps
+    cfg = compose_root([*TINY_OVERRIDES, f"method={method}", "model.quantization=nf4", "recovery=mix",
+                        "train.max_steps=3", "train.packing=true", "train.save_every=1000", *extra], data_root)
+    summary = run(cfg, tmp_path)
+    records = metric_records(tmp_path)
+    assert all(math.isfinite(r[k]) for r in records for k in ("loss", "loss_ce", "loss_kl"))
+    held = summary["recovery"]["teacher_held_mb"] * 2**20
+    if method != "salr":
+        assert records[0]["loss_kl"] == 0.0 and records[-1]["loss_kl"] > 0 and held == 0
+    else:
+        weights = 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 128 * 64)  # tiny's q, o, k, v, gate, up, down in 2 layers
+        assert records[0]["loss_kl"] > 0 and held == weights / 2 + 4 * weights / 64  # 4 bits + a float32 per 64
+
+
+def test_salr_teacher_on_an_nf4_base_is_the_nf4_unpruned_model() -> None:
+    """The dense copies quantized by SALR give the logits of the same base loaded in nf4 by transformers."""
+    import torch
+
+    from prunedlora.config import ModelConfig, SparsityConfig
+    from prunedlora.methods.base import AttachContext, TeacherStorage
+    from prunedlora.methods.salr.config import SalrConfig
+    from prunedlora.methods.salr.method import SalrMethod
+    from prunedlora.models.load import load_model
+    from prunedlora.models.quantize import cpu_repack_disabled
+    from prunedlora.train.objective import SwitchedTeacher
+
+    model_cfg = ModelConfig(name="tiny", name_or_path="tiny")
+    model, _ = load_model(model_cfg)
+    method = SalrMethod(SalrConfig(base_criterion="magnitude"), SparsityConfig(final=0.5))
+    method.prepare(AttachContext(quantization="nf4", teacher=TeacherStorage()))
+    method.attach(model)
+    reference, _ = load_model(replace(model_cfg, quantization="nf4"))
+    ids = torch.randint(3, 200, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), cpu_repack_disabled(reference):  # the kernel the teacher uses (and training)
+        teacher = SwitchedTeacher(model, method).logits(model, {"input_ids": ids})
+        torch.testing.assert_close(teacher, reference.eval()(ids).logits, atol=1e-6, rtol=0)
+        assert not torch.allclose(model.eval()(ids).logits, teacher, atol=1e-2)  # the student is the pruned one

@@ -23,11 +23,21 @@ defines the members the recipe calls, with defaults where one exists. Two of the
 than the model at attach time (SALR): ``quantizes_base = True`` makes the recipe load the base unquantized and leave
 ``model.quantization`` to the method, and ``prepare(context: AttachContext)``, called before ``attach``, hands over
 the training rows (calibration) and that quantization.
+
+The teacher of a distilling run (``recovery.alpha < 1``, ``prunedlora.train.objective``) is the unpruned model, and
+the method says where it is. ``teacher_source = "self"`` (the default): the training model itself is the teacher
+inside ``teacher(model)``, a context manager that switches off what the method added (by default every adapter
+wrapper is swapped for its base layer; a method that masks the base or replaced base weights overrides it), so
+no copy is kept. ``teacher_source = "copy"``: the recipe loads a separate frozen copy of the base before ``attach``
+(``recovery.teacher_dtype``, ``recovery.teacher_offload``), for a method whose training model is no longer the
+unpruned one in any switchable way (compacted, or base weights edited in place). ``AttachContext.teacher`` tells
+``prepare`` whether the run distills and how to store what the teacher needs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +46,10 @@ import torch
 from torch import nn
 
 from prunedlora.config import MethodConfig, SparsityConfig
+from prunedlora.models.surgery import adapter_wrappers, swapped_modules
+
+TEACHER_SOURCES = ("self", "copy")
+"""``Method.teacher_source`` values (the class docstring of ``Method``)."""
 
 
 class Callback:
@@ -59,6 +73,16 @@ class Callback:
         """Restore what ``state_dict`` returned."""
 
 
+@dataclass(frozen=True)
+class TeacherStorage:
+    """How teacher weights held beside the training model are stored (``recovery.teacher_*``)."""
+
+    dtype: str = "bfloat16"
+    """A ``torch`` dtype name: bfloat16, float32 or float16 (a quantized base's teacher is quantized instead)."""
+    offload: bool = False
+    """Keep them in CPU memory; each goes to the device only for its forward."""
+
+
 @dataclass
 class AttachContext:
     """What the recipe hands a method's optional ``prepare`` before ``attach``."""
@@ -69,6 +93,9 @@ class AttachContext:
     """``train.seq_len``: the length of a calibration row."""
     quantization: str = "none"
     """``model.quantization`` for a method with ``quantizes_base`` (the model it gets is unquantized)."""
+    teacher: TeacherStorage | None = None
+    """Set when the run distills (``recovery.alpha < 1``): how to store teacher weights the method must hold (SALR:
+    the dense weights it prunes). None: nothing is held, and ``Method.teacher`` may refuse."""
 
 
 class Method:
@@ -86,6 +113,10 @@ class Method:
     quantizes_base: bool = False
     """True: the recipe loads the base unquantized and hands ``model.quantization`` to ``prepare`` (SALR prunes
     float weights and quantizes the pruned linears itself in ``attach``)."""
+    teacher_source: str = "self"
+    """Where a distilling run's teacher comes from: ``self`` (the training model inside ``teacher(model)``) or
+    ``copy`` (a frozen copy of the base loaded by the recipe before ``attach``). A method whose answer depends on
+    its config makes it a property."""
 
     def __init__(self, cfg: MethodConfig, sparsity: SparsityConfig) -> None:
         self.cfg = cfg
@@ -111,6 +142,22 @@ class Method:
         """Optimizer parameter groups: by default one group of every trainable parameter."""
         params = [p for p in model.parameters() if p.requires_grad]
         return [{"params": params, "weight_decay": weight_decay}]
+
+    @contextmanager
+    def teacher(self, model: nn.Module) -> Iterator[None]:
+        """Inside: ``model`` computes the unpruned model's output (``teacher_source = "self"``).
+
+        The default swaps every adapter wrapper (a module with a ``base_layer``: LoRA, DropLoRA, PrunedLoRA's rank
+        masks, PEFT's AdaLoRA layers) for its base layer and puts it back on exit; forward hooks on the wrappers
+        (structure masks, score captures) go with them. The caller runs the forward under ``no_grad`` in eval mode.
+        A method that changed more than adding wrappers (masked or replaced base weights) overrides this.
+        """
+        with swapped_modules(model, {name: w.base_layer for name, w in adapter_wrappers(model).items()}):
+            yield
+
+    def teacher_held_bytes(self) -> int:
+        """Bytes of teacher weights the method holds beside the model (``summary.json``); none by default."""
+        return 0
 
     def report(self, model: nn.Module) -> dict[str, Any]:
         """Figures for ``summary.json``: ``ranks``, ``sparsity``, ``params_effective`` where meaningful."""

@@ -26,6 +26,9 @@ breaking anything else:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -71,6 +74,35 @@ def _restore_before_state_dict(module: nn.Module, prefix: str, keep_vars: bool) 
 def _restore_before_grad_forward(module: nn.Module, args: tuple) -> None:
     if is_repacked(module) and (module.training or (args and getattr(args[0], "requires_grad", False))):
         restore_standard_layout(module)
+
+
+def stored_bytes(module: nn.Module) -> int:
+    """Bytes ``module``'s parameters and buffers occupy: packed storage for 4/8-bit weights, plus a 4-bit weight's
+    block scales (its ``quant_state.absmax``, float32 per 64 weights without double quantization)."""
+    total = 0
+    for tensor in (*module.parameters(), *module.buffers()):
+        total += tensor.numel() * tensor.element_size()
+        absmax = getattr(getattr(tensor, "quant_state", None), "absmax", None)
+        total += absmax.numel() * absmax.element_size() if absmax is not None else 0
+    return total
+
+
+@contextmanager
+def cpu_repack_disabled(model: nn.Module) -> Iterator[None]:
+    """Inside: no 4-bit linear of ``model`` repacks, so an eval-mode forward without gradients (a distilling run's
+    teacher) computes with the standard layout and the weights training uses, and leaves them as they were.
+
+    Without it, on a CPU with AVX512-BF16 that forward would repack the shared frozen base in place, rounding its
+    block scales for the student too. Nothing changes where bitsandbytes never repacks (a GPU, other CPUs).
+    """
+    layers = [m for m in model.modules() if getattr(m, "support_avx512bf16_for_cpu", False)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.support_avx512bf16_for_cpu = True
 
 
 def guard_cpu_repack(model: nn.Module) -> list[str]:

@@ -10,7 +10,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -58,6 +59,34 @@ def replace_module(model: nn.Module, name: str, module: nn.Module) -> nn.Module:
     old = getattr(parent, child)
     setattr(parent, child, module)
     return old
+
+
+@contextmanager
+def swapped_modules(model: nn.Module, replacements: Mapping[str, nn.Module]) -> Iterator[None]:
+    """``model`` with each named submodule replaced by the given module, the originals put back on exit (also on an
+    error). The names must not nest."""
+    originals: dict[str, nn.Module] = {}
+    try:
+        for name, module in replacements.items():
+            originals[name] = replace_module(model, name, module)
+        yield
+    finally:
+        for name, module in originals.items():
+            replace_module(model, name, module)
+
+
+def adapter_wrappers(model: nn.Module) -> dict[str, nn.Module]:
+    """The outermost modules of ``model`` that wrap a ``base_layer`` (PEFT's convention, which ``LoRALinear`` and
+    ``SalrLinear`` follow), by name, in model order."""
+    wrappers: dict[str, nn.Module] = {}
+    inside = None  # named_modules is depth-first: a wrapper's submodules follow it, under its name
+    for name, module in model.named_modules():
+        if inside is not None and name.startswith(inside):
+            continue
+        if isinstance(getattr(module, "base_layer", None), nn.Module):
+            wrappers[name] = module
+            inside = name + "."
+    return wrappers
 
 
 def is_quantized(linear: nn.Module) -> bool:

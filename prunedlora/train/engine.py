@@ -9,7 +9,9 @@ scales the loss for accumulation, clips, steps the scheduler and clears gradient
 - ``DeepSpeedEngine``: DeepSpeed does all of it inside ``engine.backward`` / ``engine.step``, which must
   be called for every micro-batch; ``on_step_end`` therefore runs after DeepSpeed cleared the gradients.
 
-Both satisfy the ``Engine`` protocol, which is all the loop and the checkpointer know of them.
+Both satisfy the ``Engine`` protocol, which is all the loop and the checkpointer know of them. Both compute a
+micro-batch's loss with the run's ``Objective`` (``objective.py``: the cross-entropy, or its mix with distillation
+from the unpruned model) and report its terms with the step's figures.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import nn
 
 from prunedlora.config import DistributedConfig, TrainConfig
 from prunedlora.train.checkpoint import OPTIMIZER_KEY, SCHEDULER_KEY
+from prunedlora.train.objective import Objective
 
 DEEPSPEED_TAG = "deepspeed"
 
@@ -49,7 +52,7 @@ class Engine(Protocol):
         ...
 
     def optimizer_step(self) -> dict[str, float]:
-        """Clip, update, advance the schedule; returns figures to log (``grad_norm``)."""
+        """Clip, update, advance the schedule; returns figures to log (``grad_norm``, the objective's terms)."""
         ...
 
     def skip_step(self) -> None:
@@ -83,21 +86,24 @@ class TorchEngine:
 
     With ``compile_backend`` the training forward and backward run through ``torch.compile`` (``train.compile``).
     Only the engine's training call is compiled: ``model`` itself stays the plain module, so checkpoints, export and
-    evaluation (generation with a growing KV cache would recompile at every length) see the same module as eager.
+    evaluation (generation with a growing KV cache would recompile at every length) see the same module as eager, and
+    so does a distilling objective's teacher forward (``objective.py``).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, *, grad_accum: int, max_grad_norm: float | None,
-                 device: torch.device, bf16: bool, compile_backend: str | None = None) -> None:
+                 device: torch.device, bf16: bool, compile_backend: str | None = None,
+                 objective: Objective | None = None) -> None:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.grad_accum, self.max_grad_norm, self.device, self.bf16 = grad_accum, max_grad_norm, device, bf16
         self.forward = torch.compile(model, backend=compile_backend) if compile_backend else model
+        self.objective = objective or Objective()
 
     def micro_step(self, batch: dict[str, torch.Tensor], boundary: bool) -> tuple[float, int]:
         """Forward and backward of one micro-batch; returns (unscaled loss, non-pad tokens)."""
         batch = _to_device(batch, self.device)
         with autocast_context(self.device, self.bf16):
-            loss = self.forward(**batch).loss
+            loss = self.objective.loss(self.forward, self.model, batch)
         (loss / self.grad_accum).backward()
         # .item() is a host sync; one per micro-batch is what the progress bar and the log need anyway.
         return loss.item(), int(batch["attention_mask"].sum().item())
@@ -113,10 +119,11 @@ class TorchEngine:
                 torch.nn.utils.clip_grads_with_norm_(params, self.max_grad_norm, norm)
             self.optimizer.step()
         self._advance_schedule()
-        return {"grad_norm": grad_norm}
+        return {"grad_norm": grad_norm, **self.objective.take_figures()}
 
     def skip_step(self) -> None:
         """Drop this step's gradients without an update; the schedule still advances with the step count."""
+        self.objective.take_figures()  # the skipped step's terms are not logged
         self.zero_grad()
         self._advance_schedule()
 
@@ -145,10 +152,12 @@ class TorchEngine:
 class DeepSpeedEngine:
     """Training under ``deepspeed.initialize`` (ZeRO-0..3); the DeepSpeed engine owns optimizer and schedule."""
 
-    def __init__(self, engine: Any, *, device: torch.device, bf16_autocast: bool) -> None:
+    def __init__(self, engine: Any, *, device: torch.device, bf16_autocast: bool,
+                 objective: Objective | None = None) -> None:
         self.engine = engine
         self.device = device
         self.bf16 = bf16_autocast
+        self.objective = objective or Objective()
 
     @property
     def optimizer(self) -> Any:
@@ -157,7 +166,8 @@ class DeepSpeedEngine:
     def micro_step(self, batch: dict[str, torch.Tensor], boundary: bool) -> tuple[float, int]:
         batch = _to_device(batch, self.device)
         with autocast_context(self.device, self.bf16):
-            loss = self.engine(**batch).loss
+            # The teacher goes through the engine too: under ZeRO-3 its forward gathers the partitioned parameters.
+            loss = self.objective.loss(self.engine, self.engine, batch)
         self.engine.backward(loss)  # DeepSpeed scales by 1/gradient_accumulation_steps itself
         if not boundary:
             self.engine.step()  # only advances DeepSpeed's micro-step counter; the update waits for the boundary
@@ -166,7 +176,7 @@ class DeepSpeedEngine:
     def optimizer_step(self) -> dict[str, float]:
         self.engine.step()  # clip, update, scheduler, zero_grad
         norm = self.engine.get_global_grad_norm()
-        return {} if norm is None else {"grad_norm": float(norm)}
+        return {**({} if norm is None else {"grad_norm": float(norm)}), **self.objective.take_figures()}
 
     def zero_grad(self) -> None:
         """DeepSpeed already cleared the gradients in ``step``."""
@@ -247,25 +257,28 @@ def deepspeed_config(user: dict[str, Any], *, batch_size: int, grad_accum: int, 
 
 def build_deepspeed_engine(model: nn.Module, optimizer: torch.optim.Optimizer,
                            scheduler: torch.optim.lr_scheduler.LRScheduler, config: dict[str, Any], *,
-                           device: torch.device, bf16_autocast: bool) -> DeepSpeedEngine:
+                           device: torch.device, bf16_autocast: bool,
+                           objective: Objective | None = None) -> DeepSpeedEngine:
     """``deepspeed.initialize`` around our model, optimizer and schedule (after all parameters exist)."""
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
-    return DeepSpeedEngine(engine, device=device, bf16_autocast=bf16_autocast)
+    return DeepSpeedEngine(engine, device=device, bf16_autocast=bf16_autocast, objective=objective)
 
 
 def build_engine(train: TrainConfig, distributed: DistributedConfig, model: nn.Module,
                  optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler, *,
-                 device: torch.device, world_size: int) -> Engine:
-    """The engine ``train`` and ``distributed`` ask for, around an existing model, optimizer and schedule."""
+                 device: torch.device, world_size: int, objective: Objective | None = None) -> Engine:
+    """The engine ``train`` and ``distributed`` ask for, around an existing model, optimizer and schedule
+    (``objective``: the loss of a micro-batch; None: the model's cross-entropy)."""
     if distributed.name == "none":
         return TorchEngine(model, optimizer, scheduler, grad_accum=train.grad_accum,
                            max_grad_norm=train.max_grad_norm, device=device, bf16=train.bf16,
-                           compile_backend=train.compile_backend if train.compile else None)
+                           compile_backend=train.compile_backend if train.compile else None, objective=objective)
     config = deepspeed_config(distributed.deepspeed, batch_size=train.batch_size, grad_accum=train.grad_accum,
                               max_grad_norm=train.max_grad_norm, world_size=world_size)
-    return build_deepspeed_engine(model, optimizer, scheduler, config, device=device, bf16_autocast=train.bf16)
+    return build_deepspeed_engine(model, optimizer, scheduler, config, device=device, bf16_autocast=train.bf16,
+                                  objective=objective)
 
 
 def broadcast_from_rank0(obj: Any, distributed: bool) -> Any:

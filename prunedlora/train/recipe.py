@@ -31,6 +31,7 @@ from prunedlora.train.engine import barrier, broadcast_from_rank0, build_engine,
 from prunedlora.train.loop import LoopContext, MetricsWriter, train_loop
 from prunedlora.train.memory import peak_memory_mb, reset_peak_memory, resident_memory_mb
 from prunedlora.train.nonfinite import NonFiniteGuard
+from prunedlora.train.objective import Objective, build_held_teacher, build_objective, storage
 from prunedlora.train.optim import build_optimizer, build_scheduler
 from prunedlora.train.preemption import Preempted, PreemptionGuard, resume_command
 from prunedlora.train.rundir import prepare_run_dir
@@ -60,15 +61,19 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
 
     # ---------------------------------------------------------------- setup
     method = build_method(cfg.method, cfg.sparsity)
-    model, tokenizer, examples = _load(cfg, method, device)
+    model, tokenizer, examples = _load(cfg, method, device, distills=cfg.recovery.distills)
+    # A separate teacher is the base as loaded, before the method changes anything.
+    held = build_held_teacher(cfg.model, cfg.recovery, device) \
+        if cfg.recovery.distills and method.teacher_source == "copy" else None
     params_total, _ = count_parameters(model)
     params_trainable = _attach(method, model, cfg, device, params_total)
     batches = ResumableBatches(examples, cfg.train.batch_size, cfg.train.seed, tokenizer.pad_token_id)
     if world > 1:
         batches = ShardedBatches(batches, rank, world)
     optimizer = build_optimizer(method.parameter_groups(model, cfg.train.weight_decay), cfg.train)
+    objective = build_objective(cfg.recovery, method, model, held)
     engine = build_engine(cfg.train, cfg.distributed, model, optimizer, build_scheduler(optimizer, cfg.train),
-                          device=device, world_size=world)
+                          device=device, world_size=world, objective=objective)
     callbacks = method.callbacks()
     wandb_run = start_wandb(cfg.logging, run_dir, config_dict, f"{method.name}-{cfg.model.name}-{run_dir.name}") \
         if is_main else None
@@ -89,7 +94,8 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
             model, method = _rebuild_on_rank0(cfg, adapter, device) if is_main else (None, method)
         summary = _finish(cfg, run_dir, model, tokenizer, method, wandb_run, device,
                           {"final_loss": final_loss, "params_total": params_total,
-                           "params_trainable": params_trainable, "started": started, **memory}) if is_main else {}
+                           "params_trainable": params_trainable, "started": started,
+                           "recovery": _recovery_summary(cfg, method, objective), **memory}) if is_main else {}
     finally:
         if wandb_run is not None:
             wandb_run.finish()
@@ -146,6 +152,7 @@ def _finish(cfg: RootConfig, run_dir: Path, model: nn.Module, tokenizer: Any, me
         "task": cfg.task.name,
         "steps": cfg.train.max_steps,
         "final_loss": figures["final_loss"],
+        "recovery": figures["recovery"],
         "params_total": figures["params_total"],
         "params_trainable": figures["params_trainable"],
         **report,
@@ -171,18 +178,33 @@ def _claim_run_dir(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | Co
         return exc
 
 
-def _load(cfg: RootConfig, method: Method, device: torch.device) -> tuple[nn.Module, Any, list[dict]]:
+def _load(cfg: RootConfig, method: Method, device: torch.device, *,
+          distills: bool = False) -> tuple[nn.Module, Any, list[dict]]:
     """Model, tokenizer and training rows; then the method's ``prepare`` (``Method``, methods/base.py).
 
     A method with ``quantizes_base`` (SALR prunes float weights) gets the base unquantized and quantizes it
     itself in ``attach``. The data order depends only on the seed, so a resumed run sees the same batches.
+    ``distills``: the method is told how to store what its teacher needs (``AttachContext.teacher``).
     """
     late = method.quantizes_base
     model, tokenizer = load_model(replace(cfg.model, quantization="none") if late else cfg.model, device)
     examples = build_train_examples(cfg.task, cfg.data, tokenizer, cfg.train.seq_len, cfg.train.seed,
                                     cfg.train.packing)
-    method.prepare(AttachContext(examples, cfg.train.seq_len, cfg.model.quantization if late else "none"))
+    method.prepare(AttachContext(examples, cfg.train.seq_len, cfg.model.quantization if late else "none",
+                                 teacher=storage(cfg.recovery) if distills else None))
     return model, tokenizer, examples
+
+
+def _recovery_summary(cfg: RootConfig, method: Method, objective: Objective) -> dict[str, Any]:
+    """The objective for ``summary.json``: its option, α, T, and where the teacher was and what it held."""
+    r = cfg.recovery
+    summary: dict[str, Any] = {"objective": r.name, "alpha": r.alpha, "temperature": r.temperature}
+    if objective.teacher is not None:
+        held = objective.teacher.held_bytes()
+        summary.update(teacher=method.teacher_source, teacher_held_mb=held / 2**20)
+        if held:
+            summary.update(teacher_dtype=r.teacher_dtype, teacher_offload=r.teacher_offload)
+    return summary
 
 
 def _attach(method: Method, model: nn.Module, cfg: RootConfig, device: torch.device, params_total: int) -> int:

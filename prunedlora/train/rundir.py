@@ -21,6 +21,10 @@ HYDRA_BACKUP = "hydra"
 # decides whether a diverged run may step past a non-finite step after resuming from its last good checkpoint).
 RESUME_FREE_KEYS = ("eval", "logging", "debug", "run_dir", "train.num_threads", "train.save_every",
                     "train.keep_checkpoints", "train.skip_nonfinite")
+# Keys added to the config after runs were first written, with the value that reproduces what those runs did: a run
+# whose saved config lacks one resumes when the new start has that value (a CE run from before ``recovery``).
+ADDED_KEYS = {"recovery.name": "ce", "recovery.alpha": 1.0, "recovery.temperature": 1.0,
+              "recovery.teacher_dtype": "bfloat16", "recovery.teacher_offload": False}
 _RUN_OUTPUTS = ("metrics.jsonl", "adapter", "model", "compressed", "summary.json")
 
 
@@ -36,8 +40,9 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Dotted keys whose values differ, ignoring ``RESUME_FREE_KEYS``."""
-    a, b = _flatten(old), _flatten(new)
+    """Dotted keys whose values differ, ignoring ``RESUME_FREE_KEYS`` (a key of ``ADDED_KEYS`` that ``old`` lacks
+    has its value there)."""
+    a, b = {**ADDED_KEYS, **_flatten(old)}, _flatten(new)
 
     def free(key: str) -> bool:
         return any(key == k or key.startswith(k + ".") for k in RESUME_FREE_KEYS)

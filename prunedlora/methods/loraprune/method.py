@@ -41,10 +41,12 @@ checkpoint of the base's architecture, loadable without remote code.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from prunedlora.adapters.lora import lora_modules
@@ -99,6 +101,24 @@ class LoraPruneMethod(Method):
             raise RuntimeError("call attach(model) before callbacks()")
         self._callbacks.append(LoraPruneCallback(self.model, self.masks, self.cfg, self.sparsity, self.plan))
         return self._callbacks[-1:]
+
+    @contextmanager
+    def teacher(self, model: nn.Module) -> Iterator[None]:
+        """The unpruned model: adapters off (``Method.teacher``) and every head and channel kept, the masks put back
+        on exit. The base weights are never edited during training, so this is the base."""
+        saved = {i: (mask.head_mask.clone(), mask.channel_mask.clone()) for i, mask in self.masks.items()}
+        try:
+            with torch.no_grad():
+                for mask in self.masks.values():
+                    mask.head_mask.fill_(1.0)
+                    mask.channel_mask.fill_(1.0)
+            with super().teacher(model):
+                yield
+        finally:
+            with torch.no_grad():
+                for i, (heads, channels) in saved.items():
+                    self.masks[i].head_mask.copy_(heads)
+                    self.masks[i].channel_mask.copy_(channels)
 
     def parameter_groups(self, model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         """The LoRA factors only: base weights (trainable-looking under ``true_gradient``) never join."""

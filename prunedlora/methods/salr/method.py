@@ -8,20 +8,22 @@ float32, its rank-``r_res`` SVD as the trainable residual adapter, the pruned we
 frozen base is never reshaped, Decisions item 5), and a ``SalrLinear`` around it. With
 ``model.quantization=nf4|fp4|int8`` the base was loaded in float (``quantizes_base``): the pruned linears are
 quantized only now, so the residual comes from the float weights and the pruned entries stay exactly zero.
-No callbacks: nothing changes during training.
+No callbacks: nothing changes during training. A distilling run's teacher is the dense weights pruning replaced,
+copied before each linear is pruned and swapped in for the teacher's forward (``teacher.py``).
 
 This folder: ``config.py`` (options, registration), ``method.py`` (attach, report), ``export.py`` (``model/``,
-``adapter/``, ``compressed/``: never merged, a dense ``BA`` would destroy the sparsity, §6.4 item 7) and ``formats.py``
+``adapter/``, ``compressed/``: never merged, a dense ``BA`` would destroy the sparsity, §6.4 item 7), ``formats.py``
 (the base's formats in training; ``prunedlora.export.compressed.load_salr_export`` rebuilds a model from
-``compressed/`` alone). The base
-criteria are records of ``prunedlora.pruning.criteria.BASE_CRITERIA`` (``prunedlora.pruning.base_criteria``).
+``compressed/`` alone) and ``teacher.py`` (the dense copies a distilling run holds). The base criteria are records
+of ``prunedlora.pruning.criteria.BASE_CRITERIA`` (``prunedlora.pruning.base_criteria``).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +36,9 @@ from prunedlora.methods.base import AttachContext, Method
 from prunedlora.methods.salr.config import SalrConfig
 from prunedlora.methods.salr.export import SALR_FOLDERS, export_salr
 from prunedlora.methods.salr.formats import BASE_FORMATS, sparse_base_weight
+from prunedlora.methods.salr.teacher import held_bytes, hold_dense
 from prunedlora.models.quantize import quantize_linear
-from prunedlora.models.surgery import replace_module, target_module_names
+from prunedlora.models.surgery import replace_module, swapped_modules, target_module_names
 from prunedlora.pruning.base_criteria import pruned_weights
 from prunedlora.pruning.calibration import InputStats, calibration_rows, collect_input_stats
 from prunedlora.pruning.criteria import BASE_CRITERIA, CALIBRATION_NEEDS
@@ -112,6 +115,8 @@ class SalrMethod(Method):
         self.base_sparsity = sparsity.final if cfg.pattern != "2:4" else 0.5
         self.init_stats: dict[str, dict[str, float]] = {}
         self.context = AttachContext()
+        self.dense: dict[str, nn.Module] = {}
+        """The teacher's dense copies of the pruned linears, by module name (only when the run distills)."""
 
     def prepare(self, context: AttachContext) -> None:
         """What ``attach`` needs beyond the model: calibration data (wanda, sparsegpt), the quantization."""
@@ -148,6 +153,8 @@ class SalrMethod(Method):
         weights = pruned_weights(targets, cfg.base_criterion, self.base_sparsity, cfg.scope, cfg.pattern, stats)
         for name, sparse in weights:
             linear = targets[name]
+            if self.context.teacher is not None:  # before the weight is pruned in place
+                self.dense[name] = hold_dense(linear, self.context.teacher, quantization)
             b_res, a_res, self.init_stats[name] = sparsify_linear(linear, sparse, cfg.residual_rank, cfg.svd)
             base = quantize_linear(linear, quantization) if quantization != "none" else \
                 BASE_FORMATS[cfg.base_format](linear)
@@ -163,6 +170,18 @@ class SalrMethod(Method):
                  time.perf_counter() - started, time.process_time() - cpu, cfg.residual_rank, cfg.rank,
                  f", base quantized to {quantization}" if quantization != "none" else "")
         return list(targets)
+
+    @contextmanager
+    def teacher(self, model: nn.Module) -> Iterator[None]:
+        """The dense model: every ``SalrLinear`` (sparse base and both adapters) swapped for its dense copy."""
+        if not self.dense:
+            raise RuntimeError("salr holds no dense weights to distill from: attach ran without "
+                               "AttachContext.teacher (the recipe sets it when recovery.alpha < 1)")
+        with swapped_modules(model, self.dense):
+            yield
+
+    def teacher_held_bytes(self) -> int:
+        return held_bytes(self.dense)
 
     def _achieved(self) -> float:
         numel = sum(s["numel"] for s in self.init_stats.values())
