@@ -27,7 +27,7 @@ the training rows (calibration) and that quantization.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,13 @@ class AttachContext:
     """``train.seq_len``: the length of a calibration row."""
     quantization: str = "none"
     """``model.quantization`` for a method with ``quantizes_base`` (the model it gets is unquantized)."""
+    run_dir: Path | None = None
+    """The run directory, where a method may keep what it computed before training (LoRAPrune's one-shot base,
+    ``checkpoints/pruned_base``) so that a resumed run rebuilds it instead of computing it again; None: nowhere."""
+    is_main: bool = True
+    """Whether this process writes the run directory (rank 0; every process when not distributed)."""
+    barrier: Callable[[], None] = field(default=lambda: None)
+    """Waits for every process of a distributed run (a no-op otherwise): what rank 0 wrote can then be read."""
 
 
 class Method:
