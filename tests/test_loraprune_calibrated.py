@@ -217,11 +217,18 @@ def test_events_whose_counts_do_not_rise_run_no_calibration_pass(monkeypatch: py
 
 
 # ---------------------------------------------------------------------------------------------- refusals
-@pytest.mark.parametrize(("options", "named"), [({"refit": True}, "method.refit=true"),
-                                                ({"criterion": "activation"}, "method.criterion=activation")])
-def test_a_cut_that_calibrates_without_calibration_data_is_refused(options: dict, named: str) -> None:
-    method = build_method(LoraPruneConfig(**options), SparsityConfig())
-    with pytest.raises(ConfigError, match=f"{named} calibrate on rows of the training data, but none were given"):
+@pytest.mark.parametrize(("options", "schedule", "named", "fix"), [
+    ({"refit": True}, "auto", "method.refit=true with a progressive schedule", "channel_taylor"),
+    ({"criterion": "activation"}, "auto", "method.criterion=activation with a progressive schedule", "channel_taylor"),
+    ({"refit": True, "criterion": "magnitude"}, "one_shot", "method.refit=true with sparsity.schedule=one_shot",
+     "magnitude"),
+    # One-shot, channel_taylor reads the rows too: its backward pass runs over them (there is no training step yet).
+    ({}, "one_shot", "method.criterion=channel_taylor with sparsity.schedule=one_shot", "magnitude")])
+def test_a_cut_that_calibrates_without_calibration_data_is_refused(options: dict, schedule: str, named: str,
+                                                                   fix: str) -> None:
+    method = build_method(LoraPruneConfig(**options), SparsityConfig(schedule=schedule))
+    with pytest.raises(ConfigError, match=f"{named} calibrate on rows of the training data, but none were given"
+                                          f".*method.refit=false with method.criterion={fix}$"):
         method.attach(tiny_llama())  # no prepare(): no training rows
 
 

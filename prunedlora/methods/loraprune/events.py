@@ -26,10 +26,11 @@ import torch
 from torch import nn
 
 from prunedlora.config import ConfigError
-from prunedlora.methods.loraprune.config import LoraPruneConfig
+from prunedlora.methods.loraprune.config import SCORES_BEFORE_TRAINING_NEVER, LoraPruneConfig
 from prunedlora.methods.loraprune.refit import RefitFigures, RefitOptions, refit_projection
 from prunedlora.models.surgery import projection
 from prunedlora.pruning.calibration import InputStats
+from prunedlora.pruning.criteria import STRUCTURED_CRITERIA
 from prunedlora.pruning.refit import kept_columns
 from prunedlora.pruning.sequential import calibrate_layer_by_layer
 from prunedlora.pruning.structure import StructureMask, decoder_layers
@@ -44,14 +45,26 @@ CALIBRATED_INPUTS = ("o_proj", "down_proj")
 """The projections whose inputs an event calibrates: the groups' outputs (heads, channels)."""
 
 
-def missing_calibration(cfg: LoraPruneConfig) -> ConfigError:
-    """The refusal of a calibrated criterion or a re-fit that was given no training rows to calibrate on."""
-    wants = [f"method.criterion={cfg.criterion}"] if cfg.criterion.startswith("activation") else []
+def criterion_reads_rows(criterion: str, one_shot: bool) -> bool:
+    """Whether ``criterion`` scores from the calibration rows: a calibrated one always; one-shot, also one captured
+    from gradients (the cut has no training step: its backward pass runs over the rows)."""
+    parts = [STRUCTURED_CRITERIA[name] for name in STRUCTURED_CRITERIA[criterion].parts]
+    return any(p.calibrated or (one_shot and p.scores_groups) for p in parts)
+
+
+def missing_calibration(cfg: LoraPruneConfig, one_shot: bool = False) -> ConfigError:
+    """The refusal of a cut that reads calibration rows (``criterion_reads_rows``, ``method.refit``) but was given
+    none; its fix names a criterion that reads none under the same schedule (the default when it does)."""
+    wants = [f"method.criterion={cfg.criterion}"] if criterion_reads_rows(cfg.criterion, one_shot) else []
     wants += ["method.refit=true"] if cfg.refit else []
-    return ConfigError(f"{' and '.join(wants)} calibrate on rows of the training data, but none were given (the "
-                       "training recipe hands them to LoraPruneMethod.prepare; call it with AttachContext("
-                       "train_examples=..., seq_len=...) before attach); or use method.refit=false with "
-                       "method.criterion=channel_taylor")
+    free = [c.name for c in STRUCTURED_CRITERIA if not criterion_reads_rows(c.name, one_shot)
+            and not (one_shot and c.needs & SCORES_BEFORE_TRAINING_NEVER)]
+    fix = LoraPruneConfig.criterion if LoraPruneConfig.criterion in free else " or ".join(free)  # the default first
+    schedule = "sparsity.schedule=one_shot" if one_shot else "a progressive schedule"
+    return ConfigError(f"{' and '.join(wants)} with {schedule} calibrate on rows of the training data, but none "
+                       "were given (the training recipe hands them to LoraPruneMethod.prepare; call it with "
+                       "AttachContext(train_examples=..., seq_len=...) before attach); or use method.refit=false with "
+                       f"method.criterion={fix}")
 
 
 class EventPass:

@@ -110,7 +110,7 @@ class LoraPruneMethod(Method):
             return None
         ctx = self.context
         if not ctx.train_examples:
-            raise missing_calibration(self.cfg)
+            raise missing_calibration(self.cfg, self.one_shot)
         return calibration_rows(ctx.train_examples, self.cfg.calibration_sequences, ctx.seq_len)
 
     def _prunable(self, model: nn.Module) -> list[int]:

@@ -45,7 +45,7 @@ from torch import nn
 
 from prunedlora.config import ConfigError, SparsityConfig
 from prunedlora.methods.loraprune.config import LoraPruneConfig
-from prunedlora.methods.loraprune.events import CALIBRATED_INPUTS
+from prunedlora.methods.loraprune.events import CALIBRATED_INPUTS, criterion_reads_rows
 from prunedlora.methods.loraprune.refit import RefitFigures, RefitOptions, refit_projection
 from prunedlora.methods.loraprune.selection import Selector, unit_keep
 from prunedlora.methods.loraprune.uniform import UniformPlan
@@ -85,10 +85,9 @@ class OneShotCut:
 
 
 def needs_rows(cfg: LoraPruneConfig, one_shot: bool) -> bool:
-    """Whether the cuts read calibration rows: a calibrated criterion or the re-fit; one-shot, also a criterion
-    captured from gradients (its backward pass over the rows)."""
-    parts = [STRUCTURED_CRITERIA[name] for name in STRUCTURED_CRITERIA[cfg.criterion].parts]
-    return cfg.refit or any(p.calibrated or (one_shot and p.scores_groups) for p in parts)
+    """Whether the cuts read calibration rows: the re-fit, or a criterion that scores from them
+    (``events.criterion_reads_rows``)."""
+    return cfg.refit or criterion_reads_rows(cfg.criterion, one_shot)
 
 
 def taylor_sums(model: nn.Module, rows: torch.Tensor, layers: dict[int, nn.Module],
