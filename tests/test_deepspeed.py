@@ -107,10 +107,13 @@ def test_torchrun_two_ranks_zero2(tmp_path: Path, data_root: Path, method: str) 
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 4 and len(losses(run_dir)) == 4  # one writer: rank 0
-    assert (run_dir / "adapter" / "adapter_model.safetensors").is_file()
+    exported = "model/model.safetensors" if method == "loraprune" else "adapter/adapter_model.safetensors"
+    assert (run_dir / exported).is_file()  # loraprune: model/ only, the LoRA merged into the compacted base
     if method == "prunedlora":  # pruned to the target on both ranks alike, exported once
         assert set(summary["ranks"].values()) == {4}
-    if method == "loraprune":  # rank 0 cut and saved the base, rank 1 loaded it; the export rebuilt it on rank 0
+    # loraprune: rank 0 cut and saved the base, rank 1 loaded it; the export rebuilt it on rank 0. Its checkpoints
+    # failed with a gloo size mismatch while a rank skipped the all-reduce of a parameter it held no part of.
+    if method == "loraprune":
         assert summary["sparsity"] == pytest.approx(0.5) and summary["params_after_export"] < summary["params_total"]
         assert (run_dir / "checkpoints" / "pruned_base" / "plans.json").is_file()
 
