@@ -41,8 +41,8 @@ test-fast: install bwrap
 run: install
 	$(BIN)/prunedlora-train experiment=quickstart
 
-# The serving check (scripts/check_serving.py; not part of `make test`): every method's export served by vLLM and
-# by transformers. vLLM lives in its own environment because it pins its own transformers and torch builds; the
+# The serving check (`python -m scripts.check_serving`; not part of `make test`): every method's export served by
+# vLLM and by transformers. vLLM lives in its own environment because it pins its own transformers and torch builds; the
 # torchvision/torchaudio/torchcodec builds it resolves do not match its torch and break its imports on CPU, and
 # its (CUDA) triton has no CPU backend: all four go. About 2.4 GB and 5-6 minutes, once. SERVING_ARGS passes
 # options, e.g. SERVING_ARGS="--only lora,salr".
@@ -59,7 +59,7 @@ $(SERVING_STAMP):
 	touch $(SERVING_STAMP)
 
 check-serving: install serving-env
-	HF_HUB_OFFLINE=1 $(BIN)/python scripts/check_serving.py $(SERVING_ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m scripts.check_serving $(SERVING_ARGS)
 
 clean:
 	rm -rf $(VENV) $(SERVING_VENV) build *.egg-info outputs multirun

@@ -189,6 +189,14 @@ class TrainConfig:
 EVAL_TASKS = ("gsm8k", "mmlu", "humaneval", "wikitext2", "ptb", "gsm8k_loss")
 """Tasks with an evaluator (``prunedlora.eval.runner.EVALUATORS``; a test keeps the two in step)."""
 SANDBOX_LEVELS = ("auto", "bwrap", "python")
+SALR_FORMS = ("auto", "compressed", "served")
+"""``eval.salr_form`` values: which of a salr run's exports ``prunedlora-eval`` loads."""
+SALR_BASE_FORMATS = ("auto", "fused", "bitmap", "dense", "semi_structured")
+"""How SALR's pruned base linears run (``method.base_format`` in training, ``eval.base_format`` and
+``prunedlora.export.compressed.load_salr_export`` at load): the fused bitmap kernel where it is faster, else
+dense (auto); the fused kernel (fused); decode + GEMM in every forward (bitmap); a dense ``nn.Linear``
+(dense); PyTorch's 2:4 kernels (semi_structured, CUDA). Here rather than in ``methods/salr`` because
+``eval.base_format`` takes them too."""
 """``eval.sandbox`` values (``prunedlora.eval.sandbox.resolve_level``)."""
 
 
@@ -221,7 +229,15 @@ class EvalConfig:
     """HumanEval's OS-level sandbox: auto (bubblewrap when it works here, else Python guards with a warning),
     bwrap (required; an error without it) or python (Python guards only, not a security boundary)."""
     weights: str = "merged"
-    """prunedlora-eval run_dir=...: merged (the exported ``model/``) or adapter (the run's base + ``adapter/``)."""
+    """prunedlora-eval run_dir=...: merged (the exported ``model/``) or adapter (the run's base + ``adapter/``).
+    Not used for salr runs (``salr_form``)."""
+    salr_form: str = "auto"
+    """prunedlora-eval run_dir=<salr run>: compressed (``compressed/`` through ``load_salr_export``), served
+    (``model/`` with ``adapter/`` on top through PEFT, what vLLM serves) or auto (compressed where the run has
+    ``compressed/``, else served)."""
+    base_format: str = "auto"
+    """How the compressed form's pruned linears run (``SALR_BASE_FORMATS``): auto, fused, bitmap, dense or
+    semi_structured."""
     lm_eval_wikitext: bool = False
     """wikitext2 also reports lm-eval's per-article word/byte perplexity (rolling log-likelihood; slow)."""
 
@@ -386,6 +402,8 @@ def validate(cfg: RootConfig) -> None:
     check(p, cfg.eval.humaneval_timeout_s > 0, f"eval.humaneval_timeout_s={cfg.eval.humaneval_timeout_s} must be > 0")
     check_one_of(p, "eval.sandbox", cfg.eval.sandbox, SANDBOX_LEVELS)
     check_one_of(p, "eval.weights", cfg.eval.weights, ("merged", "adapter"))
+    check_one_of(p, "eval.salr_form", cfg.eval.salr_form, SALR_FORMS)
+    check_one_of(p, "eval.base_format", cfg.eval.base_format, SALR_BASE_FORMATS)
     _validate_export(p, cfg.export, m)
     p.extend(m.validate(cfg.sparsity))
     if p:

@@ -6,7 +6,7 @@ in this process, in wall and CPU time: the dense calibration pass with Wanda's n
 SparseGPT's Gram matrices too, and pruning every target matrix with each criterion (50%, unstructured). CPU time
 is the figure to read on a shared machine: wall time there measures the neighbours.
 
-    python scripts/bench_calibration.py [--model smollm2_135m] [--task ptb] [--seq-len 256] [--threads 1]
+    python -m scripts.bench_calibration [--model smollm2_135m] [--task ptb] [--seq-len 256] [--threads 1]
         [--no-write]
 
 Writes the ``calibration_cost`` section of ``docs/RESULTS.md``.
@@ -15,22 +15,18 @@ Writes the ``calibration_cost`` section of ``docs/RESULTS.md``.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
 from prunedlora.compose import compose_config
-from prunedlora.data.batching import build_train_examples
-from prunedlora.methods.salr.method import target_linears
-from prunedlora.models.load import load_model
+from prunedlora.data import build_train_examples
+from prunedlora.methods.salr import target_linears
+from prunedlora.models import load_model
 from prunedlora.pruning.base_criteria import pruned_weights
 from prunedlora.pruning.calibration import calibration_rows, collect_input_stats
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/ is not a package
-from results_md import command_line, machine_description, update_section  # noqa: E402
+from scripts._publish import provenance, publish
 
 
 def timed(fn: Callable[[], object]) -> tuple[object, float, float]:
@@ -83,12 +79,9 @@ def main() -> None:
         "",
         f"In all, CPU time: wanda {total['wanda']:.0f} s, sparsegpt {total['sparsegpt']:.0f} s.",
         "",
-        f"Machine: {machine_description()}.",
-        f"Command: `{command_line()}`.",
+        *provenance(),
     ])
-    print(markdown)
-    if not args.no_write:
-        update_section("calibration_cost", markdown)
+    publish("calibration_cost", markdown, write=not args.no_write)
 
 
 if __name__ == "__main__":

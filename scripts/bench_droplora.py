@@ -6,8 +6,8 @@ batch 8 = 2048 tokens per step), LoRA on DropLoRA's targets (q, k, v, up, down),
 interleaved, one step each per round in a rotating order, so load from other processes hits them alike;
 the table reports per-variant medians and the median of the per-round ratios. Target: <= 1.05x.
 
-    python scripts/bench_droplora.py              # writes the droplora_overhead section of docs/RESULTS.md
-    python scripts/bench_droplora.py --no-write --rounds 5
+    python -m scripts.bench_droplora              # writes the droplora_overhead section of docs/RESULTS.md
+    python -m scripts.bench_droplora --no-write --rounds 5
 """
 
 from __future__ import annotations
@@ -15,10 +15,8 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -26,11 +24,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from prunedlora.config import SparsityConfig
 from prunedlora.methods import build_method
-from prunedlora.methods.droplora.config import DropLoraConfig
-from prunedlora.methods.lora.config import LoraConfig
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/ is not a package
-from results_md import command_line, machine_description, update_section  # noqa: E402
+from prunedlora.methods.droplora import DropLoraConfig
+from prunedlora.methods.lora import LoraConfig
+from scripts._publish import command_line, machine_description, publish
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]
 VARIANTS = ("lora", "droplora element", "droplora rank")
@@ -158,9 +154,7 @@ def main() -> None:
         torch.set_num_threads(threads)
         lines += table(args, threads, measure(steps, args.rounds, args.warmup))
         print("\n".join(lines), flush=True)
-    md = "\n".join(lines) + "\n"
-    if not args.no_write:
-        update_section("droplora_overhead", md)
+    publish("droplora_overhead", "\n".join(lines), write=not args.no_write, echo=False)  # printed table by table
 
 
 if __name__ == "__main__":

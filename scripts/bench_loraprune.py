@@ -1,6 +1,6 @@
 """LoRAPrune at 50% structure sparsity: the compacted model vs the dense base, and the memory of a pruning step.
 
-    python scripts/bench_loraprune.py [--model auto|smollm2|tiny] [--steps 6] [--reps 5] [--threads 1]
+    python -m scripts.bench_loraprune [--model auto|smollm2|tiny] [--steps 6] [--reps 5] [--threads 1]
                                       [--no-memory] [--no-write]
 
 1. Masks: LoRA (r = 8, all seven projections) trains ``--steps`` optimizer steps on WikiText-2 validation
@@ -37,16 +37,11 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from results_md import command_line, machine_description, update_section  # noqa: E402
-
-from prunedlora.config import DataConfig, ModelConfig, SparsityConfig  # noqa: E402
-from prunedlora.export import save_pretrained_dir  # noqa: E402
-from prunedlora.methods.loraprune.config import LoraPruneConfig  # noqa: E402
-from prunedlora.methods.loraprune.method import LoraPruneMethod  # noqa: E402
-from prunedlora.models.load import load_model  # noqa: E402
+from prunedlora.config import DataConfig, ModelConfig, SparsityConfig
+from prunedlora.export import save_pretrained_dir
+from prunedlora.methods.loraprune import LoraPruneConfig, LoraPruneMethod
+from prunedlora.models import load_model
+from scripts._publish import REPO, provenance, publish
 
 DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
 POLICIES = {
@@ -64,7 +59,7 @@ def model_config(kind: str) -> tuple[ModelConfig, str]:
     """``smollm2`` if its offline copy can be had (``auto``), else ``tiny``."""
     if kind in ("auto", "smollm2"):
         try:
-            from prunedlora.models.smollm2 import smollm2_offline_dir
+            from prunedlora.models import smollm2_offline_dir
 
             path = smollm2_offline_dir()
             label = "SmolLM2-135M-Instruct (Q4_1 dequantized, fp32)"
@@ -79,7 +74,7 @@ def model_config(kind: str) -> tuple[ModelConfig, str]:
 def token_batches(tokenizer, n: int, batch: int, seq: int) -> list[torch.Tensor]:
     """``n`` batches of WikiText-2 validation text (the mirror has no raw train split; random tokens without it)."""
     try:
-        from prunedlora.data.datasets import load_lm_text
+        from prunedlora.data import load_lm_text
 
         text = load_lm_text("wikitext2", "valid", DataConfig(root=str(DATA_ROOT), hub=False))
         ids = torch.tensor(tokenizer(text[: 6 * n * batch * seq])["input_ids"])  # ~4 characters per token
@@ -185,12 +180,12 @@ def memory_table(kind: str, threads: int, shapes: list[tuple[int, int]] = MEMORY
     for batch, seq in shapes:
         results = {}
         for criterion in MEMORY_CRITERIA:
-            cmd = [sys.executable, __file__, "--memory-step", criterion, "--memory-shape", f"{batch}x{seq}",
-                   "--model", kind, "--threads", str(threads)]
+            cmd = [sys.executable, "-m", __spec__.name, "--memory-step", criterion, "--memory-shape",
+                   f"{batch}x{seq}", "--model", kind, "--threads", str(threads)]
             # A fixed mmap threshold (which also turns off glibc's dynamic one) returns every freed tensor above
             # 64 KiB to the OS at once, so the resident set follows live tensors rather than allocator caching.
             env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
+            out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True, env=env).stdout
             results[criterion] = json.loads(out.strip().splitlines()[-1])
             print(batch, seq, criterion, results[criterion], flush=True)
         reference, guided = results["true_gradient"]["peak_mib"], results["lora_guided"]["peak_mib"]
@@ -278,10 +273,8 @@ def memory_only(args: argparse.Namespace, shapes: list[tuple[int, int]]) -> None
     rows = memory_table(args.model, args.threads, shapes)
     text = "\n".join(["## LoRAPrune: memory of a pruning step per criterion", "",
                       f"Model: {model_config(args.model)[1]}. {MEMORY_TEXT} Load average at start {load:.1f}.", "",
-                      *rows, "", f"Machine: {machine_description()}.", f"Command: `{command_line()}`."])
-    print(text)
-    if not args.no_write:
-        update_section("loraprune_step_memory", text)
+                      *rows, "", *provenance()])
+    publish("loraprune_step_memory", text, write=not args.no_write)
 
 
 def main() -> None:
@@ -327,11 +320,7 @@ def main() -> None:
     ]
     if memory:
         md += [MEMORY_TEXT, "", *memory, ""]
-    md += [f"Machine: {machine_description()}.", f"Command: `{command_line()}`."]
-    text = "\n".join(md)
-    print(text)
-    if not args.no_write:
-        update_section("loraprune_compaction", text)
+    publish("loraprune_compaction", "\n".join([*md, *provenance()]), write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Perplexity evaluator throughput vs a bare forward pass over the same tokens.
 
-    python scripts/bench_perplexity.py [--reps 7] [--threads 1] [--no-write] [--smollm2]
+    python -m scripts.bench_perplexity [--reps 7] [--threads 1] [--no-write] [--smollm2]
 
 One thread by default: on a small machine shared with other jobs, a descheduled thread stalls every
 parallel region, and 2-thread ratios swung from 0.4x to 2.8x between runs there.
@@ -17,20 +17,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from results_md import command_line, machine_description, update_section  # noqa: E402
-
-from prunedlora.config import TinyModelConfig  # noqa: E402
-from prunedlora.eval.perplexity import window_nll  # noqa: E402
-from prunedlora.models.tiny import build_tiny_llama  # noqa: E402
+from prunedlora.config import TinyModelConfig
+from prunedlora.eval.perplexity import window_nll
+from prunedlora.models import build_tiny_llama
+from scripts._publish import command_line, machine_description, publish
 
 # name -> (shape, vocab, seqlen, n windows, batch size)
 MODELS = {
@@ -88,7 +82,7 @@ def bench(model, windows: torch.Tensor, batch_size: int, reps: int) -> dict[str,
 def smollm2_case():
     from transformers import AutoModelForCausalLM
 
-    from prunedlora.models.smollm2 import smollm2_offline_dir
+    from prunedlora.models import smollm2_offline_dir
 
     model = AutoModelForCausalLM.from_pretrained(smollm2_offline_dir(), dtype=torch.float32)
     return model, model.config.vocab_size, 512, 8, 2
@@ -135,9 +129,7 @@ def main() -> None:
         "2-thread runs swung from 0.4x to 2.8x (a descheduled thread stalls every parallel region).", "",
         "\n\n".join(tables),
     ])
-    print(md)
-    if not args.no_write:
-        update_section("perplexity_throughput", md)
+    publish("perplexity_throughput", md, write=not args.no_write)
 
 
 if __name__ == "__main__":

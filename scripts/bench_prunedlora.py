@@ -1,12 +1,12 @@
 """PrunedLoRA's training overhead: average optimizer-step time, pruning events included, against plain LoRA.
 
-Both arms train the ``model=tiny`` LLaMA on the same random batches with the loop's own step functions
-(``TorchEngine.micro_step``, ``optimizer_step``), the same optimizer, LR schedule, seed and rank r0 = 4 x
+Both arms train the ``model=tiny`` LLaMA on the same random batches through the training loop itself
+(``train_loop`` on a ``TorchEngine``, no logging), the same optimizer, LR schedule, seed and rank r0 = 4 x
 target; PrunedLoRA prunes from r0 to the target with the constant schedule (K2 = 2 every K1 = 10 steps,
 so ``(r0 - target) / 2`` events), plain LoRA stays at r0. Arms alternate within each repeat so that load
 from other processes hits both alike; the table reports medians over repeats.
 
-    python scripts/bench_prunedlora.py [--repeats 5] [--steps 120] [--threads 1]
+    python -m scripts.bench_prunedlora [--repeats 5] [--steps 120] [--threads 1]
 
 Writes the ``prunedlora_overhead`` section of ``docs/RESULTS.md``.
 """
@@ -17,19 +17,19 @@ import argparse
 import statistics
 import time
 from dataclasses import replace
+from types import SimpleNamespace
 
 import torch
-from results_md import command_line, machine_description, update_section
 
 from prunedlora.config import SparsityConfig, TinyModelConfig, TrainConfig
-from prunedlora.methods import build_method
-from prunedlora.methods.base import Callback
-from prunedlora.methods.lora.config import LoraConfig
-from prunedlora.methods.prunedlora.config import PrunedLoraConfig
-from prunedlora.models.tiny import build_byte_tokenizer, build_tiny_llama
+from prunedlora.methods import Callback, build_method
+from prunedlora.methods.lora import LoraConfig
+from prunedlora.methods.prunedlora import PrunedLoraConfig
+from prunedlora.models import build_byte_tokenizer, build_tiny_llama
 from prunedlora.train.engine import TorchEngine
-from prunedlora.train.loop import optimizer_step
+from prunedlora.train.loop import LoopContext, MetricsWriter, train_loop
 from prunedlora.train.optim import build_optimizer, build_scheduler
+from scripts._publish import provenance, publish
 
 TARGET_BUDGET = 1.25  # acceptance: PrunedLoRA step time <= 1.25 x LoRA's
 
@@ -75,14 +75,13 @@ def run_arm(method_cfg, sparsity: SparsityConfig, train: TrainConfig, batches: l
     optimizer = build_optimizer(method.parameter_groups(model, train.weight_decay), train)
     scheduler = build_scheduler(optimizer, train)
     callbacks: list[Callback] = [HookTimer(cb, sparsity.every) for cb in method.callbacks()]
-    for cb in callbacks:
-        cb.on_train_start(model, optimizer, train.max_steps)
     engine = TorchEngine(model, optimizer, scheduler, grad_accum=1, max_grad_norm=train.max_grad_norm,
                          device=torch.device("cpu"), bf16=False)
+    # The loop asks for ``next_batch()``; the batches are fixed ones, in order. No metrics file, no progress bar.
+    ctx = LoopContext(model, engine, SimpleNamespace(next_batch=iter(batches).__next__), callbacks,
+                      MetricsWriter(None), progress=False)
     t0 = time.perf_counter()
-    for step, batch in enumerate(batches, start=1):
-        engine.micro_step(batch, boundary=True)
-        optimizer_step(engine, callbacks, step)
+    train_loop(ctx, train, save=lambda step: None)
     mean = (time.perf_counter() - t0) / len(batches)
     if method_cfg.name == "prunedlora":  # every event happened: the run ends at the target rank
         ranks = set(method.report(model)["ranks"].values())
@@ -152,12 +151,9 @@ def main() -> None:
         "The end-to-end ratio is noisy on a shared CPU; the hook time is measured inside the PrunedLoRA arm "
         "and is the part of its step that LoRA does not have (plus the weight re-mask in `on_step_end`).",
         "",
-        f"Machine: {machine_description()}.",
-        f"Command: `{command_line()}`.",
+        *provenance(),
     ])
-    print(markdown)
-    if not args.no_write:
-        update_section("prunedlora_overhead", markdown)
+    publish("prunedlora_overhead", markdown, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Each configuration runs `prunedlora-train` in its own process (peak RSS is per process), a few optimizer
 steps with evaluation off, and reads `peak_memory_mb` and the median step time from the run directory.
 
-    python scripts/bench_quantized_memory.py [--steps 4]
+    python -m scripts.bench_quantized_memory [--steps 4]
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_md import command_line, machine_description, update_section  # noqa: E402
+from scripts._publish import command_line, machine_description, publish
 
 CONFIGS = {
     "fp32 base (reference)": [],
@@ -55,7 +54,7 @@ def main() -> None:
     base = next(r["peak_mb"] for name, r in rows if name.startswith("bf16"))
     table = "\n".join(f"| {name} | {r['resident_mb']:.0f} | {r['peak_mb']:.0f} | {r['peak_mb'] / base:.2f} | "
                       f"{r['step_s']:.2f} |" for name, r in rows)
-    update_section("quantized_memory", f"""## Quantized base: training memory (SmolLM2-135M, LoRA r=8 on q,k,v,o)
+    publish("quantized_memory", f"""## Quantized base: training memory (SmolLM2-135M, LoRA r=8 on q,k,v,o)
 
 Resident set of the whole process (Python, torch, transformers, tokenizer, data, model, adapters) when
 training starts, and its peak during {args.steps} optimizer steps of batch 4 x 256 tokens (`summary.json`:
@@ -75,7 +74,7 @@ bitsandbytes' CPU path dequantizes each 4-bit weight for the forward and again f
 saves nothing here: its training peak is above bf16's. On a 7B/8B model on a GPU the frozen weights dominate
 and nf4 stores them in a quarter of bf16's bytes; measure that with this script on the GPU (not available
 to this run).
-""")
+""", echo=False)
 
 
 if __name__ == "__main__":

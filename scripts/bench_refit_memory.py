@@ -14,7 +14,7 @@ then the layer is compacted. Two ways, each in its own process (peak RSS is per 
 A thread samples the process's resident set every 2 ms; the figure is the peak above the resident set once the
 model is built (torch's large CPU buffers are mmap-backed, so freed ones leave the resident set).
 
-    python scripts/bench_refit_memory.py [--rows 4] [--seq-len 128] [--threads 1]
+    python -m scripts.bench_refit_memory [--rows 4] [--seq-len 128] [--threads 1]
 
 Measured (2 shared CPU cores, 1 thread, 4 x 128 tokens): one layer's statistics 526 MB; ``layerwise`` peaks
 1059 MB above the model (2.0x: the 462 MB down_proj Gram plus the re-fit's ~540 MB workspace, of which 231 MB is
@@ -43,6 +43,7 @@ from prunedlora.pruning.calibration import InputStats, collect_input_stats
 from prunedlora.pruning.refit import kept_columns, refit_columns
 from prunedlora.pruning.sequential import calibrate_layer_by_layer
 from prunedlora.pruning.structure import AttentionShape, compact_layer, plan_layer, select_pruned
+from scripts._publish import REPO
 
 HIDDEN, MLP, HEADS, LAYERS, VOCAB = 4096, 11008, 32, 2, 1000
 MB = 2 ** 20
@@ -140,9 +141,9 @@ def main() -> None:
         return
     results = []
     for phase in ("layerwise", "one_pass"):
-        cmd = [sys.executable, __file__, "--phase", phase, "--rows", str(args.rows), "--seq-len", str(args.seq_len),
-               "--sparsity", str(args.sparsity), "--threads", str(args.threads)]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        cmd = [sys.executable, "-m", __spec__.name, "--phase", phase, "--rows", str(args.rows), "--seq-len",
+               str(args.seq_len), "--sparsity", str(args.sparsity), "--threads", str(args.threads)]
+        out = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True).stdout
         results.append(json.loads(out.strip().splitlines()[-1]))
         print(json.dumps(results[-1]), flush=True)
     layer_stats = (HIDDEN ** 2 + MLP ** 2 + HIDDEN + MLP) * 4  # o_proj and down_proj: Gram + norms, float32

@@ -19,17 +19,23 @@ load from other processes hits all alike); ratios are medians of per-round ratio
    float32 and bfloat16, at each of ``--layer-threads``: dense ``W @ x``, the fused bitmap kernel (AVX-512
    and AVX2), ``base_format=auto`` and the decode-then-GEMM reference, with bytes per token and the
    machine's memory bandwidth. Written to its own section (``salr_kernel``).
+6. Per model, batch 1 (``scripts.salr_generate_rows``): greedy ``generate`` of ``--new-tokens`` tokens with the
+   KV cache from a salr export's ``compressed/``, the dense model against the compressed form in every
+   ``base_format``, at each of ``--gen-threads``: the exports named by ``--salr-run`` (SmolLM2 at 50% and 2:4,
+   made with ``prunedlora-train model=smollm2_135m method=salr train.max_steps=0 ...``) and a LLaMA-7B-shaped
+   stack of ``--stack-layers`` decoder layers with random weights pruned 50%, built here and written and loaded
+   through the same export and loader (``--stack-dir`` keeps it). Written to its own section (``salr_generate``).
 
-    python scripts/bench_salr.py                  # writes the salr and salr_kernel sections of docs/RESULTS.md
-    python scripts/bench_salr.py --no-write --rounds 5 --tiny
-    python scripts/bench_salr.py --layers-only --no-write   # only the per-layer kernel rows
+    python -m scripts.bench_salr                  # writes the salr, salr_kernel and salr_generate sections
+    python -m scripts.bench_salr --no-write --rounds 5 --tiny --no-generate
+    python -m scripts.bench_salr --layers-only --no-write   # only the per-layer kernel rows
+    python -m scripts.bench_salr --generate-only --salr-run "SmolLM2-135M 50%=runs/salr50"   # only generation
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,13 +46,12 @@ from torch import nn
 from prunedlora.adapters.salr import SalrLinear, salr_modules
 from prunedlora.config import SparsityConfig, TinyModelConfig
 from prunedlora.methods import build_method
-from prunedlora.methods.salr.config import SalrConfig
+from prunedlora.methods.salr import SalrConfig
 from prunedlora.pruning.bitmap import BitmapLinear, decode, encode, size_report
 from prunedlora.pruning.magnitude import per_matrix_mask, prune_
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/ is not a package
-from results_md import command_line, machine_description, update_section  # noqa: E402
-from salr_layer_rows import layer_tables  # noqa: E402
+from scripts._publish import command_line, machine_description, publish
+from scripts.salr_generate_rows import HEADER, PROMPT, SPLIT_TOKENS, build_stack, model_rows, split_table
+from scripts.salr_layer_rows import bandwidth, layer_tables
 
 SPARSITY = 0.5
 D_OUT, D_IN = 576, 1536  # SmolLM2 down_proj
@@ -67,6 +72,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--layer-rounds", type=int, default=15)
     parser.add_argument("--layer-cache", choices=("cold", "hot"), default="cold",
                         help="cold: weights rotate over 1 GiB of copies (read from memory); hot: one matrix")
+    parser.add_argument("--generate-only", action="store_true", help="only the model-level generate rows")
+    parser.add_argument("--no-generate", action="store_true", help="leave out the model-level generate rows")
+    parser.add_argument("--salr-run", action="append", default=[], metavar="LABEL=DIR",
+                        help="a salr export (run dir or compressed/) to generate from; repeatable")
+    parser.add_argument("--no-stack", action="store_true", help="leave out the LLaMA-7B-shaped stack")
+    parser.add_argument("--stack-dir", type=Path, default=None,
+                        help="where the 7B-shaped export is written (reused when it holds compressed/); "
+                             "default: a temporary folder, removed afterwards")
+    parser.add_argument("--stack-layers", type=int, default=2)
+    parser.add_argument("--gen-threads", default="1,2", help="thread counts of the generate rows")
+    parser.add_argument("--gen-repeats", type=int, default=5, help="interleaved generate rounds per path")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--ref-tokens", type=int, default=8, help="tokens of the (slow) bitmap reference")
+    parser.add_argument("--generate-section", default="salr_generate",
+                        help="the docs/RESULTS.md section the generate rows go to (e.g. one per thread count)")
     return parser.parse_args()
 
 
@@ -101,13 +121,13 @@ def load_base(tiny: bool) -> tuple[nn.Module, str]:
         try:
             from transformers import AutoModelForCausalLM
 
-            from prunedlora.models.smollm2 import smollm2_offline_dir
+            from prunedlora.models import smollm2_offline_dir
 
             model = AutoModelForCausalLM.from_pretrained(smollm2_offline_dir(), dtype=torch.float32)
             return model.eval(), "SmolLM2-135M"
         except Exception as err:  # no wheel, no network: fall back, and say so in the table
             print(f"SmolLM2 unavailable ({err}); using the tiny model")
-    from prunedlora.models.tiny import build_tiny_llama
+    from prunedlora.models import build_tiny_llama
 
     return build_tiny_llama(TinyModelConfig(), 259).eval(), "tiny random LLaMA"
 
@@ -162,7 +182,9 @@ def forward_table(model: nn.Module, args: argparse.Namespace) -> str:
     import copy
 
     dense = copy.deepcopy(model)
-    method = build_method(SalrConfig(residual_rank=args.residual_rank, rank=args.rank), SparsityConfig(final=SPARSITY))
+    # magnitude, as the rest of this benchmark (the default, wanda, needs a calibration pass over training data)
+    config = SalrConfig(residual_rank=args.residual_rank, rank=args.rank, base_criterion="magnitude")
+    method = build_method(config, SparsityConfig(final=SPARSITY))
     salr_dense = model
     method.attach(salr_dense)
     salr_bitmap = copy.deepcopy(salr_dense)
@@ -217,7 +239,7 @@ def kernel_section(args: argparse.Namespace) -> str:
     cold = args.layer_cache == "cold"
     table = layer_tables(threads, args.layer_rounds, [torch.float32, torch.bfloat16], cold)
     return "\n\n".join([
-        "## SALR: fused bitmap kernel per layer, batch 1 (draft)",
+        "## SALR: fused bitmap kernel per layer, batch 1",
         f"Command: `{command_line()}`  \nMachine: {machine_description()}",
         "One projection pruned 50% by magnitude, random weights. Times are medians of interleaved rounds; "
         "ratios are medians of per-round ratios, with the ratio of the best rounds in brackets. Weights: "
@@ -227,12 +249,63 @@ def kernel_section(args: argparse.Namespace) -> str:
     ])
 
 
+def _stack_compressed(args: argparse.Namespace, scratch: Path) -> Path:
+    folder = args.stack_dir or scratch
+    if (folder / "compressed").is_dir():
+        return folder / "compressed"
+    start = time.perf_counter()
+    compressed = build_stack(folder, args.stack_layers)
+    print(f"built the 7B-shaped stack in {time.perf_counter() - start:.0f} s: {compressed}", flush=True)
+    return compressed
+
+
+def generate_section(args: argparse.Namespace) -> str:
+    """The model-level rows (section ``salr_generate``)."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from prunedlora.export.compressed import compressed_dir
+
+    threads = [int(t) for t in args.gen_threads.split(",")]
+    runs = [(label, compressed_dir(Path(path))) for label, _, path in (r.partition("=") for r in args.salr_run)]
+    rows, splits, kept = [], {}, []
+    with tempfile.TemporaryDirectory(prefix="salr_stack_") as scratch:
+        if not args.no_stack:
+            runs.append((f"LLaMA-7B-shaped, {args.stack_layers} layers, 50%", _stack_compressed(args, Path(scratch))))
+        for label, compressed in runs:
+            tokenizer = AutoTokenizer.from_pretrained(compressed)
+            prompt = tokenizer(PROMPT, return_tensors="pt").input_ids
+            got, splits[label], auto = model_rows(label, compressed, prompt, threads, args.new_tokens,
+                                                  args.gen_repeats, args.ref_tokens)
+            rows += got
+            kept.append(f"{label}: " + "; ".join(f"{t} thread(s): {k}" for t, k in auto.items()))
+    bandwidths = []
+    for t in threads:
+        bw = bandwidth(t)
+        bandwidths.append(f"{t} thread(s): copy {bw['copy']:.1f} GB/s, read {bw['read']:.1f} GB/s")
+    return "\n\n".join([
+        f"## SALR: generation from the compressed form, batch 1, {args.gen_threads} thread(s)",
+        f"Command: `{command_line()}`  \nMachine: {machine_description()}",
+        f"Greedy `generate` of {args.new_tokens} new tokens with the KV cache after a {prompt.shape[1]}-token prompt, "
+        f"float32, {args.gen_repeats} interleaved rounds per path (`scripts/salr_generate_rows.py` says how each "
+        "path is built and timed). Decode tok/s excludes the prompt; ratios are medians of per-round ratios "
+        "against the dense model; GB/s is MB read per token over the time per token (thread CPU at one thread).",
+        "Memory bandwidth (STREAM-like, 256 MiB float32): " + "; ".join(bandwidths) + ".",
+        HEADER + "\n" + "\n".join(rows),
+        "What `auto` kept (pruned linears): " + "; ".join(kept) + ".",
+        *([f"Where a decode step's time goes at one thread (thread CPU per token, forward hooks, "
+           f"{min(args.new_tokens, SPLIT_TOKENS)} new tokens; the hooks add a little to every part):",
+           split_table(splits)] if 1 in threads else []),
+    ])
+
+
 def main() -> None:
     args = parse_args()
-    kernel_md = kernel_section(args)
-    print(kernel_md)
-    if not args.no_write:
-        update_section("salr_kernel", kernel_md)
+    if args.generate_only:
+        publish(args.generate_section, generate_section(args), write=not args.no_write)
+        return
+    publish("salr_kernel", kernel_section(args), write=not args.no_write)
     if args.layers_only:
         return
     torch.set_num_threads(args.threads)
@@ -254,9 +327,9 @@ def main() -> None:
         "every call, so on CPU it is slower than the dense GEMM; the paper's speed-up needs a fused "
         "decode + GEMM kernel or 2:4 semi-structured kernels on a GPU (§8 item 23), not measured here.",
     ])
-    print(md)
-    if not args.no_write:
-        update_section("salr", md)
+    publish("salr", md, write=not args.no_write)
+    if not args.no_generate:
+        publish(args.generate_section, generate_section(args), write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """HumanEval pass@1 wall time with and without bubblewrap around each completion.
 
-    python scripts/bench_sandbox.py [--problems 20] [--reps 5] [--no-write]
+    python -m scripts.bench_sandbox [--problems 20] [--reps 5] [--no-write]
 
 Scores the canonical solutions of the first ``--problems`` HumanEval problems of the local mirror
 (``PRUNEDLORA_DATA_ROOT``) with ``prunedlora.eval.humaneval.pass_at_k``, one call per problem as lm-eval
@@ -22,15 +22,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from results_md import command_line, git_commit, update_section  # noqa: E402
-
-from prunedlora.config import DataConfig  # noqa: E402
-from prunedlora.data.datasets import load_records  # noqa: E402
-from prunedlora.eval.humaneval import pass_at_k  # noqa: E402
-from prunedlora.eval.sandbox import bwrap_problem  # noqa: E402
+from prunedlora.config import DataConfig
+from prunedlora.data import load_records
+from prunedlora.eval.humaneval import pass_at_k
+from prunedlora.eval.sandbox import bwrap_problem
+from scripts._publish import command_line, git_commit, publish
 
 LEVELS = ("python", "bwrap")
 
@@ -92,9 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"bwrap / python: **{ratio:.2f}x** (target <= 1.3x).",
     ])
-    print(md)
-    if not args.no_write:
-        update_section("humaneval_sandbox", md)
+    publish("humaneval_sandbox", md, write=not args.no_write)
     return 0
 
 

@@ -18,7 +18,7 @@ measured in the same run (a square GEMM, the best of its repeats). The fraction 
 frozen parameter and token (forward 2, input gradients 2; frozen weights get no weight gradient) and 6 per trained
 parameter.
 
-    python scripts/bench_throughput.py [--methods lora,prunedlora,...] [--compile-methods lora] [--rounds 2]
+    python -m scripts.bench_throughput [--methods lora,prunedlora,...] [--compile-methods lora] [--rounds 2]
         [--steps 12] [--warmup 3] [--threads 2] [--device cpu|cuda] [--profile STEPS] [--no-write]
 
 Writes the ``throughput`` section of ``docs/RESULTS.md``.
@@ -37,9 +37,9 @@ import time
 from pathlib import Path
 
 import torch
-from results_md import command_line, machine_description, update_section
 
-REPO = Path(__file__).resolve().parents[1]
+from scripts._publish import REPO, provenance, publish
+
 METHODS = ("lora", "droplora", "prunedlora", "loraprune", "salr", "adalora")
 TARGETS = {"eager_vs_hf": 1.0, "compiled_vs_hf": 1.3, "peak_fraction": 0.20}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -70,7 +70,7 @@ def run_ours(method: str, compiled: bool, args: argparse.Namespace, out: Path) -
 def run_hf_peft(compiled: bool, args: argparse.Namespace, out: Path) -> list[float]:
     """This script as ``--arm hf_peft`` in a subprocess (the same isolation as the recipe's arms)."""
     result = out / f"hf_peft-{time.time_ns()}.json"
-    command = [sys.executable, __file__, "--arm", "hf_peft", "--result", str(result), *sys.argv[1:]]
+    command = [sys.executable, "-m", __spec__.name, "--arm", "hf_peft", "--result", str(result), *sys.argv[1:]]
     if compiled:
         command.append("--arm-compile")
     subprocess.run(command, cwd=REPO, check=True, env=_env(args))
@@ -81,8 +81,8 @@ def profile_section(args: argparse.Namespace) -> str:
     """The profiler table of :func:`profile_ours`, run as ``--arm profile`` in its own subprocess."""
     with tempfile.TemporaryDirectory(prefix="bench_profile_") as tmp:
         result = Path(tmp) / "profile.txt"
-        subprocess.run([sys.executable, __file__, "--arm", "profile", "--result", str(result), *sys.argv[1:]],
-                       cwd=REPO, check=True, env=_env(args))
+        subprocess.run([sys.executable, "-m", __spec__.name, "--arm", "profile", "--result", str(result),
+                        *sys.argv[1:]], cwd=REPO, check=True, env=_env(args))
         table = result.read_text()
     return "\n".join([f"Where the time goes: `torch.profiler` over a {args.profile}-step eager LoRA run of ours (the "
                       "same shapes; model load and export included), top ops by self time:", "", "```", table.rstrip(),
@@ -98,8 +98,8 @@ def hf_peft_loop(args: argparse.Namespace) -> list[float]:
     from peft import LoraConfig, get_peft_model
 
     from prunedlora.compose import compose_config
-    from prunedlora.data.batching import ResumableBatches, build_train_examples
-    from prunedlora.models.load import load_model, resolve_device
+    from prunedlora.data import ResumableBatches, build_train_examples
+    from prunedlora.models import load_model, resolve_device
     torch.set_num_threads(args.threads)
     cfg = compose_config(["method=lora", *shared_overrides(args)])
     device = resolve_device(cfg.train.device)
@@ -174,8 +174,8 @@ def flops_per_token(method: str, model_name: str) -> float:
     """~4 FLOPs per frozen parameter per token (forward, input gradients) and 6 per trained one."""
     from prunedlora.compose import compose_config
     from prunedlora.methods import build_method
-    from prunedlora.methods.salr.method import target_linears
-    from prunedlora.models.load import count_parameters, load_model
+    from prunedlora.methods.salr import target_linears
+    from prunedlora.models import count_parameters, load_model
 
     cfg = compose_config([f"method={method}", f"model={model_name}"])
     model, _ = load_model(cfg.model, "cpu")
@@ -212,7 +212,6 @@ def main() -> None:
     parser.add_argument("--arm-compile", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     if args.arm == "hf_peft":
         Path(args.result).write_text(json.dumps(hf_peft_loop(args)))
         return
@@ -263,14 +262,11 @@ def main() -> None:
         f"Targets: ours eager >= {TARGETS['eager_vs_hf']}x HF + PEFT, compiled >= {TARGETS['compiled_vs_hf']}x, "
         f"compiled at >= {TARGETS['peak_fraction']:.0%} of the measured peak.",
         "",
-        f"Machine: {machine_description()}.",
-        f"Command: `{command_line()}`.",
+        *provenance(),
     ])
     if args.profile:
         markdown += "\n\n" + profile_section(args)
-    print(markdown)
-    if not args.no_write:
-        update_section("throughput", markdown)
+    publish("throughput", markdown, write=not args.no_write)
 
 
 if __name__ == "__main__":

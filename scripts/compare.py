@@ -1,9 +1,9 @@
 """Every method on one model, one data set, one budget and one seed: tables and plots in ``docs/RESULTS.md``.
 
-    python scripts/compare.py --suite methods      # lora, droplora, prunedlora, adalora, loraprune, salr
-    python scripts/compare.py --suite sweep        # prunedlora, loraprune, salr at sparsity 0.25 / 0.5 / 0.75
-    python scripts/compare.py --suite quality      # LoRAPrune and SALR at 50% on PTB: WikiText-2 / PTB PPL
-    python scripts/compare.py --suite prunedlora   # PrunedLoRA 32 -> 8 variants vs LoRA r8 / r16, seeds 42, 1, 2
+    python -m scripts.compare --suite methods      # lora, droplora, prunedlora, adalora, loraprune, salr
+    python -m scripts.compare --suite sweep        # prunedlora, loraprune, salr at sparsity 0.25 / 0.5 / 0.75
+    python -m scripts.compare --suite quality      # LoRAPrune and SALR at 50% on PTB: WikiText-2 / PTB PPL
+    python -m scripts.compare --suite prunedlora   # PrunedLoRA 32 -> 8 variants vs LoRA r8 / r16, seeds 42, 1, 2
     options: [--jobs 2] [--threads 1] [--out runs/compare] [--budget cpu|gpu] [--dry-run] [--collect-only]
              [--no-write] [--only label,label]
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,16 +31,19 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from compare_seeds import annotate, seed_sections  # noqa: E402
-from compare_suites import BUDGETS, SUITES, Run, Suite  # noqa: E402
-from results_md import RESULTS, command_line, git_commit, machine_description, update_section  # noqa: E402
-
-from prunedlora.eval.report import collect_run, plot_metric  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-FIGURES = RESULTS.parent / "figures"
+from prunedlora.eval.report import collect_run, plot_metric
+from scripts._publish import (
+    FIGURES,
+    REPO,
+    command_line,
+    figure_link,
+    machine_description,
+    publish,
+    run_commit,
+    run_logged,
+)
+from scripts.compare_seeds import annotate, seed_sections
+from scripts.compare_suites import BUDGETS, SUITES, Run, Suite
 
 
 @dataclass
@@ -60,17 +62,9 @@ def _command(run: Run, run_dir: Path, threads: int, budget_overrides: list[str])
     return [str(exe), *shared, *run.overrides, *threads_override, f"hydra.run.dir={run_dir}"]
 
 
-COMMIT_TAG = "# prunedlora commit "
-
-
 def run_commits(outcomes: list[Outcome]) -> list[str]:
     """The commits the runs were made at, from the first line of each ``<label>.log``."""
-    commits = set()
-    for o in outcomes:
-        log = o.run_dir.with_name(o.run_dir.name + ".log")
-        head = log.read_text(encoding="utf-8").split("\n", 1)[0] if log.is_file() else ""
-        commits.add(head[len(COMMIT_TAG):] if head.startswith(COMMIT_TAG) else "unknown")
-    return sorted(commits)
+    return sorted({commit if (commit := run_commit(o.run_dir)) is not None else "unknown" for o in outcomes})
 
 
 def _finished(run: Run, run_dir: Path) -> bool:
@@ -86,10 +80,7 @@ def execute(run: Run, run_dir: Path, threads: int, budget_overrides: list[str]) 
            "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
     command = _command(run, run_dir, threads, budget_overrides)
     start = time.perf_counter()
-    with open(run_dir.with_name(run_dir.name + ".log"), "a", encoding="utf-8") as log:
-        log.write(f"{COMMIT_TAG}{git_commit()}\n" + " ".join(command) + "\n")
-        log.flush()
-        code = subprocess.run(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+    code = run_logged(command, run_dir.with_name(run_dir.name + ".log"), env)
     seconds = time.perf_counter() - start
     print(f"[{'ok' if code == 0 else f'FAILED rc={code}'}] {run.label} in {seconds / 60:.1f} min -> {run_dir}",
           flush=True)
@@ -146,9 +137,10 @@ def plots(suite: Suite, rows: dict[str, dict], budget: str) -> list[Path]:
     return out
 
 
-def write_section(suite: Suite, budget: str, rows: dict[str, dict], outcomes: list[Outcome], *, jobs: int,
-                  threads: int, write: bool) -> str:
-    """The suite's section of ``docs/RESULTS.md``; a seeded suite's verdicts may judge the seeds that finished."""
+def suite_section(suite: Suite, budget: str, rows: dict[str, dict], outcomes: list[Outcome], *, jobs: int,
+                  threads: int) -> str:
+    """The suite's section of ``docs/RESULTS.md`` (its plots written); a seeded suite's verdicts may judge the seeds
+    that finished."""
     figures = plots(suite, rows, budget) if suite.plot_metrics else []
     ran = sum(o.seconds for o in outcomes)
     provenance = (f"Job time summed over the runs done by this invocation: {ran / 60:.0f} min." if ran else
@@ -162,7 +154,7 @@ def write_section(suite: Suite, budget: str, rows: dict[str, dict], outcomes: li
         suite.setup(budget),
         table(suite, rows),
     ]
-    parts += [f"![{p.stem}](figures/{p.name})" for p in figures]
+    parts += [figure_link(p) for p in figures]
     if suite.seeded:
         parts += seed_sections(suite, rows, {o.run.label: o.run_dir for o in outcomes}, FIGURES, budget)
     if suite.papers:
@@ -172,10 +164,7 @@ def write_section(suite: Suite, budget: str, rows: dict[str, dict], outcomes: li
     else:
         verdicts = suite.verdicts(rows)  # each verdict says "not measured" where its runs are missing
     parts.append("What the papers claim, checked at this scale:\n\n" + "\n".join(f"- {v}" for v in verdicts))
-    markdown = "\n\n".join(parts)
-    if write:
-        update_section(f"compare_{suite.name}_{budget}", markdown)
-    return markdown
+    return "\n\n".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,9 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                 for r in suite.runs]
     rows = {o.run.label: collect_run(o.run_dir, o.run_dir.parent) for o in outcomes
             if o.returncode == 0 and _finished(o.run, o.run_dir)}
-    markdown = write_section(suite, args.budget, rows, outcomes, jobs=args.jobs, threads=args.threads,
-                             write=not args.no_write)
-    print(markdown)
+    markdown = suite_section(suite, args.budget, rows, outcomes, jobs=args.jobs, threads=args.threads)
+    publish(f"compare_{suite.name}_{args.budget}", markdown, write=not args.no_write)
     failed = [o.run.label for o in outcomes if o.run.label in done and o.returncode != 0]
     if failed:
         print(f"failed runs (logs beside their run dirs in {folder}): {', '.join(failed)}")

@@ -1,18 +1,18 @@
-"""For suites that repeat configurations over seeds (``Suite.seeded``): mean ± stderr, paired checks, loss plots.
+"""For suites that repeat configurations over seeds (``Suite.seeded``): the mean ± stderr table and loss plots.
 
-``compare.py`` calls :func:`seed_sections` after the per-run table. A configuration is a ``Run.series``; its runs
-differ only in ``train.seed``. The standard error is the sample standard deviation over seeds divided by √n (n = the
-seeds that finished), so with three seeds it is itself rough: read differences of one stderr as noise.
+``compare`` calls :func:`seed_sections` after the per-run table. A configuration is a ``Run.series``; its runs
+differ only in ``train.seed``. The statistics themselves (mean, standard error, paired checks) are ``seed_stats``'s.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
-from compare_suites import Suite
+from scripts._publish import figure_link
+from scripts.compare_suites import Suite
+from scripts.seed_stats import by_seed, mean_stderr
 
 SMOOTH = 5
 """Training-loss plot: centred moving average over this many steps (one step is 2 x 256 tokens, a noisy loss)."""
@@ -20,44 +20,11 @@ REFERENCE = "lora r8"
 """The series the loss plot's lower panel subtracts, seed by seed."""
 
 
-def series_values(rows: dict[str, dict], series: str, key: str) -> list[float]:
-    """``key`` of every finished run of ``series`` (rows from :func:`annotate`), in seed order."""
-    values = by_seed(rows, series, key)
-    return [values[s] for s in sorted(values)]
-
-
-def mean_stderr(values: list[float]) -> tuple[float, float | None]:
-    """Mean and standard error (None for a single value)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, None
-    var = sum((v - mean) ** 2 for v in values) / (n - 1)
-    return mean, math.sqrt(var / n)
-
-
 def annotate(suite: Suite, rows: dict[str, dict]) -> dict[str, dict]:
     """Rows with ``_series`` and ``_seed`` from the suite's runs (the row itself does not know them)."""
     runs = {run.label: run for run in suite.runs}
     return {label: {**row, "_series": runs[label].series, "_seed": runs[label].seed}
             for label, row in rows.items() if label in runs}
-
-
-def by_seed(rows: dict[str, dict], series: str, key: str) -> dict[int, float]:
-    return {row["_seed"]: float(row[key]) for row in rows.values()
-            if row.get("_series") == series and row.get(key) is not None}
-
-
-def paired(rows: dict[str, dict], a: str, b: str, key: str, what: str) -> str:
-    """Whether ``a`` is at or below ``b`` in every seed both finished, with the per-seed differences."""
-    va, vb = by_seed(rows, a, key), by_seed(rows, b, key)
-    seeds = sorted(set(va) & set(vb))
-    if not seeds:
-        return f"{what}: not measured (no seed finished for both)."
-    diffs = [va[s] - vb[s] for s in seeds]
-    verdict = "yes" if all(d <= 0 for d in diffs) else "no"
-    detail = ", ".join(f"seed {s}: {d:+.4f}" for s, d in zip(seeds, diffs, strict=True))
-    return f"{what}: {verdict} ({a} minus {b}, {key}: {detail}; {len(seeds)} seed(s))."
 
 
 def seed_table(suite: Suite, rows: dict[str, dict]) -> str:
@@ -169,5 +136,5 @@ def seed_sections(suite: Suite, rows: dict[str, dict], run_dirs: dict[str, Path]
     figures.mkdir(parents=True, exist_ok=True)
     plot = loss_plot(suite, run_dirs, set(rows), figures / f"{suite.name}_{budget}_training_loss.png")
     if plot is not None:
-        parts.append(f"![{plot.stem}](figures/{plot.name})")
+        parts.append(figure_link(plot))
     return parts

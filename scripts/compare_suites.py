@@ -1,4 +1,4 @@
-"""What ``scripts/compare.py`` runs: the suites (runs, metrics, the papers' claims) and the budgets.
+"""What ``python -m scripts.compare`` runs: the suites (runs, metrics, the papers' claims) and the budgets.
 
 A suite's runs differ only in their method overrides; model, data, seed, steps, batch and evaluation come from
 the budget, identical for every run of a suite. The papers' numbers quoted here are those collected in
@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+
+from scripts.seed_stats import paired, series_values
 
 ALL_LINEARS = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
 """Every method adapts the same seven projections (LoRAPrune's and SALR's own setting), so the adapters sit in
@@ -51,7 +53,7 @@ class Suite:
     a finished run is never evaluated again)."""
     seeded: bool = False
     """Runs repeat over seeds: the section adds a mean ± stderr table per ``series`` and the training loss
-    around the pruning events (``compare_seeds``)."""
+    around the pruning events (``compare_seeds``, ``seed_stats``)."""
 
 
 # ------------------------------------------------------------------------------------------------ budgets
@@ -241,8 +243,6 @@ def _prunedlora_setup(budget: str) -> str:
 
 
 def _prunedlora_verdicts(rows: dict[str, dict]) -> list[str]:
-    from compare_seeds import paired, series_values  # noqa: PLC0415  (scripts/ sibling, imported lazily)
-
     loss = "gsm8k_loss/loss"
     obs, r8, mag, r16 = "prunedlora obs (default)", "lora r8", "prunedlora magnitude", "lora r16"
     out = [paired(rows, obs, r8, loss, "PrunedLoRA 32 -> 8 (obs) at or below LoRA r8 in every seed (paper's claim)"),

@@ -6,7 +6,7 @@
 # 1. the tests marked `gpu` (tiny model: inductor on CUDA for every method, 2:4 semi-structured SALR);
 # 2. a 50-step SmolLM2 run per method in bf16, eager and with train.compile=true;
 # 3. LoRA under DeepSpeed ZeRO-2 on one GPU; 4. LoRA on an nf4 (QLoRA) base;
-# 5. scripts/bench_throughput.py on CUDA.
+# 5. `python -m scripts.bench_throughput` on CUDA.
 # Each step has its own time limit (150 s; the runs go 4 at a time) and the script goes on past a failure, so the
 # block always comes out. It writes
 # one markdown block, DIR/gpu_check.md (default DIR: gpu_check/), to paste into docs/RESULTS.md.
@@ -52,7 +52,7 @@ for line in sys.stdin:
     validate(compose_config([*common, *overrides]))
     print("would run", name + ": prunedlora-train", *overrides, f"(+ {len(common)} shared overrides)")
 ' "${COMMON[@]}" || exit 1
-    echo "would run: pytest -m gpu; scripts/bench_throughput.py --device cuda"
+    echo "would run: pytest -m gpu; python -m scripts.bench_throughput --device cuda"
     echo "dry run: every run composes and validates"
     exit 0
 fi
@@ -106,7 +106,7 @@ echo "  exit codes: ${STATUS[*]}"
 } >> "$BLOCK"
 
 echo "[3/4] throughput benchmark"
-timeout 150 "$PYTHON" scripts/bench_throughput.py --device cuda --threads 16 --rounds 1 --steps 20 --warmup 5 \
+timeout 150 "$PYTHON" -m scripts.bench_throughput --device cuda --threads 16 --rounds 1 --steps 20 --warmup 5 \
     --compile-methods lora --batch-size 8 --seq-len 512 --no-write > "$OUT/throughput.log" 2>&1
 echo "- throughput benchmark (rc $?):" >> "$BLOCK"
 sed -n '/^## Training throughput/,$p' "$OUT/throughput.log" | tail -n +2 >> "$BLOCK"

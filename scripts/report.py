@@ -1,4 +1,4 @@
-"""Thin wrapper: ``python scripts/report.py <multirun dir> [--out DIR]`` = ``prunedlora-report``."""
+"""Thin wrapper: ``python -m scripts.report <multirun dir> [--out DIR]`` = ``prunedlora-report``."""
 
 import sys
 

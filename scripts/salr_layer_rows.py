@@ -1,4 +1,4 @@
-"""Per-layer rows of ``scripts/bench_salr.py``: one projection pruned 50% (magnitude), batch 1, by path.
+"""Per-layer rows of ``python -m scripts.bench_salr``: one projection pruned 50% (magnitude), batch 1, by path.
 
 For LLaMA-7B's projection shapes (and GQA k/v) and SmolLM2-135M's, in float32 and bfloat16, at each thread
 count: dense ``W @ x`` (torch), the fused bitmap kernel forced to AVX-512 and to AVX2, what

@@ -260,11 +260,34 @@ NO_COMPILER = textwrap.dedent("""
     assert type(auto) is torch.nn.Linear and isinstance(fused, FusedBitmapLinear)
     for module in (auto, fused, fused):
         torch.testing.assert_close(module(x), BitmapLinear(bitmap)(x))
+
+    # A salr export loads and generates in every format (auto runs dense, fused decodes in every forward).
+    import tempfile
+    from pathlib import Path
+    from prunedlora.config import SparsityConfig, TinyModelConfig
+    from prunedlora.export.compressed import base_formats, load_salr_export
+    from prunedlora.methods import build_method
+    from prunedlora.methods.salr import SalrConfig
+    from prunedlora.models.tiny import build_byte_tokenizer, build_tiny_llama
+
+    tokenizer = build_byte_tokenizer()
+    model = build_tiny_llama(TinyModelConfig(), vocab_size=len(tokenizer))
+    method = build_method(SalrConfig(residual_rank=4, rank=4, base_criterion="magnitude"), SparsityConfig(final=0.5))
+    method.attach(model)
+    out = Path(tempfile.mkdtemp())
+    method.export(model, tokenizer, out, "tiny", ("bitmap",))
+    prompt = torch.tensor([[1, 40, 50, 60, 70, 80]])
+    tokens = {}
+    for base_format in ("auto", "fused", "dense"):
+        loaded = load_salr_export(out, base_format)
+        assert base_formats(loaded) == {"dense" if base_format == "auto" else base_format: 14}
+        tokens[base_format] = loaded.generate(prompt, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    assert tokens["auto"].shape == (1, 8) and all(torch.equal(t, tokens["dense"]) for t in tokens.values())
     print("fell back")
 """)
 
 
-def test_a_missing_compiler_warns_once_and_falls_back_to_decode_and_dense(tmp_path: Path) -> None:
+def test_a_missing_compiler_warns_once_and_falls_back_to_decode_and_dense_and_still_generates(tmp_path: Path) -> None:
     env = {**os.environ, "CXX": str(tmp_path / "no-such-compiler"), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
     done = subprocess.run([sys.executable, "-c", NO_COMPILER], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

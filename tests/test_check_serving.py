@@ -1,4 +1,4 @@
-"""``scripts/check_serving.py`` without vLLM: every row's training composes and validates (a typo would surface
+"""``python -m scripts.check_serving`` without vLLM: every row's training composes and validates (a typo would surface
 after minutes of a run), the transformers side decodes exactly the asked tokens, and the report reads vLLM's
 logs and token lists right. The vLLM side itself runs only under ``make check-serving`` (a 2.5 GB environment)."""
 
@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,10 +14,7 @@ from recipe_helpers import compose_root
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from prunedlora.config import validate
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import check_serving  # noqa: E402
-import serve_vllm  # noqa: E402
+from scripts import check_serving, serve_vllm
 
 
 @pytest.mark.parametrize("label", sorted(check_serving.RUNS))

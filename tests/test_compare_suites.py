@@ -1,18 +1,15 @@
-"""``scripts/compare.py``: every run of every suite and budget composes and validates (a typo would otherwise
+"""``python -m scripts.compare``: every run of every suite and budget composes and validates (a typo would otherwise
 surface minutes into a 45-minute comparison), and runs that suites share have one configuration."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 from recipe_helpers import compose_root
 
 from prunedlora.config import validate
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from compare_suites import BUDGETS, SUITES  # noqa: E402
+from scripts.compare_suites import BUDGETS, SUITES
 
 
 @pytest.mark.parametrize("budget", sorted(BUDGETS))
@@ -68,7 +65,8 @@ def test_prunedlora_suite_runs_every_variant_over_the_seeds_to_rank_8() -> None:
 
 
 def test_seed_statistics_and_paired_verdicts() -> None:
-    from compare_seeds import mean_stderr, paired, seed_table
+    from scripts.compare_seeds import seed_table
+    from scripts.seed_stats import mean_stderr, paired
 
     mean, err = mean_stderr([1.0, 2.0, 3.0])
     assert mean == 2.0 and err == pytest.approx(1 / 3**0.5)
@@ -81,7 +79,7 @@ def test_seed_statistics_and_paired_verdicts() -> None:
 
 
 def test_a_runs_own_override_replaces_the_budgets() -> None:
-    from compare import _command
+    from scripts.compare import _command
 
     run = SUITES["prunedlora"].runs[-1]
     command = _command(run, Path("/tmp/x"), 1, BUDGETS["cpu"]["gsm8k"])
@@ -89,7 +87,7 @@ def test_a_runs_own_override_replaces_the_budgets() -> None:
 
 
 def test_quality_suite_has_the_one_shot_baselines_and_checks_the_pruned_base_targets() -> None:
-    from compare_suites import SALR_DEFAULT
+    from scripts.compare_suites import SALR_DEFAULT
 
     suite = SUITES["quality"]
     runs = {r.label: r for r in suite.runs}
@@ -122,7 +120,7 @@ def test_quality_suite_has_the_one_shot_baselines_and_checks_the_pruned_base_tar
 def test_loss_plot_draws_finished_runs_and_their_difference_to_lora_r8(tmp_path: Path) -> None:
     import json
 
-    from compare_seeds import _events, _losses, loss_plot
+    from scripts.compare_seeds import _events, _losses, loss_plot
 
     suite = SUITES["prunedlora"]
     dirs, finished = {}, set()
@@ -140,7 +138,7 @@ def test_loss_plot_draws_finished_runs_and_their_difference_to_lora_r8(tmp_path:
 
 def test_quality_suite_pairs_loraprune_structures_over_sparsities_and_seeds() -> None:
     """Issue 23's measurement: channel_taylor per_layer vs uniform at 50% and 25%, seeds 42 and 1 (not run here)."""
-    from compare_suites import _structure_verdicts
+    from scripts.compare_suites import _structure_verdicts
 
     suite = SUITES["quality"]
     runs = [r for r in suite.runs if r.structure in ("per_layer", "uniform")]

@@ -351,28 +351,47 @@ def _fake_salr_run(run_dir: Path, byte_tokenizer, formats: tuple[str, ...]) -> t
     return model.eval()
 
 
-def test_prunedlora_eval_salr_run_evaluates_the_trained_model_from_whichever_folders_it_has(
+def test_prunedlora_eval_salr_run_evaluates_the_compressed_form_by_default_and_the_served_one_on_request(
         tmp_path, data_root, byte_tokenizer):
-    """model/ + adapter/ (what a server runs) or compressed/ alone; model/ alone is refused (it is the bare base)."""
+    """eval.salr_form: auto is compressed/ where the run has it, else model/ + adapter/ (served); both forms and
+    every base_format evaluate the trained model, and results.json says which form ran."""
     from prunedlora.data.datasets import load_lm_text
     from prunedlora.eval.standalone import run_eval
 
-    got = {}
-    for formats in (("hf", "adapter", "bitmap"), ("bitmap",), ("hf", "adapter")):
+    got, model = {}, None
+    every = ("hf", "adapter", "bitmap")
+    cases = [(every, [], "compressed"), (every, ["eval.salr_form=served"], "served"),
+             (every, ["eval.base_format=fused"], "compressed"), (("bitmap",), [], "compressed"),
+             (("hf", "adapter"), [], "served")]
+    for i, (formats, extra, form) in enumerate(cases):
         run_dir = tmp_path / "-".join(formats)
-        model = _fake_salr_run(run_dir, byte_tokenizer, formats)
+        if not run_dir.is_dir():
+            model = _fake_salr_run(run_dir, byte_tokenizer, formats)
         cfg = _compose([f"run_dir={run_dir}", "eval.tasks=[ptb]", "eval.limit=2", "eval.seqlen=64",
-                        "logging.progress=false", f"data.root={data_root}", "data.hub=false"])
-        got[formats] = run_eval(cfg, tmp_path / "out" / run_dir.name)["ptb"]["ppl"]
+                        "logging.progress=false", f"data.root={data_root}", "data.hub=false", *extra])
+        got[i] = run_eval(cfg, tmp_path / "out" / str(i))["ptb"]["ppl"]
+        identity = json.loads((tmp_path / "out" / str(i) / "eval" / "results.json").read_text())["model"]
+        assert identity["salr_form"] == form
+        folder = run_dir / ("compressed" if form == "compressed" else "adapter")
+        assert identity["adapter"] == str(folder.resolve())
+        if extra == ["eval.base_format=fused"]:
+            assert identity["base_format"] == "fused" and identity["base_formats"] == {"fused": 14}
+        elif form == "compressed":
+            assert identity["base_format"] == "auto" and sum(identity["base_formats"].values()) == 14
     want = token_perplexity(model, byte_tokenizer, load_lm_text("ptb", "test", cfg.data), seqlen=64, limit=2,
                             progress=False)["ppl"]
     assert all(ppl == pytest.approx(want, rel=1e-4) for ppl in got.values()), (got, want)
-    for formats, weights, fragment in ((("hf",), "merged", "export.formats=null"),
-                                       (("bitmap",), "adapter", "use eval.weights=merged")):
-        run_dir = tmp_path / f"only-{formats[0]}"
-        _fake_salr_run(run_dir, byte_tokenizer, formats)
+    for formats, extra, fragment in ((("hf",), [], "export.formats=null"),
+                                     (("bitmap",), ["eval.salr_form=served"], "use eval.salr_form=compressed"),
+                                     (("hf", "adapter"), ["eval.salr_form=compressed"], "use eval.salr_form=served"),
+                                     (("bitmap",), ["eval.weights=adapter"], "eval.salr_form=served")):
+        run_dir = tmp_path / f"only-{'-'.join(formats)}"
+        if not run_dir.is_dir():
+            _fake_salr_run(run_dir, byte_tokenizer, formats)
         with pytest.raises(ConfigError, match=fragment):
-            run_eval(_compose([f"run_dir={run_dir}", "eval.tasks=[ptb]", f"eval.weights={weights}"]), tmp_path / "x")
+            run_eval(_compose([f"run_dir={run_dir}", "eval.tasks=[ptb]", *extra]), tmp_path / "x")
+    with pytest.raises(ConfigError, match="eval.base_format=sparse is not one of auto, fused"):
+        run_eval(_compose([f"run_dir={run_dir}", "eval.tasks=[ptb]", "eval.base_format=sparse"]), tmp_path / "x")
 
 
 def test_prunedlora_eval_custom_code_needs_trust(tmp_path, byte_tokenizer):

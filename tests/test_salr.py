@@ -16,10 +16,11 @@ from prunedlora.adapters.salr import SalrLinear, residual_factors, salr_modules,
 from prunedlora.config import ConfigError, SparsityConfig
 from prunedlora.export import weight_files
 from prunedlora.export.bitmap import BITMAP_FILE, STORAGE_FILE
+from prunedlora.export.compressed import load_salr_export
 from prunedlora.methods import build_method
 from prunedlora.methods.salr.config import SalrConfig
 from prunedlora.methods.salr.export import plain_bases
-from prunedlora.methods.salr.load import load_salr_export, sparse_base_weight
+from prunedlora.methods.salr.formats import sparse_base_weight
 from prunedlora.methods.salr.method import SalrMethod
 from prunedlora.pruning.bitmap import (
     BitmapLinear,
@@ -33,6 +34,7 @@ from prunedlora.pruning.bitmap import (
     semi_structured_available,
     size_report,
 )
+from prunedlora.pruning.fused_bitmap import FusedBitmapLinear
 from prunedlora.pruning.magnitude import (
     global_threshold,
     mask_function,
@@ -375,14 +377,27 @@ def test_two_four_pattern_is_semi_structured() -> None:
         assert torch.all((w.view(w.shape[0], -1, 4) != 0).sum(-1) <= 2)
 
 
-def test_bitmap_base_format_gives_the_dense_results(tokens: torch.Tensor) -> None:
-    dense, bitmap = tiny_llama(), tiny_llama()
+@pytest.mark.parametrize("base_format", ["bitmap", "fused", "auto"])
+def test_sparse_base_formats_train_and_run_as_the_dense_base(base_format: str, tokens: torch.Tensor) -> None:
+    """method.base_format: the same logits, loss and adapter gradients as the masked dense base (bitmap exactly;
+    the fused kernel and tiled GEMMs sum in another order)."""
+    dense = tiny_llama()  # seeds the RNG, so both task adapters start alike
     attach(dense)
-    attach(bitmap, base_format="bitmap")
-    assert all(isinstance(w.base_layer, BitmapLinear) for w in salr_modules(bitmap).values())
-    assert not any(".base_layer." in k for k in adapter_state_dict(bitmap))  # the base stays out of checkpoints
+    sparse = tiny_llama()
+    attach(sparse, base_format=base_format)
+    kinds = {"bitmap": (BitmapLinear,), "fused": (FusedBitmapLinear,), "auto": (FusedBitmapLinear, nn.Linear)}
+    assert all(isinstance(w.base_layer, kinds[base_format]) for w in salr_modules(sparse).values())
+    assert not any(".base_layer." in k for k in adapter_state_dict(sparse))  # the base stays out of checkpoints
+    tol = {"atol": 0, "rtol": 0} if base_format == "bitmap" else {"atol": 1e-5, "rtol": 1e-5}
     with torch.no_grad():
-        torch.testing.assert_close(bitmap(tokens).logits, dense(tokens).logits, atol=0, rtol=0)
+        torch.testing.assert_close(sparse(tokens).logits, dense(tokens).logits, **tol)
+        torch.testing.assert_close(sparse(tokens[:1, :1]).logits, dense(tokens[:1, :1]).logits, **tol)  # 1 token
+    for model in (dense, sparse):
+        model(tokens, labels=tokens).loss.backward()
+    grads = [{n: p.grad for n, p in m.named_parameters() if p.requires_grad} for m in (dense, sparse)]
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 4 * 14
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-5, rtol=1e-4)
 
 
 def test_quantized_base_is_refused_with_a_clear_error() -> None:

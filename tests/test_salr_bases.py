@@ -18,7 +18,7 @@ from prunedlora.methods import build_method
 from prunedlora.methods.base import AttachContext
 from prunedlora.methods.salr.config import SalrConfig
 from prunedlora.methods.salr.export import export_salr
-from prunedlora.methods.salr.load import sparse_base_weight
+from prunedlora.methods.salr.formats import sparse_base_weight
 from prunedlora.methods.salr.method import SalrMethod
 from prunedlora.pruning.activation_aware import (
     _inverse_cholesky,

@@ -160,6 +160,11 @@ class SalrLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
+        if not self.rank and type(self.bottleneck) is nn.Identity:
+            # A fused adapter loaded from an export: scale 1, no task slice, no dropout, so two plain GEMMs. Each op
+            # saved counts in generation, where the adapters of a small model cost as much as its sparse bases.
+            a, b = self.residual_A.weight, self.residual_B.weight
+            return result + F.linear(F.linear(x.to(a.dtype), a), b).to(result.dtype)
         z = self._bottleneck_input(x.to(self.lora_A.weight.dtype))  # (..., r_res + r)
         z = self.bottleneck(z * self.rank_scale.to(z.dtype))
         return result + F.linear(z, self.b_cat()).to(result.dtype)

@@ -1,6 +1,6 @@
 """Sweep report: one CSV, one markdown table and one plot per metric for a multirun directory.
 
-    prunedlora-report <multirun dir> [--out DIR]        (or: python scripts/report.py ...)
+    prunedlora-report <multirun dir> [--out DIR]        (or: python -m scripts.report ...)
 
 Every run under the directory (any folder with a ``summary.json`` or an ``eval/results.json``) becomes one
 row: its path, Hydra overrides, method, sparsity (the configured ``sparsity.final`` from

@@ -6,10 +6,14 @@ What gets loaded:
   ``<dir>/model``. That covers the LoRA family (merged) and loraprune's physically pruned model, whose
   ``config.json`` names its own modelling code (``auto_map``), loaded with ``trust_remote_code=True`` because
   that code is prunedlora's own ``modeling_pruned_llama.py`` written by the run.
-* salr runs (``summary.json``'s ``exports``: ``model/`` is the pruned base, served with ``adapter/``), either
-  ``eval.weights``: ``model/`` with ``adapter/`` on top through ``peft.PeftModel`` (what a server runs), else
-  ``compressed/`` rebuilt by ``load_salr_export``. Runs exported before the folders were split carry the adapter
-  inside ``model/``, which transformers' PEFT integration attaches on load.
+* salr runs (``summary.json``'s ``exports``: ``model/`` is the pruned base, served with ``adapter/``), by
+  ``eval.salr_form``: ``compressed`` rebuilds ``compressed/`` with ``load_salr_export`` (the sparse base in bitmap
+  form, run as ``eval.base_format``: auto keeps the fused bitmap kernel where it beats dense), ``served`` puts
+  ``adapter/`` on ``model/`` through ``peft.PeftModel`` (what a server runs), ``auto`` (default) is compressed
+  where the run has ``compressed/``. ``results.json``'s ``model`` records the form (``salr_form``, and for
+  compressed ``base_format`` and ``base_formats``: how many linears run as each). ``eval.weights`` is refused
+  there. Runs exported before the folders were split carry the adapter inside ``model/``, which transformers'
+  PEFT integration attaches on load.
 * ``run_dir=<dir> eval.weights=adapter``: the run's base model (its ``.hydra/config.yaml`` ``model``
   section) with ``<dir>/adapter`` on top through ``peft.PeftModel``, unmerged.
 * ``model.name_or_path=<dir or hub id>``: any causal LM (a hub id resolves as for training, offline
@@ -40,7 +44,8 @@ from omegaconf import OmegaConf
 from prunedlora.config import ConfigError, EvalConfig, ModelConfig, RootConfig, validate
 from prunedlora.eval.runner import evaluate
 from prunedlora.eval.wandb_log import log_eval_run
-from prunedlora.methods.salr.load import load_salr_export
+from prunedlora.export.bitmap import BITMAP_FILE
+from prunedlora.export.compressed import base_formats, load_salr_export
 from prunedlora.models.load import load_model, load_tokenizer, resolve_device
 
 log = logging.getLogger(__name__)
@@ -90,26 +95,48 @@ def _serves_base_with_adapter(exports: dict[str, Any]) -> bool:
             or (exports.get("adapter") or {}).get("base") == "model" or "compressed" in exports)
 
 
+def _salr_form(form: str, run_dir: Path) -> str:
+    """``eval.salr_form`` resolved against the folders the run holds (auto: compressed/ where it exists).
+
+    Raises:
+        ConfigError: the form asked for (or any form) is missing from the run.
+    """
+    served = (run_dir / "model" / "config.json").is_file() and (run_dir / "adapter" / ADAPTER_CONFIG).is_file()
+    held = {"compressed": (run_dir / "compressed" / BITMAP_FILE).is_file(), "served": served}
+    if form == "auto":
+        form = "compressed" if held["compressed"] else "served"
+    if held[form]:
+        return form
+    other = next((f for f, ok in held.items() if ok), None)
+    fix = f"use eval.salr_form={other}" if other else \
+        "re-run the training in a new directory with export.formats=null (every folder)"
+    folders = {"compressed": "compressed/", "served": "model/ with adapter/"}
+    raise ConfigError(f"run_dir={run_dir} is a salr run without {folders[form]} (export.formats left it out), which "
+                      f"eval.salr_form={form} evaluates; {fix}.")
+
+
 def _load_sparse_run(cfg: RootConfig, run_dir: Path, device: torch.device,
                      identity: dict[str, Any]) -> tuple[Any, Any, dict[str, Any]]:
-    """A salr run: ``model/`` + ``adapter/`` (what a server runs), else ``compressed/`` (``load_salr_export``)."""
-    model_dir, adapter_dir, compressed = run_dir / "model", run_dir / "adapter", run_dir / "compressed"
-    if (model_dir / "config.json").is_file() and (adapter_dir / ADAPTER_CONFIG).is_file():
-        base_cfg = replace(cfg.model, name=run_dir.name, name_or_path=str(model_dir), fallback=None)
-        base, tokenizer = load_model(base_cfg, device)
-        identity |= {"model_dir": str(model_dir.resolve()), "adapter": str(adapter_dir.resolve())}
-        return _peft_on(base, adapter_dir), tokenizer, identity
-    if cfg.eval.weights == "merged" and compressed.is_dir():
-        model = load_salr_export(compressed, device=device)
+    """A salr run in the form ``eval.salr_form`` picks: ``compressed/`` through ``load_salr_export`` (with
+    ``eval.base_format``), or ``model/`` with ``adapter/`` on top through PEFT (what a server runs)."""
+    if cfg.eval.weights == "adapter":
+        raise ConfigError(f"run_dir={run_dir} is a salr run, whose trained model is its sparse base with the fused "
+                          "adapter on top in either form: choose with eval.salr_form=served (model/ + adapter/ "
+                          "through PEFT) or eval.salr_form=compressed, and leave eval.weights=merged (the LoRA "
+                          "family's choice).")
+    form = _salr_form(cfg.eval.salr_form, run_dir)
+    if form == "compressed":
+        compressed = run_dir / "compressed"
+        model = load_salr_export(compressed, base_format=cfg.eval.base_format, device=device)
         tokenizer = load_tokenizer(replace(cfg.model, name_or_path=str(compressed), fallback=None))
-        identity |= {"model_dir": str(compressed.resolve()), "adapter": str(compressed.resolve())}
+        identity |= {"model_dir": str(compressed.resolve()), "adapter": str(compressed.resolve()),
+                     "salr_form": form, "base_format": cfg.eval.base_format, "base_formats": base_formats(model)}
         return model, tokenizer, identity
-    held = [f"{name}/" for name in ("model", "adapter", "compressed") if (run_dir / name).is_dir()]
-    fix = "use eval.weights=merged, which rebuilds it from compressed/" if compressed.is_dir() else \
-        "re-run the training in a new directory with export.formats=null (every folder)"
-    raise ConfigError(f"run_dir={run_dir} is a salr run: its trained model is model/ with adapter/ on top, or "
-                      f"compressed/, but with eval.weights={cfg.eval.weights} it holds only "
-                      f"{', '.join(held) or 'no export'} for that (export.formats left the rest out); {fix}.")
+    model_dir, adapter_dir = run_dir / "model", run_dir / "adapter"
+    base, tokenizer = load_model(replace(cfg.model, name=run_dir.name, name_or_path=str(model_dir), fallback=None),
+                                 device)
+    identity |= {"model_dir": str(model_dir.resolve()), "adapter": str(adapter_dir.resolve()), "salr_form": form}
+    return _peft_on(base, adapter_dir), tokenizer, identity
 
 
 def _load_run(cfg: RootConfig, run_dir: Path, device: torch.device) -> tuple[Any, Any, dict[str, Any]]:

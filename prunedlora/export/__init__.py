@@ -10,7 +10,7 @@
   ``PeftModel.from_pretrained`` and vLLM's LoRA support. On the original base (LoRA family); salr's residual and
   task adapters fused into one LoRA, on ``model/``.
 - ``bitmap`` -> ``compressed/`` (module ``bitmap``): salr's pruned base in bitmap form, its fused adapter and the
-  size report, loaded by ``prunedlora.methods.salr.load_salr_export``.
+  size report, loaded back by ``load_salr_export`` (module ``compressed``).
 
 Methods call these from their ``export`` and describe each folder they wrote with ``describe`` (``summary.json``'s
 ``exports``). This package imports adapters, pruning and models, never methods.

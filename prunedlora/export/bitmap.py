@@ -3,8 +3,8 @@
 The encoding itself (per row one presence byte per 8 columns, the packed non-zero values, int64 row offsets) is
 ``prunedlora.pruning.bitmap``'s; this module decides what goes into the file and writes the size report
 ``salr_storage.json`` next to it. Both live in ``compressed/``, beside ``config.json``, the tokenizer and the fused
-adapter (``peft_adapter``), so that ``prunedlora.methods.salr.load_salr_export("compressed")`` rebuilds the model
-from that folder alone. No serving engine reads this form: ``model/`` and ``adapter/`` are what gets served.
+adapter (``peft_adapter``), so that ``prunedlora.export.compressed.load_salr_export("compressed")`` rebuilds the
+model from that folder alone. No serving engine reads this form: ``model/`` and ``adapter/`` are what gets served.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from prunedlora.pruning.bitmap import BitmapTensor, encode, save_bitmaps, size_r
 
 BITMAP_FILE = "sparse_base.bitmap.safetensors"
 STORAGE_FILE = "salr_storage.json"
-CLIENT = 'prunedlora.methods.salr.load_salr_export("compressed")'
+CLIENT = 'prunedlora.export.compressed.load_salr_export("compressed"); prunedlora-eval run_dir=<run>'
 
 
 def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

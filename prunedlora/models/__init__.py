@@ -4,7 +4,14 @@ Import from here; the submodules are an implementation detail. Importing this pa
 bitsandbytes (quantized loads import it lazily).
 """
 
-from prunedlora.models.load import count_parameters, hub_reachable, load_model, load_tokenizer, resolve_model_path
+from prunedlora.models.load import (
+    count_parameters,
+    hub_reachable,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    resolve_model_path,
+)
 from prunedlora.models.smollm2 import smollm2_offline_dir
 from prunedlora.models.tiny import build_byte_tokenizer, build_tiny_llama
 
@@ -15,6 +22,7 @@ __all__ = [
     "hub_reachable",
     "load_model",
     "load_tokenizer",
+    "resolve_device",
     "resolve_model_path",
     "smollm2_offline_dir",
 ]

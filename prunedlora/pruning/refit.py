@@ -35,7 +35,7 @@ most ``1 + |k| / rel_damping`` (its largest eigenvalue is at most its trace, ``|
 smallest at least λ), and float32's Cholesky keeps a small backward error up to ~1e6 (``FLOAT32_CONDITION``);
 beyond, or with a float64 ``G``, float64. At LLaMA-7B's ``down_proj`` at 50% (``G`` 462 MiB): ``W_p G_pk`` 86 MiB,
 the result in place of it, blocks of 8 MiB, and with ``consume=True`` no factor: measured on CPU with
-``scripts/bench_refit_memory.py``.
+``python -m scripts.bench_refit_memory``.
 
 Features with no calibration signal: a kept feature with ``G_jj = 0`` never fired (its row and column of ``G``
 are zero), so the data says nothing about its weights: they are kept unchanged (the ``anchor="zero"`` formula

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from prunedlora.config import MethodConfig, SparsityConfig, check, check_one_of
+from prunedlora.config import SALR_BASE_FORMATS, MethodConfig, SparsityConfig, check, check_one_of
 from prunedlora.methods.registry import register
 from prunedlora.pruning.criteria import BASE_CRITERIA
-
-BASE_FORMAT_NAMES = ("dense", "bitmap", "semi_structured")
-"""``method.base_format`` values (the converters: ``prunedlora.methods.salr.load.BASE_FORMATS``)."""
 
 
 @dataclass
@@ -30,8 +27,11 @@ class SalrConfig(MethodConfig):
     """full (torch.linalg.svd), lowrank (torch.svd_lowrank, full-SVD fallback if the 1 - r/n bound fails)
     or auto (full up to min(d_out, d_in) = 256, lowrank above)."""
     base_format: str = "dense"
-    """Sparse base during training: dense (masked, reference), bitmap (decode then GEMM) or semi_structured
-    (PyTorch 2:4 kernels, CUDA, pattern=2:4)."""
+    """How the sparse base runs in this run (training and its own evaluation), one of ``SALR_BASE_FORMATS`` (the
+    converters: ``prunedlora.methods.salr.formats.BASE_FORMATS``): dense (masked ``nn.Linear``, the reference),
+    bitmap (decode then GEMM), fused (the fused bitmap kernel where no gradient flows to the input, else decode then
+    GEMM), auto (fused or dense, timed per shape) or semi_structured (PyTorch 2:4 kernels, CUDA, pattern=2:4). The
+    export is the same whatever it is."""
     base_criterion: str = "wanda"
     """How the base is pruned: wanda (default: |W_ij| * ||X_j||, per output row, from a calibration pass; it
     measures best after fine-tuning, docs/RESULTS.md), sparsegpt (OBS with weight updates, same pass) or magnitude
@@ -50,7 +50,7 @@ class SalrConfig(MethodConfig):
               "unquoted, YAML reads 2:4 as the base-60 number 124)")
         check_one_of(p, "method.scope", self.scope, ("per_matrix", "global"))
         check_one_of(p, "method.svd", self.svd, ("auto", "full", "lowrank"))
-        check_one_of(p, "method.base_format", self.base_format, BASE_FORMAT_NAMES)
+        check_one_of(p, "method.base_format", self.base_format, SALR_BASE_FORMATS)
         check(p, self.pattern != "2:4" or sparsity.final == 0.5,
               f"method.pattern=2:4 always prunes exactly 50% (2 of every 4 weights), but sparsity.final="
               f"{sparsity.final}; set sparsity.final=0.5")

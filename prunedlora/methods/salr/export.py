@@ -4,7 +4,8 @@ docs/methods.md §6.4 item 7.
 
 One folder per client: ``model/`` the pruned base as a plain Hugging Face model (zeros in place, the base's dtype),
 ``adapter/`` the residual and task adapters fused into one PEFT LoRA of rank ``r_res + r`` (scaling 1) on ``model/``,
-and ``compressed/`` the bitmap form with its own copy of that adapter, which ``load.load_salr_export`` rebuilds alone.
+and ``compressed/`` the bitmap form with its own copy of that adapter, which
+``prunedlora.export.compressed.load_salr_export`` rebuilds alone.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from prunedlora.export.hf import CLIENT as HF_CLIENT
 from prunedlora.export.hf import save_config_dir, save_pretrained_dir
 from prunedlora.export.peft_adapter import CLIENT as ADAPTER_CLIENT
 from prunedlora.export.peft_adapter import save_fused_adapter
-from prunedlora.methods.salr.load import sparse_base_weight
+from prunedlora.methods.salr.formats import sparse_base_weight
 from prunedlora.models.surgery import replace_module
 
 

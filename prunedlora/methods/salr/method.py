@@ -11,8 +11,9 @@ quantized only now, so the residual comes from the float weights and the pruned 
 No callbacks: nothing changes during training.
 
 This folder: ``config.py`` (options, registration), ``method.py`` (attach, report), ``export.py`` (``model/``,
-``adapter/``, ``compressed/``: never merged, a dense ``BA`` would destroy the sparsity, §6.4 item 7) and ``load.py``
-(the base's formats, and ``load_salr_export``, which rebuilds a model from ``compressed/`` alone). The base
+``adapter/``, ``compressed/``: never merged, a dense ``BA`` would destroy the sparsity, §6.4 item 7) and ``formats.py``
+(the base's formats in training; ``prunedlora.export.compressed.load_salr_export`` rebuilds a model from
+``compressed/`` alone). The base
 criteria are records of ``prunedlora.pruning.criteria.BASE_CRITERIA`` (``prunedlora.pruning.base_criteria``).
 """
 
@@ -32,7 +33,7 @@ from prunedlora.config import ConfigError, SparsityConfig
 from prunedlora.methods.base import AttachContext, Method
 from prunedlora.methods.salr.config import SalrConfig
 from prunedlora.methods.salr.export import SALR_FOLDERS, export_salr
-from prunedlora.methods.salr.load import BASE_FORMATS, sparse_base_weight
+from prunedlora.methods.salr.formats import BASE_FORMATS, sparse_base_weight
 from prunedlora.models.quantize import quantize_linear
 from prunedlora.models.surgery import replace_module, target_module_names
 from prunedlora.pruning.base_criteria import pruned_weights
