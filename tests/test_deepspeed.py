@@ -48,7 +48,7 @@ ZERO3_PARTITION_ALL = ["distributed=deepspeed_zero3",
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["method=loraprune",  # channel_taylor, per_layer
                                     "method=loraprune method.criterion=lora_guided method.structure=uniform",
-                                    f"method=loraprune {' '.join(ONE_SHOT)}",
+                                    pytest.param(f"method=loraprune {' '.join(ONE_SHOT)}", id="loraprune-one_shot"),
                                     "method=salr"])
 def test_base_pruning_methods_under_zero3_match_plain_pytorch(tmp_path: Path, data_root: Path, method: str) -> None:
     """LoRAPrune's default scores read activations and their gradients, the paper's whole base weights (gathered
