@@ -103,7 +103,8 @@ class SparsityConfig:
     """A schedule expressed as "target fraction pruned at optimizer step t"."""
 
     schedule: str = "auto"
-    """auto (the method's paper default), none, constant, linear or cubic."""
+    """auto (the method's paper default), none, constant, geometric, linear, cubic, or one_shot (all of ``final``
+    before the first step: loraprune, salr)."""
     final: float = 0.5
     """Final fraction pruned (rank fraction for prunedlora; structure/weight fraction for loraprune/salr)."""
     initial: float = 0.0
@@ -342,7 +343,7 @@ class RootConfig:
 
 # ---------------------------------------------------------------------------------------- validation
 COMPILE_BACKENDS = ("inductor", "aot_eager")
-SCHEDULES = ("auto", "none", "constant", "geometric", "linear", "cubic")
+SCHEDULES = ("auto", "none", "constant", "geometric", "linear", "cubic", "one_shot")
 TASK_KINDS = ("qa", "text", "mc", "code")
 LR_SCHEDULES = ("cosine", "linear", "constant")
 OPTIMIZER_NAMES = ("adamw", "adamw8bit")
@@ -392,6 +393,7 @@ def validate(cfg: RootConfig) -> None:
           f"{base_gradients} with distributed=deepspeed_zero3: it reads the frozen base weights' own gradients, which "
           "ZeRO-3 partitions outside any optimizer; use distributed=deepspeed_zero2 (or none), or a setting that "
           "does not need them (for loraprune: criterion channel_taylor, lora_guided or magnitude)")
+    _validate_base_rewrite(p, m.needs().get("base_rewrite"), cfg, zero_stage)
     t = cfg.train
     check(p, t.max_steps >= 0, f"train.max_steps={t.max_steps} must be >= 0 (0: evaluate the method's starting "
           "model without training)")
@@ -438,6 +440,20 @@ def validate(cfg: RootConfig) -> None:
     p.extend(m.validate(cfg.sparsity))
     if p:
         raise ConfigError("Invalid configuration: " + "; ".join(p) + ".")
+
+
+def _validate_base_rewrite(p: list[str], setting: str | None, cfg: RootConfig, zero_stage: int | None) -> None:
+    """A method that rewrites frozen base weights while it trains needs them in float and whole in one process."""
+    if not setting or cfg.sparsity.schedule == "one_shot":  # one_shot rewrites them before training, in float
+        return
+    check(p, cfg.model.quantization == "none",
+          f"{setting} with model.quantization={cfg.model.quantization}: it rewrites the frozen base weights at every "
+          "pruning event, and bitsandbytes' packed 4-/8-bit weights cannot be rewritten; use model.quantization=none, "
+          "or sparsity.schedule=one_shot (pruned and re-fitted in float before training, then quantized)")
+    check(p, cfg.distributed.name == "none",
+          f"{setting} with distributed={cfg.distributed.name}: it rewrites frozen base weights at every pruning event, "
+          f"which DeepSpeed {'partitions (ZeRO-3)' if zero_stage == 3 else 'runs leave out of their rank-0 export'}; "
+          "use distributed=none, or sparsity.schedule=one_shot (pruned and re-fitted before DeepSpeed starts)")
 
 
 def _validate_export(p: list[str], export: ExportConfig, method: MethodConfig) -> None:

@@ -16,8 +16,13 @@ import torch
 
 
 def is_deepspeed_param(param: torch.Tensor) -> bool:
-    """Whether DeepSpeed ZeRO owns this parameter's gradient and optimizer state."""
-    return getattr(param, "_hp_mapping", None) is not None or hasattr(param, "ds_id")
+    """Whether DeepSpeed ZeRO owns this parameter's gradient and optimizer state.
+
+    Under ZeRO-1/2 every trainable parameter carries ``_hp_mapping``, None on the ranks whose optimizer partition
+    holds none of it. DeepSpeed's full-tensor reads are all-reduces that every rank must call for every parameter:
+    testing ``_hp_mapping is not None`` skipped them on those ranks, so the ranks' all-reduces no longer paired up
+    (a gloo size mismatch in the checkpoint of a two-rank ZeRO-2 one-shot LoRAPrune run)."""
+    return hasattr(param, "_hp_mapping") or hasattr(param, "ds_id")
 
 
 @contextlib.contextmanager

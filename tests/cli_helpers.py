@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
@@ -27,3 +29,16 @@ def run_cli(args: list[str], data_root: Path, timeout: int = 600) -> subprocess.
 
 def logged_steps(metrics: Path) -> int:
     return len(metrics.read_text().splitlines()) if metrics.exists() else 0
+
+
+def kill_9_after_steps(args: list[str], run_dir: Path, data_root: Path, steps: int, timeout: float = 300) -> None:
+    """Start ``prunedlora-train args hydra.run.dir=run_dir`` and SIGKILL it once ``steps`` steps are logged: no
+    handler runs, nothing is flushed or saved on the way out (what a node failure or the OOM killer leaves)."""
+    proc = subprocess.Popen([str(BIN / "prunedlora-train"), *args, f"hydra.run.dir={run_dir}"], env=cli_env(data_root),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and logged_steps(run_dir / "metrics.jsonl") < steps:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, f"the run ended by itself (code {proc.returncode}) before {steps} steps"

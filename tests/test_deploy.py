@@ -44,9 +44,13 @@ class Deploy:
     """``model/`` names its own modelling code (``auto_map``): loaded with ``trust_remote_code=True``."""
 
 
+ONE_SHOT = ("sparsity.schedule=one_shot", "method.criterion=activation", "method.refit=true",
+            "method.calibration_sequences=4")
 SPECIAL = {
     "loraprune": {"loraprune-per_layer": Deploy("loraprune", remote_code=True),
-                  "loraprune-uniform": Deploy("loraprune", ("method.structure=uniform",))},
+                  "loraprune-uniform": Deploy("loraprune", ("method.structure=uniform",)),
+                  "loraprune-one_shot-per_layer": Deploy("loraprune", ONE_SHOT, remote_code=True),
+                  "loraprune-one_shot-uniform": Deploy("loraprune", (*ONE_SHOT, "method.structure=uniform"))},
 }
 """Methods deployed more than one way; every other registered method is one plain case, named after it."""
 CASES = {label: case for name in sorted(METHOD_OVERRIDES)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from prunedlora.pruning.refit import kept_columns, refit_columns
+from prunedlora.pruning import refit
+from prunedlora.pruning.refit import factor_dtype, kept_columns, refit_columns
 
 
 def problem(seed: int, d_out: int = 6, d_in: int = 16, tokens: int = 200, correlated: bool = False
@@ -136,7 +137,7 @@ def test_a_refit_without_calibration_data_is_refused(gram: torch.Tensor | None) 
 def test_bad_inputs_are_refused_with_the_fix() -> None:
     weight, x = problem(9, tokens=4)  # 4 tokens cannot determine 7 kept columns without damping
     gram = x @ x.T
-    with pytest.raises(ValueError, match="not positive definite.*positive damping"):
+    with pytest.raises(ValueError, match="not positive definite.*positive method.refit_damping"):
         refit_columns(weight, gram, KEEP, rel_damping=0.0)
     assert refit_columns(weight, gram, KEEP).used_refit  # the default damping makes it solvable
     with pytest.raises(ValueError, match="input columns"):
@@ -145,5 +146,40 @@ def test_bad_inputs_are_refused_with_the_fix() -> None:
         refit_columns(weight, gram.masked_fill(torch.eye(16, dtype=torch.bool), float("nan")), KEEP)
     with pytest.raises(ValueError, match="ascending"):
         refit_columns(weight, gram, torch.tensor([3, 1]))
-    with pytest.raises(ValueError, match="anchor"):
+    with pytest.raises(ValueError, match="method.refit_anchor"):
         refit_columns(weight, gram, KEEP, anchor="weights")
+
+
+def test_float32_factor_where_safe_float64_beyond() -> None:
+    gram32 = torch.eye(16)
+    assert factor_dtype(gram32, 8, 0.01) == torch.float32  # condition <= 1 + 800
+    assert factor_dtype(gram32, 8, 0.0) == torch.float64  # undamped: unbounded
+    assert factor_dtype(gram32, 20_000, 0.01) == torch.float64  # 1 + 2e6 > FLOAT32_CONDITION
+    assert factor_dtype(gram32.double(), 8, 0.01) == torch.float64  # a float64 Gram keeps float64
+
+
+@pytest.mark.parametrize("correlated", [False, True])
+def test_a_float32_factor_in_the_consumed_gram_gives_the_float64_refit(correlated: bool) -> None:
+    """consume=True factorises G_kk in float32 inside G's own storage: the same weights as float64 to float32's
+    precision, and reported errors that are the output errors of the weights it returns."""
+    weight, x = problem(10, d_out=24, d_in=48, tokens=400, correlated=correlated)
+    keep = torch.arange(1, 48, 3)
+    reference = refit_columns(weight, x @ x.T, keep)  # float64 Gram: float64 factor
+    gram = (x @ x.T).float()
+    storage = gram.data_ptr()
+    low = refit_columns(weight.float(), gram, keep, consume=True, block_rows=5)
+    assert gram.data_ptr() == storage and not torch.equal(gram, (x @ x.T).float())  # its storage held the factor
+    torch.testing.assert_close(low.weight.double(), reference.weight, rtol=1e-3, atol=1e-4)
+    assert low.refit_error == pytest.approx(output_error(weight.float().double(), x, low.weight, keep), rel=1e-3)
+    assert low.prune_error == pytest.approx(reference.prune_error, rel=1e-5)
+
+
+@pytest.mark.parametrize("rows_per_block", [1, 2, 5])
+def test_the_kept_block_is_gathered_in_place_without_overwriting_what_is_still_to_be_read(
+        rows_per_block: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(refit, "_BLOCK_ELEMENTS", 10 * rows_per_block)  # blocks of rows_per_block rows of 10
+    gram = torch.arange(100.0).view(10, 10)
+    keep = torch.tensor([0, 1, 4, 8, 9])
+    expected = gram[keep][:, keep].clone()
+    gathered = refit._gather_kept(gram, keep, torch.float32, in_place=True)
+    assert gathered.data_ptr() == gram.data_ptr() and torch.equal(gathered, expected)

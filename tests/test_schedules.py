@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from prunedlora.compose import register_configs
 from prunedlora.config import SCHEDULES, ConfigError, RootConfig, SparsityConfig, validate
-from prunedlora.pruning.schedules import SCHEDULE_FNS, is_event, resolve_schedule, target_fraction
+from prunedlora.pruning.schedules import ONE_SHOT, SCHEDULE_FNS, is_event, resolve_schedule, target_fraction
 
 T = 100  # max_steps
 
@@ -23,7 +23,7 @@ def fractions(cfg: SparsityConfig, max_steps: int = T, units: int | None = 32) -
 
 # ------------------------------------------------------------------------------------------ shapes
 def test_the_config_accepts_exactly_the_shapes_and_auto() -> None:
-    assert set(SCHEDULE_FNS) | {"auto"} == set(SCHEDULES)
+    assert set(SCHEDULE_FNS) | {"auto", ONE_SHOT} == set(SCHEDULES)
 
 
 def test_a_method_derived_final_moves_the_end_point_and_leaves_the_config_alone() -> None:

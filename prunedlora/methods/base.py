@@ -36,7 +36,7 @@ unpruned one in any switchable way (compacted, or base weights edited in place).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +96,13 @@ class AttachContext:
     teacher: TeacherStorage | None = None
     """Set when the run distills (``recovery.alpha < 1``): how to store teacher weights the method must hold (SALR:
     the dense weights it prunes). None: nothing is held, and ``Method.teacher`` may refuse."""
+    run_dir: Path | None = None
+    """The run directory, where a method may keep what it computed before training (LoRAPrune's one-shot base,
+    ``checkpoints/pruned_base``) so that a resumed run rebuilds it instead of computing it again; None: nowhere."""
+    is_main: bool = True
+    """Whether this process writes the run directory (rank 0; every process when not distributed)."""
+    barrier: Callable[[], None] = field(default=lambda: None)
+    """Waits for every process of a distributed run (a no-op otherwise): what rank 0 wrote can then be read."""
 
 
 class Method:

@@ -29,6 +29,8 @@ NEEDS = {
     "output_gradients": "Σ_t g ⊙ h at the inputs of o_proj and down_proj, captured during backward",
     "input_norms": "‖X_j‖² of every input feature of the pruned linears, from a calibration pass",
     "input_gram": "XᵀX of the inputs of the pruned linears, from a calibration pass",
+    "base_rewrite": "frozen base weights rewritten while training (LoRAPrune's re-fit at each event): a float base "
+                    "held whole by one process",
 }
 """What a criterion may need, and what each need means for a run."""
 CALIBRATION_NEEDS = frozenset({"input_norms", "input_gram"})
@@ -65,10 +67,24 @@ class RankCriterion(Criterion):
 
 @dataclass(frozen=True)
 class StructuredCriterion(Criterion):
-    """A head/channel score: a weight-level score ``f(module) -> (d_out, d_in)`` summed over each group, or, with
-    ``scores_groups``, a capture object scoring whole groups (``TaylorCapture``)."""
+    """A head/channel score: a weight-level score ``f(module) -> (d_out, d_in)`` summed over each group; with
+    ``scores_groups``, a capture object scoring whole groups (``TaylorCapture``); with a calibration need, a
+    function of one layer's calibration statistics (``activation_layer_scores``), scored at the pruning events; or,
+    with ``combines``, a combination of other criteria's vectors."""
 
     scores_groups: bool = False
+    combines: tuple[str, ...] = ()
+    """The criteria whose L2-normalised group vectors this one averages (its function does the averaging)."""
+
+    @property
+    def calibrated(self) -> bool:
+        """Scored from a calibration pass over training rows (at each event, or once before a one-shot cut)."""
+        return bool(self.needs & CALIBRATION_NEEDS)
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The criteria that produce vectors: ``combines``, or this one alone."""
+        return self.combines or (self.name,)
 
 
 @dataclass(frozen=True)
@@ -133,9 +149,11 @@ class CriterionRegistry(Generic[C]):
         return iter(self._records.values())
 
     def resolve(self, function: str) -> Callable[..., Any]:
-        """A function of the family's module, by name (the module is imported on the first call)."""
+        """A function of the family's module, by name, or of another module as ``package.module:function`` (the
+        module is imported on the first call)."""
         if function not in self._resolved:
-            self._resolved[function] = getattr(importlib.import_module(self.module), function)
+            module, _, name = function.rpartition(":")
+            self._resolved[function] = getattr(importlib.import_module(module or self.module), name)
         return self._resolved[function]
 
     def function(self, name: str) -> Callable[..., Any]:
@@ -165,6 +183,12 @@ STRUCTURED_CRITERIA: CriterionRegistry[StructuredCriterion] = CriterionRegistry(
                             summary="LLM-Pruner's |dL/dW0 ⊙ (W0 + s BA)|"),
         StructuredCriterion("channel_taylor", "TaylorCapture", frozenset({"output_gradients"}), scores_groups=True,
                             summary="|Σ_t g ⊙ h| of a group's output (Molchanov et al. 2019)"),
+        StructuredCriterion("activation", "prunedlora.pruning.activation_scores:activation_layer_scores",
+                            frozenset({"input_norms"}),
+                            summary="‖X_j‖·‖W̃[:, j]‖ over a group's o_proj / down_proj input columns, calibrated"),
+        StructuredCriterion("activation_taylor", "combine_scores", frozenset({"input_norms", "output_gradients"}),
+                            combines=("activation", "channel_taylor"),
+                            summary="the mean of activation's and channel_taylor's L2-normalised vectors"),
     ])
 
 BASE_CRITERIA: CriterionRegistry[BaseCriterion] = CriterionRegistry("base", "prunedlora.pruning.base_criteria", [

@@ -28,6 +28,8 @@ Shapes (``T = max_steps``):
   in the cool-down (``cooldown_frac * T < every``) the last event may stop short of it.
 - ``none``: 0 at every step.
 - ``auto``: the calling method's default (``default=``; PrunedLoRA passes ``geometric``).
+- ``one_shot`` (``ONE_SHOT``) is no function of the step: the method cuts to ``final`` once, before the first step
+  (LoRAPrune, SALR), and the methods that prune while training refuse it (``resolve_schedule`` too).
 
 All shapes are monotone non-decreasing in t and never exceed ``final`` (given ``initial <= final``,
 which the config validation enforces).
@@ -97,8 +99,15 @@ SCHEDULE_FNS: dict[str, ScheduleFn] = {
 """The shapes by name; with ``auto`` they are ``prunedlora.config.SCHEDULES`` (a test keeps the two in step)."""
 
 
+ONE_SHOT = "one_shot"
+"""``sparsity.schedule`` of a cut to ``final`` before the first step (no per-step target)."""
+
+
 def resolve_schedule(name: str, default: str) -> str:
     """The schedule that runs: ``name``, or ``default`` when ``name`` is ``auto``."""
+    if name == ONE_SHOT:
+        raise ValueError("sparsity.schedule=one_shot cuts once before the first step and has no per-step target; "
+                         "the methods that prune while training need another schedule (auto, cubic, geometric...)")
     resolved = default if name == "auto" else name
     if resolved not in SCHEDULE_FNS:
         raise ValueError(f"sparsity.schedule={name} resolves to {resolved}, not one of {', '.join(SCHEDULE_FNS)}")

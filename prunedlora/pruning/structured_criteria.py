@@ -48,6 +48,7 @@ gradients would change the balance of the terms).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
@@ -173,7 +174,6 @@ def channel_scores(mlp: nn.Module, criterion: str, power: int) -> torch.Tensor |
             return None
         total = l2_normalise(features) if total is None else total + l2_normalise(features)
     return total
-
 
 
 # --------------------------------------------------------------------------------------------- EMA
@@ -308,3 +308,16 @@ def taylor_head_scores(o_sums: torch.Tensor | None, shape: AttentionShape, power
 def taylor_channel_scores(down_sums: torch.Tensor | None, power: int) -> torch.Tensor | None:
     """Normalised ``|Σ g h|`` per MLP channel (m,) from the down_proj input sums; None without a gradient."""
     return None if down_sums is None else l2_normalise(_magnitude_of(down_sums, power))
+
+
+# ------------------------------------------------------------------------------------------ combinations
+def combine_scores(vectors: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+    """The mean of L2-normalised group vectors (``activation_taylor``: activation's and channel_taylor's).
+
+    Each criterion's vector is L2-normalised before it is averaged (as a group's projections are before they are
+    added), so neither scale dominates; the moving average of a normalised vector is normalised again here. None
+    when one of them is missing (no gradient yet).
+    """
+    if not vectors or any(v is None for v in vectors):
+        return None
+    return sum(l2_normalise(v.float()) for v in vectors) / len(vectors)

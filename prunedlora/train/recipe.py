@@ -61,7 +61,8 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
 
     # ---------------------------------------------------------------- setup
     method = build_method(cfg.method, cfg.sparsity)
-    model, tokenizer, examples = _load(cfg, method, device, distills=cfg.recovery.distills)
+    model, tokenizer, examples = _load(cfg, method, device, run_dir=run_dir, is_main=is_main,
+                                       wait=lambda: barrier(distributed), distills=cfg.recovery.distills)
     # A separate teacher is the base as loaded, before the method changes anything.
     held = build_held_teacher(cfg.model, cfg.recovery, device) \
         if cfg.recovery.distills and method.teacher_source == "copy" else None
@@ -91,7 +92,7 @@ def run(cfg: RootConfig, run_dir: Path) -> dict[str, Any]:
         if distributed:
             # Export from a plain copy on rank 0: full adapter weights gathered, no DeepSpeed hooks.
             adapter = ckpt.adapter_state_dict(model)
-            model, method = _rebuild_on_rank0(cfg, adapter, device) if is_main else (None, method)
+            model, method = _rebuild_on_rank0(cfg, adapter, device, run_dir) if is_main else (None, method)
         summary = _finish(cfg, run_dir, model, tokenizer, method, wandb_run, device,
                           {"final_loss": final_loss, "params_total": params_total,
                            "params_trainable": params_trainable, "started": started,
@@ -178,20 +179,23 @@ def _claim_run_dir(run_dir: Path, config: dict[str, Any]) -> dict[str, Any] | Co
         return exc
 
 
-def _load(cfg: RootConfig, method: Method, device: torch.device, *,
+def _load(cfg: RootConfig, method: Method, device: torch.device, *, run_dir: Path | None = None,
+          is_main: bool = True, wait: Callable[[], None] = lambda: None,
           distills: bool = False) -> tuple[nn.Module, Any, list[dict]]:
     """Model, tokenizer and training rows; then the method's ``prepare`` (``Method``, methods/base.py).
 
     A method with ``quantizes_base`` (SALR prunes float weights) gets the base unquantized and quantizes it
-    itself in ``attach``. The data order depends only on the seed, so a resumed run sees the same batches.
-    ``distills``: the method is told how to store what its teacher needs (``AttachContext.teacher``).
+    itself in ``attach``. The data order depends only on the seed, so a resumed run sees the same batches. ``run_dir``,
+    ``is_main`` and ``wait`` (a barrier of every rank) go to the method's ``AttachContext``; ``distills``: the method
+    is told how to store what its teacher needs (``AttachContext.teacher``).
     """
     late = method.quantizes_base
     model, tokenizer = load_model(replace(cfg.model, quantization="none") if late else cfg.model, device)
     examples = build_train_examples(cfg.task, cfg.data, tokenizer, cfg.train.seq_len, cfg.train.seed,
                                     cfg.train.packing)
     method.prepare(AttachContext(examples, cfg.train.seq_len, cfg.model.quantization if late else "none",
-                                 teacher=storage(cfg.recovery) if distills else None))
+                                 teacher=storage(cfg.recovery) if distills else None,
+                                 run_dir=run_dir, is_main=is_main, barrier=wait))
     return model, tokenizer, examples
 
 
@@ -219,11 +223,11 @@ def _attach(method: Method, model: nn.Module, cfg: RootConfig, device: torch.dev
     return trainable
 
 
-def _rebuild_on_rank0(cfg: RootConfig, adapter: dict[str, torch.Tensor],
-                      device: torch.device) -> tuple[nn.Module, Method]:
+def _rebuild_on_rank0(cfg: RootConfig, adapter: dict[str, torch.Tensor], device: torch.device,
+                      run_dir: Path) -> tuple[nn.Module, Method]:
     """A fresh model with the trained adapter state, outside DeepSpeed, for export and evaluation."""
     method = build_method(cfg.method, cfg.sparsity)
-    model, _, _ = _load(cfg, method, device)
+    model, _, _ = _load(cfg, method, device, run_dir=run_dir)  # rank 0 alone: no barrier, no teacher
     method.attach(model)
     ckpt.load_adapter_state_dict(model, adapter)
     return model.to(device), method

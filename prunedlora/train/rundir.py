@@ -53,7 +53,9 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 def _has_progress(run_dir: Path) -> bool:
     """Whether a start in ``run_dir`` got as far as a checkpoint or an output."""
     checkpoints = run_dir / "checkpoints"
-    has_checkpoint = checkpoints.is_dir() and any(p.name.startswith("step_") for p in checkpoints.iterdir())
+    # step_*: a checkpoint; pruned_base: LoRAPrune's one-shot cut, saved before the first step
+    has_checkpoint = checkpoints.is_dir() and any(p.name.startswith(("step_", "pruned_base")) for p in
+                                                  checkpoints.iterdir())
     return has_checkpoint or any((run_dir / name).exists() for name in _RUN_OUTPUTS)
 
 

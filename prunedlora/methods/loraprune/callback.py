@@ -18,18 +18,21 @@ from torch import nn
 from prunedlora.config import SparsityConfig
 from prunedlora.methods.base import Callback
 from prunedlora.methods.loraprune.config import LoraPruneConfig
-from prunedlora.methods.loraprune.uniform import UniformPlan, removed_count
+from prunedlora.methods.loraprune.events import EventPass
+from prunedlora.methods.loraprune.selection import Selector, unit_keep
+from prunedlora.methods.loraprune.uniform import UniformPlan
 from prunedlora.models.surgery import projection
-from prunedlora.pruning.criteria import STRUCTURED_CRITERIA
+from prunedlora.pruning.calibration import InputStats
+from prunedlora.pruning.criteria import STRUCTURED_CRITERIA, StructuredCriterion
 from prunedlora.pruning.schedules import is_event, target_fraction
-from prunedlora.pruning.structure import (
-    ATTENTION_PROJECTIONS,
-    MLP_PROJECTIONS,
-    StructureMask,
-    decoder_layers,
-    select_pruned,
+from prunedlora.pruning.structure import ATTENTION_PROJECTIONS, MLP_PROJECTIONS, StructureMask, decoder_layers
+from prunedlora.pruning.structured_criteria import (
+    GroupEma,
+    base_linear,
+    channel_scores,
+    combine_scores,
+    head_scores,
 )
-from prunedlora.pruning.structured_criteria import GroupEma, base_linear, channel_scores, head_scores
 
 DEFAULT_SCHEDULE = "cubic"
 """What ``sparsity.schedule=auto`` means for LoRAPrune (the paper's)."""
@@ -43,26 +46,34 @@ class LoraPruneCallback(Callback):
         masks: ``StructureMask`` by decoder-layer index (only prunable layers).
         cfg: the method config; ``sparsity``: the schedule (target fraction, cadence).
         plan: ``structure=uniform``'s final counts (every layer masked); None for ``per_layer``.
+        rows: calibration rows (``(n, seq_len)`` token ids) for a calibrated criterion or ``method.refit``; their
+            event passes run layer by layer (``events.py``).
     """
 
     def __init__(self, model: nn.Module, masks: dict[int, StructureMask], cfg: LoraPruneConfig,
-                 sparsity: SparsityConfig, plan: UniformPlan | None = None) -> None:
+                 sparsity: SparsityConfig, plan: UniformPlan | None = None, rows: torch.Tensor | None = None) -> None:
+        self.model = model
         self.layers = decoder_layers(model)
         self.masks = masks
         self.cfg = cfg
         self.sparsity = sparsity
         self.ema = GroupEma(cfg.ema)
-        self.plan = plan
+        self.selector = Selector(cfg, plan, sparsity.final)
         self.max_steps = 0
         self.skipped = 0
         self.criterion = STRUCTURED_CRITERIA[cfg.criterion]
+        self.parts = [STRUCTURED_CRITERIA[name] for name in self.criterion.parts]
         self.capture = None  # a criterion that scores whole groups captures them (channel_taylor: TaylorCapture)
-        if self.criterion.scores_groups:
-            self.capture = STRUCTURED_CRITERIA.function(cfg.criterion)({i: self.layers[i] for i in masks})
+        for part in self.parts:
+            if part.scores_groups:
+                self.capture = STRUCTURED_CRITERIA.function(part.name)({i: self.layers[i] for i in masks})
+        self.events = EventPass(model, masks, cfg, rows) if self.criterion.calibrated or cfg.refit else None
+        self.optimizer: torch.optim.Optimizer | None = None
 
     # ---------------------------------------------------------------- hooks
     def on_train_start(self, model: nn.Module, optimizer: torch.optim.Optimizer, max_steps: int) -> None:
         self.max_steps = max_steps
+        self.optimizer = optimizer
         if "base_gradients" in self.criterion.needs:
             self._enable_base_grads(optimizer)
 
@@ -70,87 +81,92 @@ class LoraPruneCallback(Callback):
         skipped = self._update_scores()
         self.skipped += skipped
         target = target_fraction(self.sparsity, step, self.max_steps, default=DEFAULT_SCHEDULE)
+        figures = {}
         if is_event(self.sparsity, step) and target > 0:
-            self._prune(target)
+            figures = self._prune(target)
         if "base_gradients" in self.criterion.needs:
             self._clear_base_grads()  # not in the optimizer, so zero_grad() would never clear them
-        return {"prune_target": target, "ema_skipped": skipped, **sparsity_figures(self.masks)}
+        return {"prune_target": target, "ema_skipped": skipped, **sparsity_figures(self.masks), **figures}
 
     def state_dict(self) -> dict[str, Any]:
-        # The masks themselves are buffers of our StructureMask modules: the checkpoint's adapter part.
-        return {"ema": self.ema.state_dict(), "skipped": self.skipped}
+        # The masks themselves are buffers of our StructureMask modules: the checkpoint's adapter part. The base
+        # weights a re-fit rewrote are not (the checkpoint never holds the base): they are kept here.
+        state = {"ema": self.ema.state_dict(), "skipped": self.skipped}
+        if self.events is not None and self.events.rewritten:
+            state["refit_weights"] = self.events.rewritten_state()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         device = next(iter(self.masks.values())).head_mask.device if self.masks else None
         self.ema.load_state_dict(state["ema"], device)
         self.skipped = int(state["skipped"])
+        if state.get("refit_weights"):
+            if self.events is None:
+                raise RuntimeError("the checkpoint holds re-fitted base weights, but method.refit=false")
+            self.events.load_rewritten(state["refit_weights"])
 
     # ---------------------------------------------------------------- scoring and pruning
+    def _ema_key(self, part: str, i: int, kind: str) -> str:
+        return f"{i}.{kind}" if len(self.parts) == 1 else f"{part}.{i}.{kind}"
+
     def _update_scores(self) -> int:
-        """Average this step's group scores into the EMA; returns how many vectors were skipped."""
+        """Average this step's group scores of the per-step criteria into the EMA; returns the vectors skipped."""
         skipped = 0
         captured = self.capture.take() if self.capture is not None else None
         with torch.no_grad():
-            for i in self.masks:
-                layer = self.layers[i]
-                scores = {}
-                if captured is not None:
-                    scores = self.capture.layer_scores(captured, i, self.masks[i].shape, self.cfg)
-                if captured is None and self.cfg.prune_heads:
-                    shape = self.masks[i].shape
-                    scores["heads"] = head_scores(layer.self_attn, shape, self.cfg.criterion, self.cfg.score_power,
-                                                  self.cfg.gqa_policy)
-                if captured is None and self.cfg.prune_channels:
-                    scores["channels"] = channel_scores(layer.mlp, self.cfg.criterion, self.cfg.score_power)
-                for kind, score in scores.items():
-                    if score is None or not self.ema.update(f"{i}.{kind}", score):
-                        skipped += 1
+            for part in self.parts:
+                if part.calibrated:
+                    continue  # scored from the event's calibration pass
+                for i in self.masks:
+                    for kind, score in self._step_scores(part, i, captured).items():
+                        if score is None or not self.ema.update(self._ema_key(part.name, i, kind), score):
+                            skipped += 1
         return skipped
 
-    def _prune(self, target: float) -> None:
-        """Mask each layer's lowest-EMA heads and channels, as many as ``_counts(target)`` says."""
+    def _step_scores(self, part: StructuredCriterion, i: int, captured: dict | None) -> dict[str, torch.Tensor | None]:
+        layer, shape, cfg = self.layers[i], self.masks[i].shape, self.cfg
+        if part.scores_groups:
+            return self.capture.layer_scores(captured, i, shape, cfg) if captured is not None else {}
+        scores = {}
+        if cfg.prune_heads:
+            scores["heads"] = head_scores(layer.self_attn, shape, part.name, cfg.score_power, cfg.gqa_policy)
+        if cfg.prune_channels:
+            scores["channels"] = channel_scores(layer.mlp, part.name, cfg.score_power)
+        return scores
+
+    def event_scores(self, i: int, layer: nn.Module, stats: dict[str, InputStats] | None
+                     ) -> dict[str, torch.Tensor | None]:
+        """Layer ``i``'s vectors at an event: the EMA of each per-step criterion (zeros before any update), the
+        calibration pass's scores of a calibrated one, averaged by ``combine_scores`` for a combination."""
+        mask, cfg = self.masks[i], self.cfg
+        kinds = {"heads": unit_keep(mask, cfg.gqa_policy), "channels": mask.channel_mask}
+        vectors: dict[str, list] = {kind: [] for kind in kinds}
+        for part in self.parts:
+            if part.calibrated:
+                scores = STRUCTURED_CRITERIA.function(part.name)(
+                    layer, stats or {}, heads=cfg.prune_heads, channels=cfg.prune_channels, power=cfg.score_power,
+                    policy=cfg.gqa_policy)
+            else:
+                scores = {kind: self.ema.get(self._ema_key(part.name, i, kind), like) for kind, like in kinds.items()}
+            for kind in kinds:
+                vectors[kind].append(scores.get(kind))
+        if len(self.parts) == 1:
+            return {kind: found[0] for kind, found in vectors.items()}
+        return {kind: combine_scores(found) for kind, found in vectors.items()}
+
+    def _prune(self, target: float) -> dict[str, Any]:
+        """Cut each layer to ``selector.counts(target)`` by its event scores (with a calibration pass, layer by layer,
+        when the criterion or the re-fit needs one); returns the event's re-fit figures."""
         if not self.masks:
-            return
-        head_units, channels = self._counts(target)
+            return {}
+        head_units, channels = self.selector.counts(target, next(iter(self.masks.values())))
+        if not any(self.selector.grows(mask, head_units, channels) for mask in self.masks.values()):
+            return {}  # the scheduled counts did not rise: nothing to cut, no calibration pass
+        if self.events is not None:
+            return self.events.run(self, head_units, channels, self.optimizer)
         for i, mask in self.masks.items():
-            if self.cfg.prune_heads:
-                scores = self.ema.get(f"{i}.heads", _unit_keep(mask, self.cfg.gqa_policy))
-                mask.head_mask.copy_(self._select_heads(mask, scores, head_units))
-            if self.cfg.prune_channels:
-                keep = mask.channel_mask
-                mask.channel_mask.copy_(select_pruned(self.ema.get(f"{i}.channels", keep), keep, channels))
-
-    def _counts(self, target: float) -> tuple[int, int]:
-        """(head units, channels) every masked layer loses at ``target``; a head unit is what ``_head_unit`` says.
-
-        per_layer: the target fraction of each kind; uniform: the plan's final counts scaled by the progress.
-        """
-        if self.plan is not None:
-            return self.plan.removed_at(target / self.sparsity.final)
-        mask = next(iter(self.masks.values()))  # prunable layers all have the base's shape
-        shape = mask.shape
-        units = {"kv_group": shape.num_kv_heads, "per_group": shape.group_size, "query_head": shape.num_heads}
-        return removed_count(target, units[self._head_unit()]), removed_count(target, mask.channel_mask.numel())
-
-    def _head_unit(self) -> str:
-        """kv_group: whole KV groups; per_group: the same number of query heads from every group; query_head."""
-        if self.plan is not None:
-            return self.plan.head_unit
-        if self.cfg.gqa_policy == "kv_group":
-            return "kv_group"
-        return "per_group" if self.cfg.gqa_balanced else "query_head"
-
-    def _select_heads(self, mask: StructureMask, scores: torch.Tensor, units: int) -> torch.Tensor:
-        """New per-query-head keep-mask of one layer with ``units`` head units removed in total."""
-        shape = mask.shape
-        unit = self._head_unit()
-        if unit == "kv_group":
-            return select_pruned(scores, mask.kv_mask(), units).repeat_interleave(shape.group_size)
-        if unit == "per_group":  # the same number from every group: standard GQA survives compaction
-            keep = mask.head_mask.view(shape.num_kv_heads, shape.group_size)
-            per_group = scores.view(shape.num_kv_heads, shape.group_size)
-            return torch.cat([select_pruned(per_group[g], keep[g], units) for g in range(shape.num_kv_heads)])
-        return select_pruned(scores, mask.head_mask, units)
+            self.selector.select(mask, self.event_scores(i, self.layers[i], None), head_units, channels)
+        return {}
 
     # ---------------------------------------------------------------- base-gradient plumbing (true_gradient)
     def _base_weights(self) -> list[nn.Parameter]:
@@ -179,11 +195,6 @@ class LoraPruneCallback(Callback):
     def _clear_base_grads(self) -> None:
         for weight in self._base_weights():
             weight.grad = None
-
-
-def _unit_keep(mask: StructureMask, policy: str) -> torch.Tensor:
-    """Keep-mask over the pruning units: query heads, or KV groups for ``kv_group``."""
-    return mask.kv_mask() if policy == "kv_group" else mask.head_mask
 
 
 def sparsity_figures(masks: dict[int, StructureMask]) -> dict[str, float]:

@@ -9,7 +9,13 @@ from prunedlora.methods.registry import register
 from prunedlora.pruning.criteria import STRUCTURED_CRITERIA
 
 GQA_POLICIES = ("query_head", "kv_group")
-SCHEDULES = ("auto", "cubic", "linear", "none")
+SCHEDULES = ("auto", "cubic", "linear", "none", "one_shot")
+REFIT_ANCHORS = ("zero", "kept")
+"""``method.refit_anchor`` (``prunedlora.pruning.refit.ANCHORS``; a test keeps the two in step)."""
+REFIT_LORA = ("keep", "merge")
+"""``method.refit_lora``: what an event's re-fit does with the adapters of o_proj and down_proj."""
+SCORES_BEFORE_TRAINING_NEVER = frozenset({"lora_gradients", "base_gradients"})
+"""Needs a one-shot cut cannot meet: it scores before the first step, when B = 0 and no training gradient exists."""
 STRUCTURES = ("per_layer", "uniform")
 HEAD_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 CHANNEL_PROJECTIONS = ["gate_proj", "up_proj", "down_proj"]
@@ -31,8 +37,25 @@ class LoraPruneConfig(MethodConfig):
     criterion: str = "channel_taylor"
     """channel_taylor (default, beyond the paper: |sum_t g * h| over a head's slice of the o_proj input / a
     channel of the down_proj input; it measures best, docs/RESULTS.md), lora_guided (the paper's:
-    |(G_B A + B G_A - G_B G_A) * (W0 + s BA)|), magnitude, or true_gradient (LLM-Pruner's, memory-heavy)
+    |(G_B A + B G_A - G_B G_A) * (W0 + s BA)|), magnitude, true_gradient (LLM-Pruner's, memory-heavy),
+    activation (||X_j|| * ||W[:, j]|| summed over a group's o_proj / down_proj input columns, from a calibration
+    pass at each event) or activation_taylor (the mean of activation's and channel_taylor's normalised vectors)
     (``prunedlora.pruning.criteria.STRUCTURED_CRITERIA``)."""
+    calibration_sequences: int = 32
+    """activation, activation_taylor and refit: rows of train.seq_len tokens cut from the training data for the
+    calibration pass (at each event; once before a one-shot cut)."""
+    refit: bool = False
+    """At each event, re-solve the kept input columns of o_proj and down_proj by damped least squares so the layer's
+    output on the calibration rows stays as it was before the cut (layer by layer, one layer's Gram at a time)."""
+    refit_damping: float = 0.01
+    """Ridge λ of the re-fit, relative to the mean diagonal of the kept columns' Gram matrix."""
+    refit_anchor: str = "zero"
+    """zero: ``W G[:, k] (G_kk + λI)⁻¹`` (damped toward 0); kept: damped toward the columns' current weights
+    (SparseGPT's; equal to dropping the columns when G = I)."""
+    refit_lora: str = "keep"
+    """What an event's re-fit does with the adapters of o_proj and down_proj: keep (the base absorbs the re-fit,
+    the adapter and its optimizer state stay) or merge (the adapter is merged into the base before the re-fit, B is
+    zeroed and the first moments of A and B cleared, so it restarts). Progressive schedules only."""
     ema: float = 0.9
     """Moving-average factor of the group importance, updated every optimizer step."""
     score_power: int = 1
@@ -83,6 +106,7 @@ class LoraPruneConfig(MethodConfig):
         check(p, sparsity.schedule in SCHEDULES,
               f"sparsity.schedule={sparsity.schedule} is not supported by loraprune (its target is a fraction "
               f"of each layer's heads and channels); use one of {', '.join(SCHEDULES)}")
+        self._validate_calibrated(p, sparsity)
         if "lora_gradients" in self.needs() and "all-linear" not in self.target_modules:
             needed = (HEAD_PROJECTIONS if self.prune_heads else []) + (CHANNEL_PROJECTIONS if self.prune_channels
                                                                        else [])
@@ -92,11 +116,32 @@ class LoraPruneConfig(MethodConfig):
                                   "method.criterion=channel_taylor (the default) or magnitude")
         return p
 
+    def _validate_calibrated(self, p: list[str], sparsity: SparsityConfig) -> None:
+        """The re-fit's options, and what a one-shot cut (before the first step) can score."""
+        check(p, self.calibration_sequences >= 1,
+              f"method.calibration_sequences={self.calibration_sequences} must be >= 1 (default 32)")
+        check(p, self.refit_damping >= 0, f"method.refit_damping={self.refit_damping} must be >= 0 (default 0.01)")
+        check_one_of(p, "method.refit_anchor", self.refit_anchor, REFIT_ANCHORS)
+        check_one_of(p, "method.refit_lora", self.refit_lora, REFIT_LORA)
+        if sparsity.schedule == "one_shot" and self.criterion in STRUCTURED_CRITERIA:
+            unmet = STRUCTURED_CRITERIA[self.criterion].needs & SCORES_BEFORE_TRAINING_NEVER
+            able = [c.name for c in STRUCTURED_CRITERIA
+                    if not any(STRUCTURED_CRITERIA[n].needs & SCORES_BEFORE_TRAINING_NEVER for n in c.parts)]
+            check(p, not unmet, f"method.criterion={self.criterion} with sparsity.schedule=one_shot: the cut happens "
+                                f"before the first step, when LoRA's B is zero and no training gradient exists, so "
+                                f"{self.criterion} cannot score it; use method.criterion={' or '.join(able)}, or a "
+                                "progressive sparsity.schedule (auto: cubic)")
+        check(p, not (sparsity.schedule == "none" and self.refit),
+              "method.refit=true with sparsity.schedule=none: nothing is pruned, so nothing is re-fitted; drop one")
+
     def needs(self) -> dict[str, str]:
-        """What ``method.criterion`` needs from the run (``NEEDS`` of its record), by the setting that needs it."""
-        if self.criterion not in STRUCTURED_CRITERIA:
-            return {}
-        return dict.fromkeys(STRUCTURED_CRITERIA[self.criterion].needs, f"method.criterion={self.criterion}")
+        """What ``method.criterion`` and ``method.refit`` need from the run (``NEEDS`` keys), by the setting."""
+        needs = {}
+        if self.criterion in STRUCTURED_CRITERIA:
+            needs = dict.fromkeys(STRUCTURED_CRITERIA[self.criterion].needs, f"method.criterion={self.criterion}")
+        if self.refit:
+            needs.update(dict.fromkeys(("input_gram", "base_rewrite"), "method.refit=true"))
+        return needs
 
     def export_formats(self) -> tuple[str, ...]:
         """model/ only: the LoRA is merged into the physically pruned base, on which no adapter of the

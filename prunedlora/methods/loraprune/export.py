@@ -63,12 +63,33 @@ def compact_and_merge(model: nn.Module) -> list[LayerPlan]:
     return all_plans
 
 
-def export_loraprune(model: nn.Module, tokenizer: Any, out_dir: Path, structure: str = "per_layer") -> dict[str, Any]:
-    """Compact, merge and save ``out_dir/model``; returns the parameter figures for ``summary.json``."""
+def cut_sparsity(plans: dict[int, LayerPlan], model: nn.Module) -> dict[str, float]:
+    """``sparsity_figures`` of a one-shot cut: the fraction of the pruned layers' query heads and channels removed
+    (the model's config still has the unpruned counts)."""
+    config = model.config
+    heads = config.num_attention_heads * len(plans)
+    channels = config.intermediate_size * len(plans)
+    heads_removed = heads - sum(p.num_heads for p in plans.values())
+    channels_removed = channels - sum(p.num_channels for p in plans.values())
+    total = heads + channels
+    return {"sparsity": (heads_removed + channels_removed) / total if total else 0.0,
+            "sparsity_heads": heads_removed / heads if heads else 0.0,
+            "sparsity_channels": channels_removed / channels if channels else 0.0}
+
+
+def export_loraprune(model: nn.Module, tokenizer: Any, out_dir: Path, structure: str = "per_layer",
+                     cut: dict[int, LayerPlan] | None = None, params_before: int | None = None) -> dict[str, Any]:
+    """Compact, merge and save ``out_dir/model``; returns the parameter figures for ``summary.json``.
+
+    ``cut``: the plans of layers a one-shot cut already compacted (their manifest keeps the original indices), and
+    ``params_before`` the model's parameter count before it.
+    """
     lora_params = sum(p.numel() for m in lora_modules(model).values()
                       for p in (*m.lora_A.parameters(), *m.lora_B.parameters()))
-    before = count_parameters(model)[0] - lora_params
+    before = count_parameters(model)[0] - lora_params if params_before is None else params_before
     plans = compact_and_merge(model)
+    if cut:
+        plans = [cut.get(i, plan) for i, plan in enumerate(plans)]
     after = count_parameters(model)[0]
     non_embedding_after = _non_embedding(model)
     non_embedding_before = non_embedding_after + (before - after)  # embeddings are never pruned

@@ -51,12 +51,23 @@ from torch import nn
 
 from prunedlora.adapters.lora import lora_modules
 from prunedlora.config import SparsityConfig
-from prunedlora.methods.base import Callback, Method
+from prunedlora.methods.base import AttachContext, Callback, Method
 from prunedlora.methods.lora.method import attach_lora
 from prunedlora.methods.loraprune.callback import LoraPruneCallback, sparsity_figures
 from prunedlora.methods.loraprune.config import LoraPruneConfig
-from prunedlora.methods.loraprune.export import export_loraprune
+from prunedlora.methods.loraprune.events import missing_calibration
+from prunedlora.methods.loraprune.export import cut_sparsity, export_loraprune
+from prunedlora.methods.loraprune.one_shot import (
+    OneShotCut,
+    PrunedBase,
+    fingerprint,
+    needs_rows,
+    one_shot_cut,
+    quantize_decoder,
+)
 from prunedlora.methods.loraprune.uniform import ModelShape, UniformPlan, uniform_plan
+from prunedlora.pruning.calibration import calibration_rows
+from prunedlora.pruning.schedules import ONE_SHOT
 from prunedlora.pruning.structure import StructureMask, attach_structure_masks, decoder_layers, prunable_layer_indices
 
 log = logging.getLogger(__name__)
@@ -74,38 +85,102 @@ class LoraPruneMethod(Method):
         self.masks: dict[int, StructureMask] = {}
         self.plan: UniformPlan | None = None
         """``structure=uniform``'s final counts (set by ``attach``)."""
+        self.cut: OneShotCut | None = None
+        """``sparsity.schedule=one_shot``'s cut (set by ``attach``)."""
+        self.params_before_cut: int | None = None
+        self.context = AttachContext()
+        self._event_rows: torch.Tensor | None = None
         self._callbacks: list[LoraPruneCallback] = []
 
-    def attach(self, model: nn.Module) -> list[str]:
+    @property
+    def one_shot(self) -> bool:
+        return self.sparsity.schedule == ONE_SHOT
+
+    @property
+    def quantizes_base(self) -> bool:
+        """One-shot: the base is cut (and re-fitted) in float, then quantized (``one_shot.quantize_decoder``)."""
+        return self.one_shot
+
+    def prepare(self, context: AttachContext) -> None:
+        """The training rows (calibration), ``model.quantization`` (one-shot) and the run directory (one-shot)."""
+        self.context = context
+
+    def _rows(self) -> torch.Tensor | None:
+        """The calibration rows, or None when nothing needs them; refused when they are needed and missing."""
+        if not needs_rows(self.cfg, self.one_shot):
+            return None
+        ctx = self.context
+        if not ctx.train_examples:
+            raise missing_calibration(self.cfg, self.one_shot)
+        return calibration_rows(ctx.train_examples, self.cfg.calibration_sequences, ctx.seq_len)
+
+    def _prunable(self, model: nn.Module) -> list[int]:
         layers = decoder_layers(model)
-        names = attach_lora(model, self.cfg, self.cfg.rank)
         if self.cfg.structure == "uniform":
-            prunable = list(range(len(layers)))  # one LlamaConfig: every layer gets the same shape
             self.plan = uniform_plan(ModelShape.from_config(model.config), self.cfg, self.sparsity.final)
             log.info("loraprune uniform: every layer keeps %s at sparsity.final=%s: %d parameters, per_layer's %d "
                      "(%+.2f%%)", self.plan.kept, self.sparsity.final, self.plan.parameters,
                      self.plan.reference_parameters, 100 * (self.plan.parameters / self.plan.reference_parameters - 1))
-        else:
-            prunable = prunable_layer_indices(len(layers), self.cfg.exempt_first_frac, self.cfg.exempt_last)
-        self.masks = attach_structure_masks(model, prunable)
-        self.model = model
+            return list(range(len(layers)))  # one LlamaConfig: every layer gets the same shape
+        prunable = prunable_layer_indices(len(layers), self.cfg.exempt_first_frac, self.cfg.exempt_last)
         if not prunable:
             log.warning("loraprune: no prunable layer among %d (exempt_first_frac=%s, exempt_last=%d); nothing will "
                         "be pruned", len(layers), self.cfg.exempt_first_frac, self.cfg.exempt_last)
-        log.info("loraprune: structure %s, criterion %s, GQA policy %s, pruned layers %s", self.cfg.structure,
-                 self.cfg.criterion, self.cfg.gqa_policy, prunable)
+        return prunable
+
+    def attach(self, model: nn.Module) -> list[str]:
+        prunable = self._prunable(model)
+        self.model = model
+        if self.one_shot:
+            self._cut_before_training(model, prunable)
+            names = attach_lora(model, self.cfg, self.cfg.rank)
+        else:
+            rows = self._rows()  # before anything changes: a missing calibration set fails here, not at an event
+            names = attach_lora(model, self.cfg, self.cfg.rank)
+            self.masks = attach_structure_masks(model, prunable)
+            self._event_rows = rows
+        log.info("loraprune: structure %s, criterion %s, GQA policy %s, %s, pruned layers %s", self.cfg.structure,
+                 self.cfg.criterion, self.cfg.gqa_policy, "one-shot" if self.one_shot else "progressive", prunable)
         return names
+
+    def _cut_before_training(self, model: nn.Module, prunable: list[int]) -> None:
+        """The one-shot cut, or its saved result (``one_shot.py``); then ``model.quantization``."""
+        ctx = self.context
+        self.params_before_cut = sum(p.numel() for p in model.parameters())
+        rows = self._rows()
+        store = PrunedBase(ctx.run_dir) if ctx.run_dir is not None else None
+        digest = fingerprint(self.cfg, self.sparsity, rows, model)
+        if store is None or (ctx.is_main and not store.exists()):
+            self.cut = one_shot_cut(model, rows, self.cfg, self.plan, self.sparsity.final, prunable)
+            if store is not None:
+                store.save(model, self.cut, digest)
+        ctx.barrier()  # every rank, always: what rank 0 saved is complete for the others
+        if self.cut is None:
+            self.cut = store.load(model, digest)
+        if ctx.quantization != "none":
+            quantize_decoder(model, ctx.quantization)
 
     def callbacks(self) -> list[Callback]:
         if self.model is None:
             raise RuntimeError("call attach(model) before callbacks()")
-        self._callbacks.append(LoraPruneCallback(self.model, self.masks, self.cfg, self.sparsity, self.plan))
+        if self.one_shot:
+            return []  # cut before the first step: nothing happens between steps
+        self._callbacks.append(LoraPruneCallback(self.model, self.masks, self.cfg, self.sparsity, self.plan,
+                                                 self._event_rows))
         return self._callbacks[-1:]
+
+    @property
+    def teacher_source(self) -> str:
+        """``copy`` where the training model no longer holds the unpruned weights: a one-shot run compacts it before
+        the first step, ``method.refit`` rewrites the kept columns of o_proj/down_proj at every event. Otherwise the
+        switched-off model (``teacher``) is the base."""
+        return "copy" if self.one_shot or self.cfg.refit else "self"
 
     @contextmanager
     def teacher(self, model: nn.Module) -> Iterator[None]:
         """The unpruned model: adapters off (``Method.teacher``) and every head and channel kept, the masks put back
-        on exit. The base weights are never edited during training, so this is the base."""
+        on exit. Used without a re-fit only (``teacher_source``): then the base weights are never edited, so this is
+        the base."""
         saved = {i: (mask.head_mask.clone(), mask.channel_mask.clone()) for i, mask in self.masks.items()}
         try:
             with torch.no_grad():
@@ -128,6 +203,7 @@ class LoraPruneMethod(Method):
     def report(self, model: nn.Module) -> dict[str, Any]:
         """Sparsity figures and per-layer kept query heads, KV heads and channels (before export)."""
         layers = decoder_layers(model)
+        sparsity = sparsity_figures(self.masks) if self.cut is None else cut_sparsity(self.cut.plans, model)
         kept_heads, kept_kv, kept_channels = [], [], []
         for i, layer in enumerate(layers):
             mask = self.masks.get(i)
@@ -141,12 +217,15 @@ class LoraPruneMethod(Method):
                 kept_kv.append(int(mask.kv_mask().sum()))
                 kept_channels.append(int(mask.channel_mask.sum()))
         return {
-            **sparsity_figures(self.masks),
+            **sparsity,
             "criterion": self.cfg.criterion,
+            "schedule": "one_shot" if self.one_shot else "progressive",
+            "refit": self.cfg.refit,
+            **({"one_shot": self.cut.figures} if self.cut is not None else {}),
             "gqa_policy": self.cfg.gqa_policy,
             "structure": self.cfg.structure,
             **({"uniform_plan": self.plan.to_dict()} if self.plan is not None else {}),
-            "prunable_layers": sorted(self.masks),
+            "prunable_layers": sorted(self.masks) if self.cut is None else sorted(self.cut.plans),
             "kept_heads_per_layer": kept_heads,
             "kept_kv_heads_per_layer": kept_kv,
             "kept_channels_per_layer": kept_channels,
@@ -158,4 +237,7 @@ class LoraPruneMethod(Method):
         for callback in self._callbacks:  # channel_taylor's capture hooks go before the model is compacted
             if callback.capture is not None:
                 callback.capture.remove()
-        return export_loraprune(model, tokenizer, out_dir, self.cfg.structure)
+        if self.cut is None:
+            return export_loraprune(model, tokenizer, out_dir, self.cfg.structure)
+        return export_loraprune(model, tokenizer, out_dir, self.cfg.structure, cut=self.cut.plans,
+                                params_before=self.params_before_cut)

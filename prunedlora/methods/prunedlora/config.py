@@ -71,6 +71,9 @@ class PrunedLoraConfig(MethodConfig):
         check(p, sparsity.schedule != "none" or target == self.init_rank,
               f"sparsity.schedule=none never prunes, but the target rank is {target} < method.init_rank="
               f"{self.init_rank}; use sparsity=constant (or linear, cubic), or method=lora")
+        check(p, sparsity.schedule != "one_shot",
+              "sparsity.schedule=one_shot cuts before the first step, and prunedlora prunes the adapter's rank while "
+              "it trains (B = 0 at the start has no ranking); use sparsity.schedule=auto (geometric) or constant")
         return p
 
 

@@ -67,9 +67,9 @@ class SalrConfig(MethodConfig):
                   f"{criterion.name} prunes each matrix on its own ({criterion.summary}); set method.scope=per_matrix")
         check(p, self.base_format != "semi_structured" or self.pattern == "2:4",
               "method.base_format=semi_structured needs method.pattern=2:4")
-        check(p, sparsity.schedule in ("auto", "none"),
+        check(p, sparsity.schedule in ("auto", "none", "one_shot"),
               f"sparsity.schedule={sparsity.schedule}: salr prunes once, before training (docs/methods.md §7); "
-              "use sparsity.schedule=auto (sparsity.final sets the base sparsity)")
+              "use sparsity.schedule=auto or one_shot (the same: sparsity.final sets the base sparsity)")
         return p
 
     def export_formats(self) -> tuple[str, ...]:
