@@ -104,9 +104,9 @@ def _millions(value: object) -> str:
 
 
 def table(suite: Suite, rows: dict[str, dict]) -> str:
-    head = ["run", "method", "sparsity (target / achieved)", "final rank", "trainable", "params after export",
-            "peak train mem (MB)", "train tok/s", *(header for _, header in suite.metrics)]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 4 + ["---:"] * (len(head) - 4)) + "|"]
+    head = ["run", "method", "objective", "sparsity (target / achieved)", "final rank", "trainable",
+            "params after export", "peak train mem (MB)", "train tok/s", *(header for _, header in suite.metrics)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 5 + ["---:"] * (len(head) - 5)) + "|"]
     for run in suite.runs:
         row = rows.get(run.label)
         if row is None:
@@ -114,7 +114,8 @@ def table(suite: Suite, rows: dict[str, dict]) -> str:
             continue
         sparsity = f"{_fmt(run.sparsity)} / {_fmt(row.get('sparsity_achieved'), 3)}" if run.train else "–"
         method = row.get("method") if run.train else "none (base model)"
-        cells = [run.label, method, sparsity, row.get("ranks") or run.structure,
+        objective = row.get("objective") or "–"  # ce for runs made before there was a choice
+        cells = [run.label, method, objective, sparsity, row.get("ranks") or run.structure,
                  _millions(row.get("params_trainable")), _millions(row.get("params_after_export")),
                  _fmt(row.get("peak_memory_mb"), 5), _fmt(row.get("tokens_per_s"), 3)]
         cells += [_fmt(row.get(key)) for key, _ in suite.metrics]

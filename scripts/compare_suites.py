@@ -7,53 +7,13 @@ the budget, identical for every run of a suite. The papers' numbers quoted here 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
+from scripts.loraprune_suites import recovery_runs, recovery_verdicts, structure_runs, structure_verdicts
 from scripts.seed_stats import paired, series_values
+from scripts.suite_types import Run, Suite, compare, value
 
 ALL_LINEARS = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
 """Every method adapts the same seven projections (LoRAPrune's and SALR's own setting), so the adapters sit in
 the same places and only the method differs."""
-
-
-@dataclass(frozen=True)
-class Run:
-    label: str
-    """Run-directory name; two suites naming the same label must give it the same overrides."""
-    overrides: tuple[str, ...]
-    sparsity: float | None = None
-    """Where the run sits on a sweep plot (None: not plotted)."""
-    series: str | None = None
-    """Line of the sweep plot (default: the method name)."""
-    structure: str = ""
-    """Shown when the run has no ranks to report (the untouched base)."""
-    train: bool = True
-    """False: evaluate the base model only (``prunedlora-eval``)."""
-    seed: int | None = None
-    """The run's ``train.seed`` when a suite repeats a configuration over seeds (None: the budget's)."""
-
-
-@dataclass(frozen=True)
-class Suite:
-    name: str
-    title: str
-    runs: tuple[Run, ...]
-    data: str
-    """Training data of every run ("gsm8k" or "ptb"): picks the budget's overrides and the run folder."""
-    metrics: tuple[tuple[str, str], ...]
-    """(``<task>/<metric>`` key of the report row, column header)."""
-    setup: Callable[[str], str]
-    """Budget name -> a paragraph saying what every run shared."""
-    verdicts: Callable[[dict[str, dict]], list[str]]
-    plot_metrics: tuple[tuple[str, str], ...] = ()
-    papers: str = ""
-    eval_overrides: tuple[str, ...] = ()
-    """Evaluation settings of this suite's own runs (eval keys may differ between runs that share a directory:
-    a finished run is never evaluated again)."""
-    seeded: bool = False
-    """Runs repeat over seeds: the section adds a mean ± stderr table per ``series`` and the training loss
-    around the pruning events (``compare_seeds``, ``seed_stats``)."""
 
 
 # ------------------------------------------------------------------------------------------------ budgets
@@ -103,48 +63,6 @@ def _loraprune(s: float, criterion: str = "lora_guided") -> Run:
                series=f"loraprune ({criterion})" if suffix else None)
 
 
-STRUCTURE_SEEDS = (42, 1)
-STRUCTURE_SPARSITIES = (0.5, 0.25)
-
-
-def _loraprune_structure(s: float, structure: str, seed: int) -> Run:
-    """LoRAPrune's default criterion with an explicit ``method.structure`` (per_layer keeps the older label)."""
-    tag = "" if structure == "per_layer" else f"-{structure}"
-    label = f"loraprune-channel_taylor{tag}-s{s:.2f}" + ("" if seed == 42 else f"-seed{seed}")
-    overrides = ("method=loraprune", "method.criterion=channel_taylor", f"method.structure={structure}",
-                 f"sparsity.final={s}", "sparsity.every=5", *(() if seed == 42 else (f"train.seed={seed}",)))
-    return Run(label, overrides, s, series=f"loraprune ({structure}, {s:.0%})", structure=structure, seed=seed)
-
-
-def _structure_runs() -> tuple[Run, ...]:
-    """per_layer and uniform paired per sparsity and seed: the first pairs answer the default question first."""
-    return tuple(_loraprune_structure(s, structure, seed) for s in STRUCTURE_SPARSITIES for seed in STRUCTURE_SEEDS
-                 for structure in ("per_layer", "uniform"))
-
-
-def _structure_verdicts(rows: dict[str, dict]) -> list[str]:
-    """Issue 23's rule: uniform becomes the default if its PPL is within 5% of per_layer's (seed means)."""
-    out = []
-    for s in STRUCTURE_SPARSITIES:
-        runs = {structure: {seed: _loraprune_structure(s, structure, seed).label for seed in STRUCTURE_SEEDS}
-                for structure in ("per_layer", "uniform")}
-        seeds = [seed for seed in STRUCTURE_SEEDS if all(runs[k][seed] in rows for k in runs)]
-        for key in ("wikitext2/ppl", "ptb/ppl"):
-            what = f"LoRAPrune uniform within 5% of per_layer at {s:.0%} (the default rule)"
-            values = {k: [_value(rows, runs[k][seed], key) for seed in seeds] for k in runs}
-            if not seeds or None in values["per_layer"] + values["uniform"]:
-                out.append(f"{what}: not measured ({key}: no seed finished for both).")
-                continue
-            uniform, per_layer = (sum(values[k]) / len(seeds) for k in ("uniform", "per_layer"))
-            params = [_value(rows, runs["uniform"][seed], "params_after_export") or 0.0 for seed in seeds]
-            reference = [_value(rows, runs["per_layer"][seed], "params_after_export") or 1.0 for seed in seeds]
-            out.append(f"{what}: {'yes' if uniform <= 1.05 * per_layer else 'no'} (uniform {uniform:.4g} vs per_layer "
-                       f"{per_layer:.4g}, {uniform / per_layer - 1:+.1%}, {key}, mean of seeds "
-                       f"{', '.join(map(str, seeds))}; exported parameters uniform / per_layer "
-                       f"{sum(params) / sum(reference):.4f}).")
-    return out
-
-
 def _salr(s: float) -> Run:
     return Run(f"salr-s{s:.2f}", ("method=salr", f"sparsity.final={s}"), s)
 
@@ -180,19 +98,6 @@ LORA = Run("lora-r8", ("method=lora",), 0.0, series="lora (dense, r=8)")
 DROPLORA = Run("droplora-r8-p0.5", ("method=droplora", "method.p=0.5"))
 ADALORA = Run("adalora-s0.75", ("method=adalora", "method.init_rank=32", "sparsity.final=0.75"))
 BASE = Run("base", ("model=smollm2_135m",), structure="untouched", train=False)
-
-
-def _value(rows: dict[str, dict], label: str, key: str) -> float | None:
-    v = rows.get(label, {}).get(key)
-    return float(v) if v is not None else None
-
-
-def _compare(rows: dict[str, dict], a: str, b: str, key: str, what: str, lower_is_better: bool = True) -> str:
-    va, vb = _value(rows, a, key), _value(rows, b, key)
-    if va is None or vb is None:
-        return f"{what}: not measured ({key} missing)."
-    better = va < vb if lower_is_better else va > vb
-    return f"{what}: {'yes' if better else 'no'} ({a} {va:.4g} vs {b} {vb:.4g}, {key})."
 
 
 SEEDS = (42, 1, 2)
@@ -270,17 +175,17 @@ def _methods_setup(budget: str) -> str:
 def _methods_verdicts(rows: dict[str, dict]) -> list[str]:
     loss, ppl = "gsm8k_loss/loss", "wikitext2/ppl"
     return [
-        _compare(rows, "prunedlora-s0.75", "lora-r8", loss,
+        compare(rows, "prunedlora-s0.75", "lora-r8", loss,
                  "PrunedLoRA (r0 = 32 pruned to 8) beats LoRA trained at r = 8 on held-out loss (paper: beats "
                  "LoRA at equal final rank, Llama-3-8B on GSM8K/HumanEval; no numeric tables available)"),
-        _compare(rows, "prunedlora-s0.75", "adalora-s0.75", loss,
+        compare(rows, "prunedlora-s0.75", "adalora-s0.75", loss,
                  "PrunedLoRA beats AdaLoRA at the same r0 and final rank (paper: yes)"),
-        _compare(rows, "droplora-r8-p0.5", "lora-r8", loss,
+        compare(rows, "droplora-r8-p0.5", "lora-r8", loss,
                  "DropLoRA beats LoRA at the same rank (paper: consistently, LLaMA-2-7B / LLaMA-3-8B)"),
-        _compare(rows, "salr-s0.50", "lora-r8", loss,
+        compare(rows, "salr-s0.50", "lora-r8", loss,
                  "SALR at 50% base sparsity matches or beats dense LoRA (paper: matches or slightly exceeds it "
                  "on GSM8K and MMLU at 7B/8B)"),
-        _compare(rows, "salr-s0.50", "loraprune-s0.50", ppl,
+        compare(rows, "salr-s0.50", "loraprune-s0.50", ppl,
                  "Unstructured pruning (SALR) keeps perplexity closer to dense than structured pruning (LoRAPrune, "
                  "whole heads and channels) at the same 50% (expected)"),
     ]
@@ -296,7 +201,7 @@ def _sweep_setup(budget: str) -> str:
 def _sweep_verdicts(rows: dict[str, dict]) -> list[str]:
     out = []
     for method in ("prunedlora", "loraprune", "salr"):
-        values = [_value(rows, f"{method}-s{s:.2f}", "gsm8k_loss/loss") for s in (0.25, 0.5, 0.75)]
+        values = [value(rows, f"{method}-s{s:.2f}", "gsm8k_loss/loss") for s in (0.25, 0.5, 0.75)]
         if None in values:
             out.append(f"{method}: incomplete sweep.")
             continue
@@ -327,30 +232,39 @@ def _structure_setup(budget: str) -> str:
             f"{_budget_text('ptb', budget)}.")
 
 
+def _recovery_setup(budget: str) -> str:
+    return (f"The quality suite's budget and evaluation. Around one default (LoRAPrune one-shot: cut, re-fit and "
+            f"compact before the first step, `activation` scores, `recovery=mix`, `per_layer`) each row changes one "
+            f"factor; rows named `channel_taylor-s0.50` are LoRAPrune's default before this grid (progressive, no "
+            f"re-fit, cross-entropy). SALR and PrunedLoRA rows run with each objective. The objective is the "
+            f"`objective` column (ce: cross-entropy; distill: KL to the unpruned model; mix: the even mix). "
+            f"Overrides shared by every run: {_budget_text('ptb', budget)}.")
+
+
 def _quality_verdicts(rows: dict[str, dict]) -> list[str]:
     out = []
     # LLM-Pruner's score is the true weight gradient's first-order term, our `true_gradient` inside the same
     # schedule; the paper's LLM-Pruner baseline also differs in its pruning and tuning protocol.
     for key, paper in (("wikitext2/ppl", "11.60 vs 16.41"), ("ptb/ppl", "17.39 vs 20.85")):
-        out.append(_compare(rows, "loraprune-s0.50", "loraprune-true_gradient-s0.50", key,
+        out.append(compare(rows, "loraprune-s0.50", "loraprune-true_gradient-s0.50", key,
                             f"LoRA-guided criterion beats the true gradient (LLM-Pruner) at 50% (paper: {paper})"))
-    out.append(_compare(rows, SALR_DEFAULT, "loraprune-s0.50", "wikitext2/ppl",
+    out.append(compare(rows, SALR_DEFAULT, "loraprune-s0.50", "wikitext2/ppl",
                         "Unstructured 50% (SALR) keeps perplexity closer to dense than structured 50% (LoRAPrune)"))
     # Issue 12's targets: fine-tuning must add to the best one-shot base; channel_taylor at least as good as
     # lora_guided; the stretch, SALR within 1.5x of dense LoRA's perplexity.
     for key in ("wikitext2/ppl", "ptb/ppl"):
-        out.append(_compare(rows, SALR_DEFAULT, "oneshot-wanda-s0.50", key,
+        out.append(compare(rows, SALR_DEFAULT, "oneshot-wanda-s0.50", key,
                             "SALR's default at 50% ends below training-free Wanda (target)"))
-        out.append(_compare(rows, "loraprune-channel_taylor-s0.50", "loraprune-s0.50", key,
+        out.append(compare(rows, "loraprune-channel_taylor-s0.50", "loraprune-s0.50", key,
                             "channel_taylor ends below lora_guided (target: at or below)"))
-        default, lora = _value(rows, SALR_DEFAULT, key), _value(rows, "lora-r8", key)
+        default, lora = value(rows, SALR_DEFAULT, key), value(rows, "lora-r8", key)
         out.append("Stretch, SALR's default within 1.5x of dense LoRA: " + (
             f"{'yes' if default <= 1.5 * lora else 'no'} ({default:.4g} vs {lora:.4g}: {default / lora:.2f}x, {key})."
             if default is not None and lora is not None else f"not measured ({key} missing)."))
     for key in ("wikitext2/ppl", "ptb/ppl"):  # the first target again under the 2:4 pattern; our own check
-        out.append(_compare(rows, SALR_DEFAULT_2OF4, "oneshot-wanda-2of4-s0.50", key,
+        out.append(compare(rows, SALR_DEFAULT_2OF4, "oneshot-wanda-2of4-s0.50", key,
                             "2:4: SALR's default ends below training-free 2:4 Wanda"))
-        out.append(_compare(rows, "loraprune-s0.50", "loraprune-magnitude-s0.50", key,
+        out.append(compare(rows, "loraprune-s0.50", "loraprune-magnitude-s0.50", key,
                             "LoRA-guided criterion beats magnitude at 50%"))
     return out
 
@@ -386,15 +300,19 @@ SUITES: dict[str, Suite] = {
     "quality": Suite(
         "quality", "LoRAPrune and SALR at 50%: perplexity after a short fine-tune",
         (BASE, LORA, *(_one_shot(c) for c in ("magnitude", "wanda", "sparsegpt")),
-         *(_salr_base(c) for c in ("sparsegpt", "wanda", "magnitude")), _structure_runs()[0],
+         *(_salr_base(c) for c in ("sparsegpt", "wanda", "magnitude")), structure_runs()[0],
          _loraprune(0.5), _loraprune(0.5, "magnitude"), _loraprune(0.5, "true_gradient"),
          *(_salr_base(c, "2:4") for c in ("sparsegpt", "wanda", "magnitude")),
          *(_one_shot(c, "2:4") for c in ("magnitude", "wanda", "sparsegpt"))),
         "ptb", (("wikitext2/ppl", "WikiText-2 PPL"), ("ptb/ppl", "PTB PPL")), _quality_setup, _quality_verdicts,
         papers=LORAPRUNE_PAPER),
     "structure": Suite(
-        "structure", "LoRAPrune per_layer against uniform at 50% and 25%, seeds 42 and 1", _structure_runs(),
-        "ptb", (("wikitext2/ppl", "WikiText-2 PPL"), ("ptb/ppl", "PTB PPL")), _structure_setup, _structure_verdicts),
+        "structure", "LoRAPrune per_layer against uniform at 50% and 25%, seeds 42 and 1", structure_runs(),
+        "ptb", (("wikitext2/ppl", "WikiText-2 PPL"), ("ptb/ppl", "PTB PPL")), _structure_setup, structure_verdicts),
+    "recovery": Suite(
+        "recovery", "LoRAPrune's recovery: objective, criterion, re-fit, schedule and structure, one at a time",
+        recovery_runs(), "ptb", (("wikitext2/ppl", "WikiText-2 PPL"), ("ptb/ppl", "PTB PPL")), _recovery_setup,
+        recovery_verdicts),
     "prunedlora": Suite(
         "prunedlora", "PrunedLoRA 32 -> 8 against LoRA at ranks 8 and 16, seeds 42, 1, 2", _prunedlora_runs(),
         "gsm8k", (("gsm8k_loss/loss", "GSM8K held-out loss"), ("wikitext2/ppl", "WikiText-2 PPL")),

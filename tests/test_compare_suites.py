@@ -162,3 +162,40 @@ def test_structure_suite_pairs_loraprune_structures_over_sparsities_and_seeds() 
     assert all("not measured" in v for v in _structure_verdicts(rows)[2:])
     assert _structure_verdicts(rows) == suite.verdicts(rows)
     assert not any("per_layer" in v for v in SUITES["quality"].verdicts(rows))
+
+
+def test_the_recovery_grid_changes_one_factor_at_a_time_and_judges_the_targets() -> None:
+    """Issue 29's grid: each variant differs from the default in the one setting its label names."""
+    from scripts.loraprune_suites import RECOVERY_VARIANTS, _recovery_run, recovery_verdicts
+
+    def settings(run) -> dict:
+        cfg = compose_root([*BUDGETS["cpu-fp32"]["ptb"], *run.overrides])
+        return {"objective": cfg.recovery.name, "criterion": cfg.method.criterion, "refit": cfg.method.refit,
+                "schedule": "one_shot" if cfg.sparsity.schedule == "one_shot" else "progressive",
+                "structure": cfg.method.structure}
+
+    default = settings(_recovery_run())
+    assert default == {"objective": "mix", "criterion": "activation", "refit": True, "schedule": "one_shot",
+                       "structure": "per_layer"}
+    for key, value in RECOVERY_VARIANTS:
+        changed = settings(_recovery_run(**{key: value}))
+        assert changed == {**default, key: value}, key
+    labels = {r.label for r in SUITES["recovery"].runs}
+    assert {"loraprune-channel_taylor-s0.50", "salr-wanda-s0.50", "salr-wanda-s0.50-mix"} <= labels
+
+    def row(wiki: float, ptb: float, tok: float = 100.0) -> dict:
+        return {"wikitext2/ppl": wiki, "ptb/ppl": ptb, "tokens_per_s": tok}
+
+    rows = {_recovery_run().label: row(90.0, 50.0, 140.0), _recovery_run(seed=1).label: row(96.0, 52.0),
+            "loraprune-channel_taylor-s0.50": row(134.0, 57.5),
+            "loraprune-channel_taylor-s0.50-seed1": row(138.0, 55.0),
+            "salr-wanda-s0.50": row(61.5, 41.2), "salr-wanda-s0.50-mix": row(49.5, 46.8),
+            _recovery_run(schedule="progressive").label: row(100.0, 60.0, 100.0),
+            _recovery_run(objective="ce").label: row(140.0, 50.0)}
+    verdicts = recovery_verdicts(rows)
+    assert verdicts[0].startswith("The recovery default beats channel_taylor")
+    assert ": yes (default 93 / 51," in verdicts[0]
+    assert ": yes (salr-wanda-s0.50-mix 48.13;" in verdicts[1]
+    assert ": yes (140 vs 100: 1.40x)." in verdicts[2]
+    assert "objective=ce against the default" in verdicts[3] and "the default is better" in verdicts[3]
+    assert "objective=distill" in verdicts[4] and verdicts[4].endswith("not measured.")

@@ -58,7 +58,8 @@ def test_report_on_a_two_run_multirun(multirun: Path):
     assert {"run", "method", "sparsity", "ranks", "params_total", "params_trainable", "params_after_export",
             "gsm8k/exact_match_flexible", "humaneval/pass@1", "wikitext2/ppl"} <= set(table[0])
     md = (multirun / "report" / "report.md").read_text()
-    assert "| run | method | sparsity |" in md and "| 1 | prunedlora | 0.5 |" in md and md.count("\n| ") == 3
+    assert "| run | method | objective | sparsity |" in md and "| 1 | prunedlora | ce | 0.5 |" in md
+    assert md.count("\n| ") == 3
     assert table[1]["gsm8k/n"] == "16" and "gsm8k/n" not in md  # items per run: in the CSV, on the plots' axes
     names = sorted(p.name for p in written["plots"])
     assert names == ["gsm8k_exact_match_flexible.png", "gsm8k_exact_match_strict.png", "humaneval_pass_at_1.png",

@@ -38,9 +38,9 @@ from typing import Any
 
 import yaml
 
-FIXED_COLUMNS = ["run", "method", "sparsity", "sparsity_achieved", "seed", "ranks", "rank_mean", "params_total",
-                 "params_trainable", "params_after_export", "final_loss", "peak_memory_mb", "tokens_per_s",
-                 "wall_time_s", "overrides"]
+FIXED_COLUMNS = ["run", "method", "objective", "sparsity", "sparsity_achieved", "seed", "ranks", "rank_mean",
+                 "params_total", "params_trainable", "params_after_export", "final_loss", "peak_memory_mb",
+                 "tokens_per_s", "wall_time_s", "overrides"]
 REPORT_DIR = "report"
 EVALS_DIR = "evals"
 """Standalone evaluations of a run (``prunedlora-eval run_dir=...``) are filed in ``<run>/evals/<time>/``."""
@@ -141,6 +141,7 @@ def collect_run(run_dir: Path, root: Path) -> dict[str, Any]:
     row: dict[str, Any] = {
         "run": str(run_dir.relative_to(root)) if run_dir != root else ".",
         "method": method,
+        "objective": (summary.get("recovery") or {}).get("objective", "ce") if summary else None,
         "sparsity": sparsity,
         "sparsity_achieved": _number(summary.get("sparsity")),
         "ranks": ranks,
@@ -206,9 +207,9 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """Rows = runs; columns = run, method, sparsity, ranks, params, final loss, each metric."""
-    columns = ["run", "method", "sparsity", "sparsity_achieved", "ranks", "params_total", "params_trainable",
-               "params_after_export", "final_loss"] + metric_columns(rows)
+    """Rows = runs; columns = run, method, recovery objective, sparsity, ranks, params, final loss, each metric."""
+    columns = ["run", "method", "objective", "sparsity", "sparsity_achieved", "ranks", "params_total",
+               "params_trainable", "params_after_export", "final_loss"] + metric_columns(rows)
     lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
     for row in rows:
         lines.append("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")

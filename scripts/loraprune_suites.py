@@ -1,0 +1,142 @@
+"""LoRAPrune's two grids for ``python -m scripts.compare``: ``structure`` (per_layer against uniform) and
+``recovery`` (issue 29: the objective, the criterion, the re-fit, the schedule and the structure, one factor at a time
+around one default, with SALR and PrunedLoRA with and without distillation). Both run on the quality suite's budget
+(PTB fine-tune, WikiText-2 and PTB perplexity)."""
+
+from __future__ import annotations
+
+import math
+
+from scripts.suite_types import Run, value
+
+STRUCTURE_SEEDS = (42, 1)
+STRUCTURE_SPARSITIES = (0.5, 0.25)
+
+
+def _structure_run(s: float, structure: str, seed: int) -> Run:
+    """LoRAPrune's default criterion with an explicit ``method.structure`` (per_layer keeps the older label)."""
+    tag = "" if structure == "per_layer" else f"-{structure}"
+    label = f"loraprune-channel_taylor{tag}-s{s:.2f}" + ("" if seed == 42 else f"-seed{seed}")
+    overrides = ("method=loraprune", "method.criterion=channel_taylor", f"method.structure={structure}",
+                 f"sparsity.final={s}", "sparsity.every=5", *(() if seed == 42 else (f"train.seed={seed}",)))
+    return Run(label, overrides, s, series=f"loraprune ({structure}, {s:.0%})", structure=structure, seed=seed)
+
+
+def structure_runs() -> tuple[Run, ...]:
+    """per_layer and uniform paired per sparsity and seed: the first pairs answer the default question first."""
+    return tuple(_structure_run(s, structure, seed) for s in STRUCTURE_SPARSITIES for seed in STRUCTURE_SEEDS
+                 for structure in ("per_layer", "uniform"))
+
+
+def structure_verdicts(rows: dict[str, dict]) -> list[str]:
+    """Issue 23's rule: uniform becomes the default if its PPL is within 5% of per_layer's (seed means)."""
+    out = []
+    for s in STRUCTURE_SPARSITIES:
+        runs = {structure: {seed: _structure_run(s, structure, seed).label for seed in STRUCTURE_SEEDS}
+                for structure in ("per_layer", "uniform")}
+        seeds = [seed for seed in STRUCTURE_SEEDS if all(runs[k][seed] in rows for k in runs)]
+        for key in ("wikitext2/ppl", "ptb/ppl"):
+            what = f"LoRAPrune uniform within 5% of per_layer at {s:.0%} (the default rule)"
+            values = {k: [value(rows, runs[k][seed], key) for seed in seeds] for k in runs}
+            if not seeds or None in values["per_layer"] + values["uniform"]:
+                out.append(f"{what}: not measured ({key}: no seed finished for both).")
+                continue
+            uniform, per_layer = (sum(values[k]) / len(seeds) for k in ("uniform", "per_layer"))
+            params = [value(rows, runs["uniform"][seed], "params_after_export") or 0.0 for seed in seeds]
+            reference = [value(rows, runs["per_layer"][seed], "params_after_export") or 1.0 for seed in seeds]
+            out.append(f"{what}: {'yes' if uniform <= 1.05 * per_layer else 'no'} (uniform {uniform:.4g} vs per_layer "
+                       f"{per_layer:.4g}, {uniform / per_layer - 1:+.1%}, {key}, mean of seeds "
+                       f"{', '.join(map(str, seeds))}; exported parameters uniform / per_layer "
+                       f"{sum(params) / sum(reference):.4f}).")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ recovery
+RECOVERY_DEFAULT = {"schedule": "one_shot", "criterion": "activation", "refit": True, "objective": "mix",
+                    "structure": "per_layer"}
+"""The configuration the recovery grid varies one factor at a time around (the candidate new default)."""
+RECOVERY_VARIANTS = (("objective", "ce"), ("objective", "distill"), ("refit", False), ("schedule", "progressive"),
+                     ("criterion", "channel_taylor"), ("criterion", "activation_taylor"), ("structure", "uniform"))
+"""One factor changed per row, in the order they are worth running."""
+
+
+def _recovery_run(s: float = 0.5, seed: int = 42, **change: object) -> Run:
+    """LoRAPrune at ``s`` with ``RECOVERY_DEFAULT`` except ``change``; the label names every setting."""
+    c = {**RECOVERY_DEFAULT, **change}
+    label = (f"loraprune-{c['schedule']}-{c['criterion']}-{'refit' if c['refit'] else 'norefit'}-{c['objective']}"
+             f"{'' if c['structure'] == 'per_layer' else '-' + str(c['structure'])}-s{s:.2f}"
+             f"{'' if seed == 42 else f'-seed{seed}'}")
+    overrides = ("method=loraprune", f"method.criterion={c['criterion']}", f"method.refit={str(c['refit']).lower()}",
+                 f"method.structure={c['structure']}", f"recovery={c['objective']}", f"sparsity.final={s}",
+                 *(("sparsity.schedule=one_shot",) if c["schedule"] == "one_shot" else ("sparsity.every=5",)),
+                 *(() if seed == 42 else (f"train.seed={seed}",)))
+    series = f"loraprune ({', '.join(f'{k}={v}' for k, v in change.items()) or 'default'})"
+    return Run(label, overrides, s, series=series, structure=str(c["structure"]), seed=seed)
+
+
+def _with_objective(label: str, overrides: tuple[str, ...], s: float, objective: str) -> Run:
+    return Run(label if objective == "ce" else f"{label}-{objective}",
+               (*overrides, *(() if objective == "ce" else (f"recovery={objective}",))), s)
+
+
+SALR_ROWS = tuple(_with_objective("salr-wanda-s0.50", ("method=salr", "method.base_criterion=wanda",
+                                                       "method.pattern='unstructured'", "sparsity.final=0.5"), 0.5, o)
+                  for o in ("ce", "mix", "distill"))
+PRUNEDLORA_ROWS = tuple(_with_objective("prunedlora-ptb-s0.75", ("method=prunedlora", "sparsity.final=0.75"), 0.75, o)
+                        for o in ("ce", "mix"))
+CURRENT_DEFAULT = ("loraprune-channel_taylor-s0.50", "loraprune-channel_taylor-s0.50-seed1")
+"""LoRAPrune's default before the grid (channel_taylor, progressive, no re-fit, cross-entropy), two seeds."""
+
+
+def recovery_runs() -> tuple[Run, ...]:
+    """In the order worth running: the default at both seeds, then one factor at a time, 25%, SALR, PrunedLoRA."""
+    return (_recovery_run(), _recovery_run(seed=1), *(_recovery_run(**{k: v}) for k, v in RECOVERY_VARIANTS),
+            *structure_runs()[0:1], *(r for r in structure_runs() if r.label == CURRENT_DEFAULT[1]),
+            _recovery_run(0.25), *SALR_ROWS, *PRUNEDLORA_ROWS)
+
+
+def _geomean(rows: dict[str, dict], labels: list[str]) -> tuple[float, float, float] | None:
+    """Seed means of WikiText-2 and PTB PPL over ``labels`` and their geometric mean (None: any missing)."""
+    values = [(value(rows, label, "wikitext2/ppl"), value(rows, label, "ptb/ppl")) for label in labels]
+    if not values or any(None in pair for pair in values):
+        return None
+    wiki, ptb = (sum(v[i] for v in values) / len(values) for i in (0, 1))
+    return wiki, ptb, math.sqrt(wiki * ptb)
+
+
+def _finished(rows: dict[str, dict], labels: list[str]) -> list[str]:
+    return [label for label in labels if label in rows]
+
+
+def recovery_verdicts(rows: dict[str, dict]) -> list[str]:
+    """Issue 29's targets, then each variant against the default on the geometric mean of the two PPLs."""
+    default = [_recovery_run().label, _recovery_run(seed=1).label]
+    out = []
+    new, old = _geomean(rows, _finished(rows, default)), _geomean(rows, _finished(rows, list(CURRENT_DEFAULT)))
+    what = "The recovery default beats channel_taylor on both sets, WikiText-2 <= 100 and PTB < 57.0 (target)"
+    if new is None or old is None:
+        out.append(f"{what}: not measured.")
+    else:
+        ok = new[0] <= 100 and new[1] < 57.0 and new[0] < old[0] and new[1] < old[1]
+        out.append(f"{what}: {'yes' if ok else 'no'} (default {new[0]:.4g} / {new[1]:.4g}, channel_taylor "
+                   f"{old[0]:.4g} / {old[1]:.4g}; seeds {', '.join(_finished(rows, default))} against "
+                   f"{', '.join(_finished(rows, list(CURRENT_DEFAULT)))}).")
+    salr = {r.label: _geomean(rows, [r.label]) for r in SALR_ROWS}
+    best = min(((g[2], label) for label, g in salr.items() if g is not None), default=None)
+    out.append("SALR with its best objective: geometric mean of WikiText-2 and PTB at most 48.5 (target): " + (
+        f"{'yes' if best[0] <= 48.5 else 'no'} ({best[1]} {best[0]:.4g}; "
+        + ", ".join(f"{label} {g[2]:.4g}" for label, g in salr.items() if g is not None) + ")."
+        if best is not None else "not measured."))
+    one_shot, progressive = _recovery_run().label, _recovery_run(schedule="progressive").label
+    tok_one, tok_prog = value(rows, one_shot, "tokens_per_s"), value(rows, progressive, "tokens_per_s")
+    out.append("One-shot trains at least 1.3x the tokens/s of progressive at 50% (target): " + (
+        f"{'yes' if tok_one >= 1.3 * tok_prog else 'no'} ({tok_one:.3g} vs {tok_prog:.3g}: {tok_one / tok_prog:.2f}x)."
+        if tok_one is not None and tok_prog is not None else "not measured."))
+    reference = _geomean(rows, [default[0]])
+    for k, v in RECOVERY_VARIANTS:
+        g = _geomean(rows, [_recovery_run(**{k: v}).label])
+        what = f"{k}={v} against the default (seed 42, geometric mean of WikiText-2 and PTB PPL)"
+        out.append(f"{what}: " + (f"{g[2]:.4g} vs {reference[2]:.4g} ({g[0]:.4g} / {g[1]:.4g} vs {reference[0]:.4g} / "
+                                  f"{reference[1]:.4g}): the default is {'better' if reference[2] < g[2] else 'worse'}."
+                                  if g is not None and reference is not None else "not measured."))
+    return out
