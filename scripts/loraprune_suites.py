@@ -53,10 +53,13 @@ def structure_verdicts(rows: dict[str, dict]) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ recovery
 RECOVERY_DEFAULT = {"schedule": "one_shot", "criterion": "activation", "refit": True, "objective": "mix",
-                    "structure": "per_layer"}
-"""The configuration the recovery grid varies one factor at a time around (the candidate new default)."""
+                    "structure": "per_layer", "gqa_balanced": True}
+"""The configuration the recovery grid varies one factor at a time around (the candidate new default).
+``gqa_balanced``: the same number of query heads removed from every KV group, so no layer needs k/v expanded (with
+no training at 50% on SmolLM2: WikiText-2 PPL 89.2 at 94.26M parameters, against 106.7 at 96.18M without)."""
 RECOVERY_VARIANTS = (("objective", "ce"), ("objective", "distill"), ("refit", False), ("schedule", "progressive"),
-                     ("criterion", "channel_taylor"), ("criterion", "activation_taylor"), ("structure", "uniform"))
+                     ("gqa_balanced", False), ("criterion", "channel_taylor"), ("criterion", "activation_taylor"),
+                     ("structure", "uniform"))
 """One factor changed per row, in the order they are worth running."""
 
 
@@ -64,10 +67,12 @@ def _recovery_run(s: float = 0.5, seed: int = 42, **change: object) -> Run:
     """LoRAPrune at ``s`` with ``RECOVERY_DEFAULT`` except ``change``; the label names every setting."""
     c = {**RECOVERY_DEFAULT, **change}
     label = (f"loraprune-{c['schedule']}-{c['criterion']}-{'refit' if c['refit'] else 'norefit'}-{c['objective']}"
-             f"{'' if c['structure'] == 'per_layer' else '-' + str(c['structure'])}-s{s:.2f}"
+             f"{'' if c['structure'] == 'per_layer' else '-' + str(c['structure'])}"
+             f"{'-balanced' if c['gqa_balanced'] else ''}-s{s:.2f}"
              f"{'' if seed == 42 else f'-seed{seed}'}")
     overrides = ("method=loraprune", f"method.criterion={c['criterion']}", f"method.refit={str(c['refit']).lower()}",
-                 f"method.structure={c['structure']}", f"recovery={c['objective']}", f"sparsity.final={s}",
+                 f"method.structure={c['structure']}", f"method.gqa_balanced={str(c['gqa_balanced']).lower()}",
+                 f"recovery={c['objective']}", f"sparsity.final={s}",
                  *(("sparsity.schedule=one_shot",) if c["schedule"] == "one_shot" else ("sparsity.every=5",)),
                  *(() if seed == 42 else (f"train.seed={seed}",)))
     series = f"loraprune ({', '.join(f'{k}={v}' for k, v in change.items()) or 'default'})"

@@ -172,11 +172,11 @@ def test_the_recovery_grid_changes_one_factor_at_a_time_and_judges_the_targets()
         cfg = compose_root([*BUDGETS["cpu-fp32"]["ptb"], *run.overrides])
         return {"objective": cfg.recovery.name, "criterion": cfg.method.criterion, "refit": cfg.method.refit,
                 "schedule": "one_shot" if cfg.sparsity.schedule == "one_shot" else "progressive",
-                "structure": cfg.method.structure}
+                "structure": cfg.method.structure, "gqa_balanced": cfg.method.gqa_balanced}
 
     default = settings(_recovery_run())
     assert default == {"objective": "mix", "criterion": "activation", "refit": True, "schedule": "one_shot",
-                       "structure": "per_layer"}
+                       "structure": "per_layer", "gqa_balanced": True}
     for key, value in RECOVERY_VARIANTS:
         changed = settings(_recovery_run(**{key: value}))
         assert changed == {**default, key: value}, key
@@ -199,3 +199,4 @@ def test_the_recovery_grid_changes_one_factor_at_a_time_and_judges_the_targets()
     assert ": yes (140 vs 100: 1.40x)." in verdicts[2]
     assert "objective=ce against the default" in verdicts[3] and "the default is better" in verdicts[3]
     assert "objective=distill" in verdicts[4] and verdicts[4].endswith("not measured.")
+    assert _recovery_run().label == "loraprune-one_shot-activation-refit-mix-balanced-s0.50"
