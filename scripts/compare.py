@@ -165,7 +165,8 @@ def suite_section(suite: Suite, budget: str, rows: dict[str, dict], outcomes: li
         verdicts = suite.verdicts(annotate(suite, rows))
     else:
         verdicts = suite.verdicts(rows)  # each verdict says "not measured" where its runs are missing
-    parts.append("What the papers claim, checked at this scale:\n\n" + "\n".join(f"- {v}" for v in verdicts))
+    heading = "What the papers claim, checked at this scale" if suite.papers else "Our rules and targets, checked"
+    parts.append(f"{heading}:\n\n" + "\n".join(f"- {v}" for v in verdicts))
     return "\n\n".join(parts)
 
 

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from hydra.core.config_store import ConfigStore
 
 from prunedlora.compose import compose_config
 from prunedlora.config import RootConfig
 from prunedlora.data import batching
-from prunedlora.methods.registry import method_specs
+from prunedlora.methods.registry import method_specs, register, unregister
 from prunedlora.train.recipe import run
 
 # The tiny model on real GSM8K (512 byte-tokens fit a question and its answer), no evaluation.
@@ -73,3 +76,16 @@ def load_served(run_dir: Path, trust_remote_code: bool = False) -> torch.nn.Modu
 
         model = PeftModel.from_pretrained(model, run_dir / "adapter")
     return model.eval()
+
+
+@contextmanager
+def throwaway_method(name: str, schema: type, factory: Callable[..., Any]) -> Iterator[str]:
+    """A method registered for one test, as a folder's ``config.py`` would, and as a ``method`` option without a
+    YAML (Hydra's ConfigStore); both taken back on exit."""
+    register(name, schema=schema, factory=factory)
+    ConfigStore.instance().store(group="method", name=name, node=schema)
+    try:
+        yield name
+    finally:
+        unregister(name)
+        ConfigStore.instance().repo["method"].pop(f"{name}.yaml", None)

@@ -34,14 +34,6 @@ from prunedlora.train.checkpoint import adapter_state_dict, load_adapter_state_d
 ROWS, SEQ = 4, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def examples(count: int = 8, length: int = 12) -> list[dict]:
     gen = torch.Generator().manual_seed(3)
     return [{"input_ids": torch.randint(3, VOCAB, (length,), generator=gen).tolist()} for _ in range(count)]

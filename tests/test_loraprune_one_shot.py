@@ -23,14 +23,6 @@ from prunedlora.pruning.structure import attach_structure_masks
 from prunedlora.pruning.structured_criteria import TaylorCapture
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def cut(model: nn.Module, run_dir: Path | None = None, final: float = 0.5, **overrides) -> LoraPruneMethod:
     cfg = LoraPruneConfig(rank=4, alpha=8.0, **{"dropout": 0.0, "calibration_sequences": ROWS,
                                                 "criterion": "activation", "refit": True, **overrides})

@@ -26,7 +26,6 @@ from typing import Any
 
 import pytest
 import torch
-from hydra.core.config_store import ConfigStore
 from recipe_helpers import (
     METHOD_OVERRIDES,
     TINY_OVERRIDES,
@@ -34,11 +33,12 @@ from recipe_helpers import (
     crash_then_resume,
     load_served,
     metric_records,
+    throwaway_method,
 )
 from torch import nn
 
 from prunedlora.config import MethodConfig, RootConfig
-from prunedlora.methods import METHODS, Method, method_spec, register, unregister
+from prunedlora.methods import METHODS, Method, method_spec
 from prunedlora.methods.base import Callback
 from prunedlora.methods.lora.method import attach_lora, export_lora, rank_report
 from prunedlora.train import checkpoint as ckpt
@@ -214,11 +214,8 @@ class LoraFaMethod(Method):
 @pytest.fixture
 def lora_fa() -> Iterator[str]:
     """LoRA-FA registered as a method folder's ``config.py`` would, and as a ``method`` option without a YAML."""
-    register("lora_fa", schema=LoraFaConfig, factory=LoraFaMethod)
-    ConfigStore.instance().store(group="method", name="lora_fa", node=LoraFaConfig)
-    yield "lora_fa"
-    unregister("lora_fa")
-    ConfigStore.instance().repo["method"].pop("lora_fa.yaml", None)
+    with throwaway_method("lora_fa", LoraFaConfig, LoraFaMethod) as name:
+        yield name
 
 
 @pytest.mark.slow  # the battery: three tiny recipe runs

@@ -20,11 +20,10 @@ from pathlib import Path
 import pytest
 import torch
 from cli_helpers import BIN, TINY, cli_env, logged_steps, run_cli
-from hydra.core.config_store import ConfigStore
-from recipe_helpers import TINY_OVERRIDES, compose_root, crash_then_resume, metric_records
+from recipe_helpers import TINY_OVERRIDES, compose_root, crash_then_resume, metric_records, throwaway_method
 
 from prunedlora.config import ConfigError, validate
-from prunedlora.methods import METHODS, method_spec, register, unregister
+from prunedlora.methods import METHODS, method_spec
 from prunedlora.methods.base import AttachContext, Callback, TeacherStorage
 from prunedlora.methods.lora.config import LoraConfig
 from prunedlora.methods.lora.method import LoraMethod
@@ -382,11 +381,8 @@ class CopyTeacherLora(LoraMethod):
 
 @pytest.fixture
 def lora_copy_teacher() -> Iterator[str]:
-    register("lora_copy_teacher", schema=CopyTeacherLoraConfig, factory=CopyTeacherLora)
-    ConfigStore.instance().store(group="method", name="lora_copy_teacher", node=CopyTeacherLoraConfig)
-    yield "lora_copy_teacher"
-    unregister("lora_copy_teacher")
-    ConfigStore.instance().repo["method"].pop("lora_copy_teacher.yaml", None)
+    with throwaway_method("lora_copy_teacher", CopyTeacherLoraConfig, CopyTeacherLora) as name:
+        yield name
 
 
 @pytest.mark.slow
