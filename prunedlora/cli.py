@@ -36,7 +36,8 @@ from prunedlora.cli_errors import (
     paragraph,
 )
 from prunedlora.compose import register_configs
-from prunedlora.config import ConfigError, RootConfig, validate
+from prunedlora.config import ConfigError, RootConfig
+from prunedlora.validation import validate
 
 log = logging.getLogger("prunedlora")
 

@@ -45,7 +45,7 @@ if [ "$DRY_RUN" = 1 ]; then
     printf '%s\n' "${RUNS[@]}" | "$PYTHON" -c '
 import sys
 from prunedlora.compose import compose_config
-from prunedlora.config import validate
+from prunedlora.validation import validate
 common = sys.argv[1:]
 for line in sys.stdin:
     name, *overrides = line.split()

@@ -13,7 +13,7 @@ import torch
 from recipe_helpers import compose_root
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from prunedlora.config import validate
+from prunedlora.validation import validate
 from scripts import check_serving, serve_vllm
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from recipe_helpers import compose_root
 
-from prunedlora.config import validate
+from prunedlora.validation import validate
 from scripts.compare_suites import BUDGETS, SUITES
 
 

@@ -15,8 +15,9 @@ import torch
 from recipe_helpers import METHOD_OVERRIDES, TINY_OVERRIDES, compose_root, crash_then_resume, metric_records
 from torch._dynamo.utils import counters
 
-from prunedlora.config import ConfigError, validate
+from prunedlora.config import ConfigError
 from prunedlora.train.recipe import run
+from prunedlora.validation import validate
 
 COMPILED = ["train.compile=true", "train.compile_backend=aot_eager"]
 STEPS = ["train.max_steps=6", "train.save_every=3", "train.bf16=true", "train.packing=true"]

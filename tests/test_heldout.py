@@ -73,7 +73,8 @@ def test_task_limits_are_validated_before_anything_runs():
     from omegaconf import OmegaConf
 
     from prunedlora.compose import register_configs
-    from prunedlora.config import EVAL_TASKS, validate
+    from prunedlora.config import EVAL_TASKS
+    from prunedlora.validation import validate
 
     assert set(EVAL_TASKS) == set(runner.EVALUATORS)  # the config's list of tasks is the evaluators'
     register_configs()

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from prunedlora.adapters.lora import lora_modules
-from prunedlora.config import ConfigError, SparsityConfig, validate
+from prunedlora.config import ConfigError, SparsityConfig
 from prunedlora.methods import build_method
 from prunedlora.methods.base import AttachContext
 from prunedlora.methods.loraprune import events
@@ -30,6 +30,7 @@ from prunedlora.pruning.criteria import STRUCTURED_CRITERIA
 from prunedlora.pruning.refit import kept_columns, refit_columns
 from prunedlora.pruning.structured_criteria import effective_weight
 from prunedlora.train.checkpoint import adapter_state_dict, load_adapter_state_dict
+from prunedlora.validation import validate
 
 ROWS, SEQ = 4, 16
 

@@ -10,10 +10,11 @@ import pytest
 from prunedlora.configs import __file__ as configs_init
 from recipe_helpers import compose_root
 
-from prunedlora.config import DataConfig, validate
+from prunedlora.config import DataConfig
 from prunedlora.data.datasets import load_records
 from prunedlora.data.formatting import format_example
 from prunedlora.pruning.schedules import target_fraction
+from prunedlora.validation import validate
 
 PRESETS = ["paper_prunedlora_gsm8k", "paper_droplora_gsm8k", "paper_loraprune_wikitext", "paper_salr_gsm8k"]
 

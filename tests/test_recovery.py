@@ -22,7 +22,7 @@ import torch
 from cli_helpers import BIN, TINY, cli_env, logged_steps, run_cli
 from recipe_helpers import TINY_OVERRIDES, compose_root, crash_then_resume, metric_records, throwaway_method
 
-from prunedlora.config import ConfigError, validate
+from prunedlora.config import ConfigError
 from prunedlora.methods import METHODS, method_spec
 from prunedlora.methods.base import AttachContext, Callback, TeacherStorage
 from prunedlora.methods.lora.config import LoraConfig
@@ -32,6 +32,7 @@ from prunedlora.train import recipe
 from prunedlora.train.engine import autocast_context
 from prunedlora.train.objective import Objective, SwitchedTeacher
 from prunedlora.train.rundir import config_differences
+from prunedlora.validation import validate
 
 STEPS = ["train.max_steps=6", "train.save_every=3", "train.grad_accum=2", "train.packing=true"]
 MIX = ["recovery=mix", "recovery.teacher_dtype=float32", "recovery.temperature=2.0"]

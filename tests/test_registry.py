@@ -14,7 +14,7 @@ import pytest
 
 from prunedlora.cli_help import help_text
 from prunedlora.compose import compose_config
-from prunedlora.config import ConfigError, MethodConfig, SparsityConfig, validate
+from prunedlora.config import ConfigError, MethodConfig, SparsityConfig
 from prunedlora.methods import METHODS, build_method, method_specs, register, unregister
 from prunedlora.methods.loraprune.config import LoraPruneConfig
 from prunedlora.methods.prunedlora.config import PrunedLoraConfig
@@ -26,6 +26,7 @@ from prunedlora.pruning.criteria import (
     STRUCTURED_CRITERIA,
     RankCriterion,
 )
+from prunedlora.validation import validate
 
 FAMILIES = {"rank": RANK_CRITERIA, "structured": STRUCTURED_CRITERIA, "base": BASE_CRITERIA}
 
@@ -60,7 +61,7 @@ def test_register_refuses_a_taken_name_and_a_schema_named_otherwise() -> None:
 def test_composing_and_validating_every_method_imports_no_torch() -> None:
     code = ("import sys\n"
             "from prunedlora.compose import compose_config\n"
-            "from prunedlora.config import validate\n"
+            "from prunedlora.validation import validate\n"
             "for m in ('lora', 'droplora', 'adalora', 'prunedlora', 'loraprune', 'salr'):\n"
             "    validate(compose_config(['model=tiny', f'method={m}']))\n"
             "print(sorted(k for k in ('torch', 'transformers', 'peft') if k in sys.modules))\n")

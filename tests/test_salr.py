@@ -432,7 +432,8 @@ def test_validate_names_the_problem(overrides: dict, final: float, fragment: str
 
 
 def test_validate_is_wired_into_the_root_config() -> None:
-    from prunedlora.config import RootConfig, validate
+    from prunedlora.config import RootConfig
+    from prunedlora.validation import validate
 
     cfg = RootConfig(method=salr_cfg(pattern="2:4"), sparsity=SparsityConfig(final=0.3))
     with pytest.raises(ConfigError, match="2:4"):

@@ -11,8 +11,9 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from prunedlora.compose import register_configs
-from prunedlora.config import SCHEDULES, ConfigError, RootConfig, SparsityConfig, validate
+from prunedlora.config import ConfigError, RootConfig, SparsityConfig
 from prunedlora.pruning.schedules import ONE_SHOT, SCHEDULE_FNS, is_event, resolve_schedule, target_fraction
+from prunedlora.validation import SCHEDULES, validate
 
 T = 100  # max_steps
 

@@ -47,7 +47,7 @@ def test_typos_and_wrong_types_fail_at_composition_naming_the_key(override: str,
 
 
 def test_validation_reports_every_problem_at_once(tiny_cfg: RootConfig) -> None:
-    from prunedlora.config import validate
+    from prunedlora.validation import validate
 
     bad = replace(tiny_cfg, train=replace(tiny_cfg.train, lr=-1.0, scheduler="cosine_restarts"),
                   eval=replace(tiny_cfg.eval, tasks=["gsm8k", "hellaswag"]))
@@ -67,7 +67,7 @@ def test_validation_reports_every_problem_at_once(tiny_cfg: RootConfig) -> None:
 ])
 def test_export_formats_default_to_what_the_method_writes(method: str, formats: str | None,
                                                           resolved: tuple[str, ...]) -> None:
-    from prunedlora.config import validate
+    from prunedlora.validation import validate
 
     cfg = compose_root([f"method={method}", *([f"export.formats={formats}"] if formats else [])])
     validate(cfg)
@@ -83,7 +83,7 @@ def test_export_formats_default_to_what_the_method_writes(method: str, formats: 
 ])
 def test_export_formats_a_method_cannot_write_are_refused_naming_the_key(method: str, formats: str,
                                                                         fragments: list[str]) -> None:
-    from prunedlora.config import validate
+    from prunedlora.validation import validate
 
     with pytest.raises(ConfigError) as err:
         validate(compose_root([f"method={method}", f"export.formats={formats}"]))

@@ -41,12 +41,13 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from prunedlora.config import ConfigError, EvalConfig, ModelConfig, RootConfig, validate
+from prunedlora.config import ConfigError, EvalConfig, ModelConfig, RootConfig
 from prunedlora.eval.runner import evaluate
 from prunedlora.eval.wandb_log import log_eval_run
 from prunedlora.export.bitmap import BITMAP_FILE
 from prunedlora.export.compressed import base_formats, load_salr_export
 from prunedlora.models.load import load_model, load_tokenizer, resolve_device
+from prunedlora.validation import validate
 
 log = logging.getLogger(__name__)
 

@@ -96,7 +96,7 @@ SCHEDULE_FNS: dict[str, ScheduleFn] = {
     "linear": _linear,
     "cubic": _cubic,
 }
-"""The shapes by name; with ``auto`` they are ``prunedlora.config.SCHEDULES`` (a test keeps the two in step)."""
+"""The shapes by name; with ``auto`` they are ``prunedlora.validation.SCHEDULES`` (a test keeps the two in step)."""
 
 
 ONE_SHOT = "one_shot"

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from prunedlora import quiet
-from prunedlora.config import ConfigError, RootConfig, TrainConfig, validate
+from prunedlora.config import ConfigError, RootConfig, TrainConfig
 from prunedlora.data.batching import ResumableBatches, ShardedBatches, build_train_examples
 from prunedlora.eval.runner import evaluate
 from prunedlora.methods.base import AttachContext, Method
@@ -36,6 +36,7 @@ from prunedlora.train.optim import build_optimizer, build_scheduler
 from prunedlora.train.preemption import Preempted, PreemptionGuard, resume_command
 from prunedlora.train.rundir import prepare_run_dir
 from prunedlora.train.tracking import log_eval, start_wandb
+from prunedlora.validation import validate
 
 log = logging.getLogger(__name__)
 
