@@ -138,7 +138,7 @@ def test_loss_plot_draws_finished_runs_and_their_difference_to_lora_r8(tmp_path:
 
 def test_structure_suite_pairs_loraprune_structures_over_sparsities_and_seeds() -> None:
     """Issue 23's measurement: channel_taylor per_layer vs uniform at 50% and 25%, seeds 42 and 1 (not run here)."""
-    from scripts.compare_suites import _structure_verdicts
+    from scripts.loraprune_suites import structure_verdicts
 
     suite = SUITES["structure"]
     runs = list(suite.runs)
@@ -155,12 +155,12 @@ def test_structure_suite_pairs_loraprune_structures_over_sparsities_and_seeds() 
             "loraprune-channel_taylor-uniform-s0.50": {"wikitext2/ppl": 64.0, "params_after_export": 99.0},
             "loraprune-channel_taylor-s0.50-seed1": {"wikitext2/ppl": 62.0, "params_after_export": 100.0},
             "loraprune-channel_taylor-uniform-s0.50-seed1": {"wikitext2/ppl": 62.0, "params_after_export": 99.0}}
-    first, second = _structure_verdicts(rows)[:2]
+    first, second = structure_verdicts(rows)[:2]
     assert "at 50% (the default rule): yes (uniform 63 vs per_layer 61, +3.3%, wikitext2/ppl, mean of seeds 42, 1; " \
            "exported parameters uniform / per_layer 0.9900)" in first
     assert "not measured (ptb/ppl" in second
-    assert all("not measured" in v for v in _structure_verdicts(rows)[2:])
-    assert _structure_verdicts(rows) == suite.verdicts(rows)
+    assert all("not measured" in v for v in structure_verdicts(rows)[2:])
+    assert structure_verdicts(rows) == suite.verdicts(rows)
     assert not any("per_layer" in v for v in SUITES["quality"].verdicts(rows))
 
 

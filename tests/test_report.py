@@ -106,7 +106,7 @@ def test_titles_say_which_direction_is_better_and_all_zero_metrics_get_no_plot(t
 def test_report_cli(multirun: Path, tmp_path: Path, capsys):
     assert report.main([str(multirun), "--out", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
-    assert "| 0 | lora | 0.2 |" in out and "2 runs" in out
+    assert "| 0 | lora | ce | 0.2 |" in out and "2 runs" in out
     assert (tmp_path / "out" / "report.csv").is_file() and (tmp_path / "out" / "wikitext2_ppl.png").is_file()
     assert report.main([str(tmp_path / "empty_does_not_exist")]) == 2
     assert "not a directory" in capsys.readouterr().err
