@@ -96,7 +96,7 @@ CURRENT_DEFAULT = ("loraprune-channel_taylor-s0.50", "loraprune-channel_taylor-s
 def recovery_runs() -> tuple[Run, ...]:
     """In the order worth running: the default at both seeds, then one factor at a time, 25%, SALR, PrunedLoRA."""
     return (_recovery_run(), _recovery_run(seed=1), *(_recovery_run(**{k: v}) for k, v in RECOVERY_VARIANTS),
-            *structure_runs()[0:1], *(r for r in structure_runs() if r.label == CURRENT_DEFAULT[1]),
+            *(r for r in structure_runs() if r.label in CURRENT_DEFAULT),
             _recovery_run(0.25), *SALR_ROWS, *PRUNEDLORA_ROWS)
 
 
