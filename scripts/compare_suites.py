@@ -234,7 +234,8 @@ def _structure_setup(budget: str) -> str:
 
 def _recovery_setup(budget: str) -> str:
     return (f"The quality suite's budget and evaluation. Around one default (LoRAPrune one-shot: cut, re-fit and "
-            f"compact before the first step, `activation` scores, `recovery=mix`, `per_layer`) each row changes one "
+            f"compact before the first step, `activation` scores, one query head removed per KV group "
+            f"(`gqa_balanced=true`), `recovery=mix`, `per_layer`) each row changes one "
             f"factor; rows named `channel_taylor-s0.50` are LoRAPrune's default before this grid (progressive, no "
             f"re-fit, cross-entropy). SALR and PrunedLoRA rows run with each objective. The objective is the "
             f"`objective` column (ce: cross-entropy; distill: KL to the unpruned model; mix: the even mix). "
