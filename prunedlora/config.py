@@ -88,6 +88,11 @@ class MethodConfig:
         ZeRO-3)."""
         return {}
 
+    def schedule(self, sparsity: SparsityConfig) -> str:
+        """The schedule this method runs: ``sparsity.schedule``, with ``auto`` resolved where the method decides it
+        before training (LoRAPrune: one_shot); methods that resolve ``auto`` per step return it unchanged."""
+        return sparsity.schedule
+
 
 def rank_after_pruning(init_rank: int, sparsity_final: float, explicit: int | None = None) -> int:
     """The final rank of a rank-pruning method: ``explicit`` when given, else ``init_rank * (1 - sparsity_final)``,

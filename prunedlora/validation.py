@@ -114,7 +114,7 @@ def validate(cfg: RootConfig) -> None:
 
 def _validate_base_rewrite(p: list[str], setting: str | None, cfg: RootConfig, zero_stage: int | None) -> None:
     """A method that rewrites frozen base weights while it trains needs them in float and whole in one process."""
-    if not setting or cfg.sparsity.schedule == "one_shot":  # one_shot rewrites them before training, in float
+    if not setting or cfg.method.schedule(cfg.sparsity) == "one_shot":  # rewritten before training, in float
         return
     check(p, cfg.model.quantization == "none",
           f"{setting} with model.quantization={cfg.model.quantization}: it rewrites the frozen base weights at every "

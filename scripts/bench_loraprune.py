@@ -45,10 +45,12 @@ from scripts._publish import REPO, provenance, publish
 
 DATA_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data"
 POLICIES = {
-    "query_head": {},
+    "query_head": {"gqa_balanced": False},
     "query_head + gqa_balanced": {"gqa_balanced": True},
-    "kv_group": {"gqa_policy": "kv_group"},
+    "kv_group": {"gqa_policy": "kv_group", "gqa_balanced": False},
 }
+PROGRESSIVE = {"refit": False}
+"""The paper's progressive method, which this script measures (the re-fit would calibrate at every event)."""
 SHAPES = [(4, 512), (1, 128)]
 MEMORY_CRITERIA = ["lora_guided", "magnitude", "true_gradient", "channel_taylor"]
 MEMORY_SHAPES = [(1, 64), (2, 256)]
@@ -148,7 +150,7 @@ def memory_step(kind: str, criterion: str, batch: int, seq: int) -> dict[str, fl
     """One optimizer step with pruning scores; peak RSS during it above the RSS before it."""
     cfg, _ = model_config(kind)
     model, tokenizer = load_model(cfg)
-    method = LoraPruneMethod(LoraPruneConfig(criterion=criterion, dropout=0.0), schedule(2))
+    method = LoraPruneMethod(LoraPruneConfig(criterion=criterion, dropout=0.0, **PROGRESSIVE), schedule(2))
     method.attach(model)
     optimizer = torch.optim.AdamW(method.parameter_groups(model, 0.0)[0]["params"], lr=2e-4)
     (callback,) = method.callbacks()
@@ -207,7 +209,8 @@ def compaction_rows(kind: str, steps: int, reps: int, workdir: Path) -> tuple[li
     for name, overrides in POLICIES.items():
         print(f"pruning with {name}", flush=True)
         model, _ = load_model(cfg)
-        method = prune(model, LoraPruneConfig(dropout=0.0, **overrides), schedule(steps), batches)
+        method = prune(model, LoraPruneConfig(dropout=0.0, criterion="lora_guided", **PROGRESSIVE, **overrides),
+                       schedule(steps), batches)
         report = method.report(model)
         exported = method.export(model, tokenizer, workdir / _slug(name), cfg.name_or_path)  # writes <dir>/model
         figures[name] = {**report, **exported}

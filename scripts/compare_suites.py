@@ -1,13 +1,20 @@
 """What ``python -m scripts.compare`` runs: the suites (runs, metrics, the papers' claims) and the budgets.
 
 A suite's runs differ only in their method overrides; model, data, seed, steps, batch and evaluation come from
-the budget, identical for every run of a suite. The papers' numbers quoted here are those collected in
-``docs/methods.md`` (sections 3.6, 4.4, 5.5, 6.5).
+the budget, identical for every run of a suite. A row names every setting its label stands for, so a default that
+changes later does not change what a label measures (LoRAPrune's ``PAPER_LAYOUT``, ``recovery=ce``). The papers'
+numbers quoted here are those collected in ``docs/methods.md`` (sections 3.6, 4.4, 5.5, 6.5).
 """
 
 from __future__ import annotations
 
-from scripts.loraprune_suites import recovery_runs, recovery_verdicts, structure_runs, structure_verdicts
+from scripts.loraprune_suites import (
+    PAPER_LAYOUT,
+    recovery_runs,
+    recovery_verdicts,
+    structure_runs,
+    structure_verdicts,
+)
 from scripts.seed_stats import paired, series_values
 from scripts.suite_types import Run, Suite, compare, value
 
@@ -58,13 +65,13 @@ def _prunedlora(s: float) -> Run:
 
 def _loraprune(s: float, criterion: str = "lora_guided") -> Run:
     suffix = "" if criterion == "lora_guided" else f"-{criterion}"
-    return Run(f"loraprune{suffix}-s{s:.2f}", ("method=loraprune", f"method.criterion={criterion}",
+    return Run(f"loraprune{suffix}-s{s:.2f}", ("method=loraprune", f"method.criterion={criterion}", *PAPER_LAYOUT,
                                                f"sparsity.final={s}", "sparsity.every=5"), s,
                series=f"loraprune ({criterion})" if suffix else None)
 
 
 def _salr(s: float) -> Run:
-    return Run(f"salr-s{s:.2f}", ("method=salr", f"sparsity.final={s}"), s)
+    return Run(f"salr-s{s:.2f}", ("method=salr", "recovery=ce", f"sparsity.final={s}"), s)
 
 
 def _pattern_tag(pattern: str) -> str:
@@ -76,7 +83,8 @@ def _salr_base(criterion: str, pattern: str = "unstructured") -> Run:
     """SALR at 50% with an explicit base criterion (label independent of the default)."""
     tag = _pattern_tag(pattern)
     return Run(f"salr-{criterion}{tag}-s0.50", ("method=salr", f"method.base_criterion={criterion}",
-                                               f"method.pattern='{pattern}'", "sparsity.final=0.5"), 0.5,
+                                               f"method.pattern='{pattern}'", "sparsity.final=0.5", "recovery=ce"),
+               0.5,
                series=f"salr ({criterion}{', 2:4' if tag else ''})")
 
 
@@ -90,7 +98,7 @@ def _one_shot(criterion: str, pattern: str = "unstructured") -> Run:
     tag = _pattern_tag(pattern)
     return Run(f"oneshot-{criterion}{tag}-s0.50", ("method=salr", f"method.base_criterion={criterion}",
                                                    f"method.pattern='{pattern}'", "method.residual_rank=0",
-                                                   "sparsity.final=0.5", "train.max_steps=0"),
+                                                   "recovery=ce", "sparsity.final=0.5", "train.max_steps=0"),
                0.5, series=f"one-shot {criterion}{', 2:4' if tag else ''}, no training")
 
 

@@ -9,6 +9,9 @@ import math
 
 from scripts.suite_types import Run, value
 
+PAPER_LAYOUT = ("sparsity.schedule=cubic", "method.refit=false", "method.gqa_balanced=false", "recovery=ce")
+"""LoRAPrune's progressive pipeline as measured before issue 29 made one-shot the default (the paper's schedule, no
+re-fit, free head choice, cross-entropy): the rows that name only a criterion run it."""
 STRUCTURE_SEEDS = (42, 1)
 STRUCTURE_SPARSITIES = (0.5, 0.25)
 
@@ -18,7 +21,8 @@ def _structure_run(s: float, structure: str, seed: int) -> Run:
     tag = "" if structure == "per_layer" else f"-{structure}"
     label = f"loraprune-channel_taylor{tag}-s{s:.2f}" + ("" if seed == 42 else f"-seed{seed}")
     overrides = ("method=loraprune", "method.criterion=channel_taylor", f"method.structure={structure}",
-                 f"sparsity.final={s}", "sparsity.every=5", *(() if seed == 42 else (f"train.seed={seed}",)))
+                 *PAPER_LAYOUT, f"sparsity.final={s}", "sparsity.every=5",
+                 *(() if seed == 42 else (f"train.seed={seed}",)))
     return Run(label, overrides, s, series=f"loraprune ({structure}, {s:.0%})", structure=structure, seed=seed)
 
 
@@ -73,15 +77,16 @@ def _recovery_run(s: float = 0.5, seed: int = 42, **change: object) -> Run:
     overrides = ("method=loraprune", f"method.criterion={c['criterion']}", f"method.refit={str(c['refit']).lower()}",
                  f"method.structure={c['structure']}", f"method.gqa_balanced={str(c['gqa_balanced']).lower()}",
                  f"recovery={c['objective']}", f"sparsity.final={s}",
-                 *(("sparsity.schedule=one_shot",) if c["schedule"] == "one_shot" else ("sparsity.every=5",)),
+                 *(("sparsity.schedule=one_shot",) if c["schedule"] == "one_shot"
+                   else ("sparsity.schedule=cubic", "sparsity.every=5")),
                  *(() if seed == 42 else (f"train.seed={seed}",)))
     series = f"loraprune ({', '.join(f'{k}={v}' for k, v in change.items()) or 'default'})"
     return Run(label, overrides, s, series=series, structure=str(c["structure"]), seed=seed)
 
 
 def _with_objective(label: str, overrides: tuple[str, ...], s: float, objective: str) -> Run:
-    return Run(label if objective == "ce" else f"{label}-{objective}",
-               (*overrides, *(() if objective == "ce" else (f"recovery={objective}",))), s)
+    """``label`` names the cross-entropy row (the objective every method trained with before issue 29)."""
+    return Run(label if objective == "ce" else f"{label}-{objective}", (*overrides, f"recovery={objective}"), s)
 
 
 SALR_ROWS = tuple(_with_objective("salr-wanda-s0.50", ("method=salr", "method.base_criterion=wanda",

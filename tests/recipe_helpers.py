@@ -65,12 +65,14 @@ def metric_records(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def load_served(run_dir: Path, trust_remote_code: bool = False) -> torch.nn.Module:
-    """The run's ``model/`` as a user loads it, with no project code: ``AutoModelForCausalLM.from_pretrained``, and
+    """The run's ``model/`` as a user loads it, with no project code: ``AutoModelForCausalLM.from_pretrained`` (with
+    ``trust_remote_code=True`` where ``summary.json``'s client for it says so: LoRAPrune's per-layer shapes), and
     ``PeftModel.from_pretrained(model, "adapter")`` where ``summary.json`` says ``adapter/`` goes on it (salr)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(run_dir / "model", trust_remote_code=trust_remote_code)
     exports = json.loads((run_dir / "summary.json").read_text())["exports"]
+    trust_remote_code = trust_remote_code or "trust_remote_code=True" in exports["model"]["client"]
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "model", trust_remote_code=trust_remote_code)
     if exports["model"].get("serve_with") == "adapter":
         from peft import PeftModel
 

@@ -39,21 +39,27 @@ def test_single_process_zero_matches_plain_pytorch(tmp_path: Path, data_root: Pa
 
 ONE_SHOT = ["sparsity.schedule=one_shot", "method.criterion=activation", "method.refit=true",
             "method.calibration_sequences=2"]
-"""LoRAPrune's one-shot cut: pruned, re-fitted and compacted before DeepSpeed starts."""
+"""LoRAPrune's default one-shot cut (fewer calibration rows): pruned, re-fitted and compacted before DeepSpeed
+starts."""
+PROGRESSIVE = "sparsity.schedule=cubic method.refit=false method.gqa_balanced=false"
+"""LoRAPrune's progressive schedule (the paper's), scored while DeepSpeed trains."""
 ZERO3_PARTITION_ALL = ["distributed=deepspeed_zero3",
                        # the tiny model's weights are below DeepSpeed's persistence threshold: partition them all
                        "+distributed.deepspeed.zero_optimization.stage3_param_persistence_threshold=0"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["method=loraprune",  # channel_taylor, per_layer
-                                    "method=loraprune method.criterion=lora_guided method.structure=uniform",
-                                    pytest.param(f"method=loraprune {' '.join(ONE_SHOT)}", id="loraprune-one_shot"),
-                                    "method=salr"])
+@pytest.mark.parametrize("method", [
+    pytest.param(f"method=loraprune method.criterion=channel_taylor {PROGRESSIVE}", id="loraprune-channel_taylor"),
+    pytest.param(f"method=loraprune method.criterion=lora_guided method.structure=uniform {PROGRESSIVE}",
+                 id="loraprune-lora_guided-uniform"),
+    pytest.param(f"method=loraprune {' '.join(ONE_SHOT)}", id="loraprune-one_shot"),
+    "method=salr"])
 def test_base_pruning_methods_under_zero3_match_plain_pytorch(tmp_path: Path, data_root: Path, method: str) -> None:
-    """LoRAPrune's default scores read activations and their gradients, the paper's whole base weights (gathered
-    under ZeRO-3); SALR prunes the base before the engine exists. Same losses, same pruning decisions, same
-    exported model as without DeepSpeed."""
+    """Progressive LoRAPrune's scores read activations and their gradients (channel_taylor) or the paper's whole base
+    weights (gathered under ZeRO-3); its default one-shot cut and SALR prune the base before the engine exists, and
+    both distill from a held copy. Same losses, same pruning decisions, same exported model as without
+    DeepSpeed."""
     args = [*ARGS, *method.split(), "sparsity.every=2", "train.max_steps=4"]
     plain = run_cli(["prunedlora-train", *args, f"hydra.run.dir={tmp_path / 'plain'}"], data_root)
     assert plain.returncode == 0, plain.stderr[-3000:]
@@ -75,7 +81,8 @@ def test_a_distilling_run_under_zero2_and_zero3_matches_plain_pytorch(tmp_path: 
     """recovery=mix with LoRAPrune: every teacher forward goes through the DeepSpeed engine with the adapters swapped
     out and the masks opened (ZeRO-3 gathers the partitioned base weights for it), and a pruning event falls in the
     run: the same losses and terms as without DeepSpeed."""
-    args = [*ARGS, "method=loraprune", "sparsity.every=2", "recovery=mix", "recovery.temperature=2"]
+    args = [*ARGS, "method=loraprune", "method.criterion=channel_taylor", *PROGRESSIVE.split(), "sparsity.every=2",
+            "recovery=mix", "recovery.temperature=2"]
     runs = {}
     for name, extra in (("plain", []), ("zero2", ["distributed=deepspeed_zero2"]), ("zero3", ZERO3_PARTITION_ALL)):
         proc = run_cli(["prunedlora-train", *args, *extra, f"hydra.run.dir={tmp_path / name}"], data_root)

@@ -59,10 +59,14 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).eval()
 
 
+PROGRESSIVE = {"criterion": "channel_taylor", "refit": False, "gqa_balanced": False}
+
+
 def attach(model: nn.Module, every: int = 1, final: float = 0.5, **overrides) -> LoraPruneMethod:
-    # no lora_dropout: these tests compare masked, exported and resumed models exactly
-    cfg = LoraPruneConfig(rank=4, alpha=8.0, **{"dropout": 0.0, **overrides})
-    sparsity = SparsityConfig(schedule="auto", final=final, every=every, warmup_frac=0.1, cooldown_frac=0.1)
+    # no lora_dropout: these tests compare masked, exported and resumed models exactly. The progressive method
+    # (masks while LoRA trains; channel_taylor, no re-fit, free head choice) unless a test asks for more.
+    cfg = LoraPruneConfig(rank=4, alpha=8.0, **{**PROGRESSIVE, "dropout": 0.0, **overrides})
+    sparsity = SparsityConfig(schedule="cubic", final=final, every=every, warmup_frac=0.1, cooldown_frac=0.1)
     method = build_method(cfg, sparsity)
     method.attach(model)
     gen = torch.Generator().manual_seed(7)
@@ -200,10 +204,9 @@ def test_channel_taylor_frees_each_step_without_the_cycle_collector() -> None:
     assert set(callback.capture.take()) == {(i, name) for i in method.masks for name in ("o_proj", "down_proj")}
 
 
-def test_channel_taylor_default_and_unchanged_by_gradient_checkpointing() -> None:
-    """The default criterion; the recipe's non-reentrant checkpointing recomputes each layer's forward in backward,
-    and the capture must still count every micro-batch exactly once."""
-    assert LoraPruneConfig().criterion == "channel_taylor"
+def test_channel_taylor_unchanged_by_gradient_checkpointing() -> None:
+    """The recipe's non-reentrant checkpointing recomputes each layer's forward in backward, and the capture must
+    still count every micro-batch exactly once."""
     sums = []
     for checkpointing in (False, True):
         model = tiny_llama()
@@ -222,7 +225,7 @@ def test_channel_taylor_default_and_unchanged_by_gradient_checkpointing() -> Non
 
 
 def test_channel_taylor_needs_no_adapter_on_the_grouped_projections() -> None:
-    sparsity = SparsityConfig(schedule="auto")
+    sparsity = SparsityConfig(schedule="cubic")
     assert LoraPruneConfig(criterion="channel_taylor", target_modules=["q_proj", "v_proj"]).validate(sparsity) == []
     model = tiny_llama()
     method = attach(model, every=2, criterion="channel_taylor", target_modules=["q_proj", "v_proj"])
@@ -425,7 +428,8 @@ def test_plan_layer_keeps_standard_gqa_when_counts_are_equal() -> None:
 
 # ---------------------------------------------------------------------------------- config, resume
 def test_config_validation() -> None:
-    sparsity = SparsityConfig(schedule="auto")
+    assert LoraPruneConfig().validate(SparsityConfig(schedule="auto")) == []
+    sparsity = SparsityConfig(schedule="cubic")  # lora_guided scores from training gradients: progressive only
     assert LoraPruneConfig().validate(sparsity) == []
     problems = LoraPruneConfig(prune_every=5, criterion="grad", gqa_policy="x", score_power=3,
                                ).validate(SparsityConfig(schedule="constant"))
@@ -436,7 +440,7 @@ def test_config_validation() -> None:
     (problem,) = LoraPruneConfig(criterion="lora_guided", target_modules=["q_proj", "up_proj"]).validate(sparsity)
     assert "lacks ['k_proj', 'v_proj', 'o_proj', 'gate_proj', 'down_proj']" in problem
     assert LoraPruneConfig(criterion="magnitude", target_modules=["q_proj"]).validate(sparsity) == []
-    assert "gqa_balanced" in LoraPruneConfig(gqa_policy="kv_group", gqa_balanced=True).validate(sparsity)[0]
+    assert LoraPruneConfig(gqa_policy="kv_group", gqa_balanced=True).validate(sparsity) == []  # no effect there
     with pytest.raises(ConfigError):
         build_method(LoraPruneConfig(name="nope"), sparsity)
 

@@ -41,8 +41,10 @@ def examples(count: int = 8, length: int = 12) -> list[dict]:
 
 
 def attach(model: nn.Module, every: int = 1, final: float = 0.5, context: bool = True, **overrides) -> LoraPruneMethod:
-    cfg = LoraPruneConfig(rank=4, alpha=8.0, **{"dropout": 0.0, "calibration_sequences": ROWS, **overrides})
-    method = build_method(cfg, SparsityConfig(schedule="auto", final=final, every=every))
+    # the paper's progressive layout (no re-fit, free head choice) unless a test asks for more
+    cfg = LoraPruneConfig(rank=4, alpha=8.0, **{"dropout": 0.0, "calibration_sequences": ROWS, "refit": False,
+                                                "gqa_balanced": False, **overrides})
+    method = build_method(cfg, SparsityConfig(schedule="cubic", final=final, every=every))
     if context:
         method.prepare(AttachContext(examples(), SEQ))
     method.attach(model)
@@ -210,13 +212,20 @@ def test_events_whose_counts_do_not_rise_run_no_calibration_pass(monkeypatch: py
 
 
 # ---------------------------------------------------------------------------------------------- refusals
+PROGRESSIVE_FREE = "lora_guided or magnitude or true_gradient or channel_taylor"
+"""The criteria a progressive schedule scores without calibration rows (the default, activation, reads them)."""
+
+
 @pytest.mark.parametrize(("options", "schedule", "named", "fix"), [
-    ({"refit": True}, "auto", "method.refit=true with a progressive schedule", "channel_taylor"),
-    ({"criterion": "activation"}, "auto", "method.criterion=activation with a progressive schedule", "channel_taylor"),
+    ({"refit": True, "criterion": "channel_taylor"}, "cubic", "method.refit=true with a progressive schedule",
+     PROGRESSIVE_FREE),
+    ({"criterion": "activation", "refit": False}, "cubic", "method.criterion=activation with a progressive schedule",
+     PROGRESSIVE_FREE),
     ({"refit": True, "criterion": "magnitude"}, "one_shot", "method.refit=true with sparsity.schedule=one_shot",
      "magnitude"),
     # One-shot, channel_taylor reads the rows too: its backward pass runs over them (there is no training step yet).
-    ({}, "one_shot", "method.criterion=channel_taylor with sparsity.schedule=one_shot", "magnitude")])
+    ({"criterion": "channel_taylor", "refit": False}, "one_shot",
+     "method.criterion=channel_taylor with sparsity.schedule=one_shot", "magnitude")])
 def test_a_cut_that_calibrates_without_calibration_data_is_refused(options: dict, schedule: str, named: str,
                                                                    fix: str) -> None:
     method = build_method(LoraPruneConfig(**options), SparsityConfig(schedule=schedule))
@@ -226,7 +235,7 @@ def test_a_cut_that_calibrates_without_calibration_data_is_refused(options: dict
 
 
 def test_refit_with_a_quantized_base_or_under_deepspeed_is_refused_before_anything_loads(data_root: Path) -> None:
-    base = ["model=tiny", "method=loraprune", "method.refit=true"]
+    base = ["model=tiny", "method=loraprune", "method.refit=true", "sparsity=cubic"]
     for extra, named in ((["model.quantization=nf4"], "model.quantization=nf4"),
                          (["distributed=deepspeed_zero3"], "distributed=deepspeed_zero3"),
                          (["distributed=deepspeed_zero2"], "distributed=deepspeed_zero2")):
@@ -244,4 +253,5 @@ def test_refit_options_are_checked() -> None:
     for key in ("method.refit_damping=-1", "method.refit_anchor=w", "method.refit_lora=drop",
                 "method.calibration_sequences=0"):
         assert key in text, key
-    assert "nothing is re-fitted" in LoraPruneConfig(refit=True).validate(SparsityConfig(schedule="none"))[0]
+    # the default re-fit stays valid where nothing is pruned (it has no cut to act on)
+    assert LoraPruneConfig(refit=True).validate(SparsityConfig(schedule="none", final=0.0)) == []

@@ -42,11 +42,27 @@ def test_loraprune_preset_is_the_authors_script():
     cfg = compose_root(["experiment=paper_loraprune_wikitext"])
     assert cfg.model.name_or_path == "huggyllama/llama-7b" and cfg.task.dataset == "lamini"
     assert (cfg.method.rank, cfg.method.alpha, cfg.method.criterion) == (8, 16, "lora_guided")
+    # the paper's pipeline, not the project's defaults: progressive masks, no re-fit, free head choice, cross-entropy
+    assert (cfg.method.schedule(cfg.sparsity), cfg.method.refit, cfg.method.gqa_balanced, cfg.recovery.name) == (
+        "cubic", False, False, "ce")
     assert cfg.train.batch_size * cfg.train.grad_accum == 128 and cfg.eval.seqlen == 128
     # cubic: nothing during the first 10%, the full 50% for the last 10%
     steps = cfg.train.max_steps
     assert target_fraction(cfg.sparsity, 100, steps, default="cubic") == 0
     assert target_fraction(cfg.sparsity, steps - 100, steps, default="cubic") == pytest.approx(0.5)
+
+
+def test_loraprune_defaults_are_the_measured_pipeline():
+    """``method=loraprune`` alone: the one-shot cut (``sparsity.schedule=auto``) scored by ``activation``, re-fitted,
+    with balanced GQA groups, then the even mix of cross-entropy and distillation (docs/RESULTS.md, "Recovery")."""
+    cfg = compose_root(["method=loraprune"])
+    validate(cfg)
+    assert (cfg.sparsity.schedule, cfg.method.schedule(cfg.sparsity)) == ("auto", "one_shot")
+    assert (cfg.method.criterion, cfg.method.refit, cfg.method.gqa_balanced, cfg.method.structure) == (
+        "activation", True, True, "per_layer")
+    assert (cfg.recovery.name, cfg.recovery.alpha) == ("mix", 0.5)
+    progressive = compose_root(["method=loraprune", "sparsity=cubic"])
+    assert progressive.method.schedule(progressive.sparsity) == "cubic"
 
 
 def test_droplora_and_salr_presets():
@@ -57,6 +73,7 @@ def test_droplora_and_salr_presets():
     salr = compose_root(["experiment=paper_salr_gsm8k"])
     assert (salr.method.rank, salr.method.residual_rank, salr.sparsity.final) == (64, 64, 0.5)
     assert salr.method.base_criterion == "magnitude"  # the paper's, not the project's default
+    assert salr.recovery.name == "ce"  # the paper's objective (the project's default for salr: mix)
 
 
 def test_metamathqa_rows_become_gsm8k_style_records(tmp_path):

@@ -245,27 +245,37 @@ def test_evaluation_of_an_nf4_base_in_each_layout(entry: str, layout: str, tmp_p
 
 
 # ------------------------------------------------------------------------ distillation on an nf4 base
-@pytest.mark.parametrize("method", ["lora", "loraprune", "salr"])
-def test_distillation_on_an_nf4_base_has_the_quantized_base_as_its_teacher(method: str, tmp_path: Path,
+# LoRAPrune's progressive schedule, a pruning event at each of the 3 steps; its default is the one-shot cut
+LORAPRUNE_PROGRESSIVE = ["sparsity=cubic", "sparsity.every=1", "method.criterion=channel_taylor", "method.refit=false",
+                         "method.gqa_balanced=false"]
+
+
+@pytest.mark.parametrize("case", ["lora", "loraprune-progressive", "loraprune", "salr"])
+def test_distillation_on_an_nf4_base_has_the_quantized_base_as_its_teacher(case: str, tmp_path: Path,
                                                                            data_root: Path) -> None:
-    """LoRA's and LoRAPrune's teacher is the nf4 base itself (step 1's KL is exactly 0: B = 0, nothing pruned yet),
-    SALR's the dense weights quantized to nf4 as the base would be (a quarter of their bf16 size, plus the scales),
-    and all train."""
+    """LoRA's and progressive LoRAPrune's teacher is the nf4 base itself (step 1's KL is exactly 0: B = 0, nothing
+    pruned yet); one-shot LoRAPrune's a copy of the unpruned base, held in nf4 as the base is (the cut was made
+    before training); SALR's the dense weights quantized to nf4 as the base would be (a quarter of their bf16 size,
+    plus the scales); and all train."""
     import math
 
     from recipe_helpers import metric_records
 
-    extra = ["sparsity.every=1"] if method == "loraprune" else []  # a pruning event at each of the 3 steps
+    method = case.split("-")[0]
+    extra = LORAPRUNE_PROGRESSIVE if case == "loraprune-progressive" else []
     cfg = compose_root([*TINY_OVERRIDES, f"method={method}", "model.quantization=nf4", "recovery=mix",
                         "train.max_steps=3", "train.packing=true", "train.save_every=1000", *extra], data_root)
     summary = run(cfg, tmp_path)
     records = metric_records(tmp_path)
     assert all(math.isfinite(r[k]) for r in records for k in ("loss", "loss_ce", "loss_kl"))
     held = summary["recovery"]["teacher_held_mb"] * 2**20
-    if method != "salr":
+    weights = 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 128 * 64)  # tiny's q, o, k, v, gate, up, down in 2 layers
+    if case in ("lora", "loraprune-progressive"):
         assert records[0]["loss_kl"] == 0.0 and records[-1]["loss_kl"] > 0 and held == 0
+    elif case == "loraprune":
+        assert summary["recovery"]["teacher"] == "copy" and records[0]["loss_kl"] > 0
+        assert 0 < held < 2 * summary["params_total"]  # below a bf16 copy: its linears are held in 4 bits
     else:
-        weights = 2 * (2 * 64 * 64 + 2 * 32 * 64 + 3 * 128 * 64)  # tiny's q, o, k, v, gate, up, down in 2 layers
         assert records[0]["loss_kl"] > 0 and held == weights / 2 + 4 * weights / 64  # 4 bits + a float32 per 64
 
 

@@ -82,10 +82,11 @@ def test_every_criterion_names_a_function_that_exists_and_needs_what_is_describe
 
 
 def test_the_config_allows_exactly_the_registered_criteria() -> None:
-    sparsity = SparsityConfig()
-    for schema, key, registry in ((PrunedLoraConfig, "criterion", RANK_CRITERIA),
-                                  (LoraPruneConfig, "criterion", STRUCTURED_CRITERIA),
-                                  (SalrConfig, "base_criterion", BASE_CRITERIA)):
+    # LoRAPrune's progressive schedule: its default one-shot cut refuses the criteria that need training gradients
+    for schema, key, registry, sparsity in ((PrunedLoraConfig, "criterion", RANK_CRITERIA, SparsityConfig()),
+                                            (LoraPruneConfig, "criterion", STRUCTURED_CRITERIA,
+                                             SparsityConfig(schedule="cubic")),
+                                            (SalrConfig, "base_criterion", BASE_CRITERIA, SparsityConfig())):
         for name in registry.names():
             problems = schema(**{key: name}).validate(sparsity)
             assert not any(f"method.{key}=" in p for p in problems), (name, problems)
@@ -111,8 +112,9 @@ def test_a_criterion_added_to_a_registry_is_allowed_and_its_needs_are_checked() 
 
 def test_needs_reach_the_generic_validation() -> None:
     """A criterion needing the base weights' gradients is refused under ZeRO-3, whichever method asks."""
-    cfg = compose_config(["model=tiny", "method=loraprune", "method.criterion=true_gradient",
-                          "distributed=deepspeed_zero3"])
-    assert LoraPruneConfig(criterion="true_gradient").needs() == {"base_gradients": "method.criterion=true_gradient"}
+    cfg = compose_config(["model=tiny", "method=loraprune", "method.criterion=true_gradient", "method.refit=false",
+                          "sparsity=cubic", "distributed=deepspeed_zero3"])
+    assert LoraPruneConfig(criterion="true_gradient", refit=False).needs() == {
+        "base_gradients": "method.criterion=true_gradient"}
     with pytest.raises(ConfigError, match="method.criterion=true_gradient with distributed=deepspeed_zero3"):
         validate(cfg)

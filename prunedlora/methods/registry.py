@@ -43,8 +43,9 @@ class MethodSpec:
     """The ``Method`` class (or any callable ``(cfg, sparsity) -> Method``), or its ``"module:attribute"`` path,
     imported on first use so that the registry stays torch-free."""
     starts_at_base: bool = True
-    """Right after ``attach`` the model computes what the base computed (false for SALR, which prunes the base: its
-    start is the pruned base plus the residual adapter). The contract test checks either promise."""
+    """Right after ``attach``, at the method's defaults, the model computes what the base computed (false for SALR,
+    which prunes the base: its start is the pruned base plus the residual adapter; and for LoRAPrune, whose default
+    one-shot cut prunes it). The contract test checks either promise."""
     smoke_overrides: tuple[str, ...] = ()
     """Overrides with which six steps of ``model=tiny`` exercise the method (a pruning event, an allocation): the
     contract and deployment tests run every method with them."""

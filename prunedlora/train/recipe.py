@@ -218,9 +218,9 @@ def _attach(method: Method, model: nn.Module, cfg: RootConfig, device: torch.dev
     model.to(device)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    _, trainable = count_parameters(model)
-    log.info("%s on %s: %d adapted modules, %d trainable of %d parameters",
-             method.name, cfg.model.name, len(adapted), trainable, params_total)
+    total, trainable = count_parameters(model)  # after the method: a one-shot cut has made the base smaller
+    log.info("%s on %s: %d adapted modules, %d trainable of %d parameters (the base had %d)",
+             method.name, cfg.model.name, len(adapted), trainable, total, params_total)
     return trainable
 
 

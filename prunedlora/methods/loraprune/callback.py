@@ -17,7 +17,7 @@ from torch import nn
 
 from prunedlora.config import SparsityConfig
 from prunedlora.methods.base import Callback
-from prunedlora.methods.loraprune.config import LoraPruneConfig
+from prunedlora.methods.loraprune.config import DEFAULT_SCHEDULE, LoraPruneConfig
 from prunedlora.methods.loraprune.events import EventPass
 from prunedlora.methods.loraprune.selection import Selector, unit_keep
 from prunedlora.methods.loraprune.uniform import UniformPlan
@@ -33,9 +33,6 @@ from prunedlora.pruning.structured_criteria import (
     combine_scores,
     head_scores,
 )
-
-DEFAULT_SCHEDULE = "cubic"
-"""What ``sparsity.schedule=auto`` means for LoRAPrune (the paper's)."""
 
 
 class LoraPruneCallback(Callback):

@@ -7,9 +7,13 @@ from dataclasses import dataclass, field
 from prunedlora.config import MethodConfig, SparsityConfig, check, check_one_of
 from prunedlora.methods.registry import register
 from prunedlora.pruning.criteria import STRUCTURED_CRITERIA
+from prunedlora.pruning.schedules import ONE_SHOT
 
 GQA_POLICIES = ("query_head", "kv_group")
 SCHEDULES = ("auto", "cubic", "linear", "none", "one_shot")
+DEFAULT_SCHEDULE = ONE_SHOT
+"""What ``sparsity.schedule=auto`` means for LoRAPrune: cut, re-fit and compact before the first step, then train
+the smaller model (it measures best, docs/RESULTS.md "Recovery"); the paper's progressive schedule is ``cubic``."""
 REFIT_ANCHORS = ("zero", "kept")
 """``method.refit_anchor`` (``prunedlora.pruning.refit.ANCHORS``; a test keeps the two in step)."""
 REFIT_LORA = ("keep", "merge")
@@ -25,28 +29,30 @@ CHANNEL_PROJECTIONS = ["gate_proj", "up_proj", "down_proj"]
 class LoraPruneConfig(MethodConfig):
     """LoRAPrune (docs/methods.md §5): structured pruning of the base (heads, MLP channels) while LoRA trains.
 
-    The target fraction and the cadence come from the ``sparsity`` group: ``sparsity.final`` of the heads
-    and of the channels of every prunable layer, cubic by default (``schedule: auto``) with
-    ``warmup_frac``/``cooldown_frac``, pruning events every ``sparsity.every`` optimizer steps.
+    The target comes from the ``sparsity`` group: ``sparsity.final`` of the heads and of the channels of every
+    prunable layer, cut once before the first step by default (``schedule: auto`` = one_shot); a progressive
+    schedule (``cubic``, the paper's; ``linear``) prunes at an event every ``sparsity.every`` optimizer steps
+    between ``warmup_frac`` and ``cooldown_frac``.
     """
 
     name: str = "loraprune"
     dropout: float = 0.05
     """lora_dropout 0.05, as the authors' script (docs/methods.md §5.3)."""
     target_modules: list[str] = field(default_factory=lambda: [*HEAD_PROJECTIONS, *CHANNEL_PROJECTIONS])
-    criterion: str = "channel_taylor"
-    """channel_taylor (default, beyond the paper: |sum_t g * h| over a head's slice of the o_proj input / a
-    channel of the down_proj input; it measures best, docs/RESULTS.md), lora_guided (the paper's:
-    |(G_B A + B G_A - G_B G_A) * (W0 + s BA)|), magnitude, true_gradient (LLM-Pruner's, memory-heavy),
-    activation (||X_j|| * ||W[:, j]|| summed over a group's o_proj / down_proj input columns, from a calibration
-    pass at each event) or activation_taylor (the mean of activation's and channel_taylor's normalised vectors)
-    (``prunedlora.pruning.criteria.STRUCTURED_CRITERIA``)."""
+    criterion: str = "activation"
+    """activation (default: ||X_j|| * ||W[:, j]|| summed over a group's o_proj / down_proj input columns, from the
+    calibration pass; with the re-fit and one-shot schedule it measures best, docs/RESULTS.md "Recovery"),
+    channel_taylor (|sum_t g * h| over a head's slice of the o_proj input / a channel of the down_proj input),
+    activation_taylor (the mean of activation's and channel_taylor's normalised vectors), lora_guided (the paper's:
+    |(G_B A + B G_A - G_B G_A) * (W0 + s BA)|, progressive schedules only), magnitude or true_gradient
+    (LLM-Pruner's, memory-heavy) (``prunedlora.pruning.criteria.STRUCTURED_CRITERIA``)."""
     calibration_sequences: int = 32
     """activation, activation_taylor and refit: rows of train.seq_len tokens cut from the training data for the
     calibration pass (at each event; once before a one-shot cut)."""
-    refit: bool = False
-    """At each event, re-solve the kept input columns of o_proj and down_proj by damped least squares so the layer's
-    output on the calibration rows stays as it was before the cut (layer by layer, one layer's Gram at a time)."""
+    refit: bool = True
+    """At each cut (the one-shot cut, or every event of a progressive schedule), re-solve the kept input columns of
+    o_proj and down_proj by damped least squares so the layer's output on the calibration rows stays as it was
+    before the cut (layer by layer, one layer's Gram at a time). Nothing pruned (``sparsity=none``): nothing to do."""
     refit_damping: float = 0.01
     """Ridge λ of the re-fit, relative to the mean diagonal of the kept columns' Gram matrix."""
     refit_anchor: str = "zero"
@@ -68,8 +74,9 @@ class LoraPruneConfig(MethodConfig):
     """Never prune the last this many decoder layers."""
     gqa_policy: str = "query_head"
     """query_head: prune query heads, drop a KV head when all its query heads are gone; kv_group."""
-    gqa_balanced: bool = False
-    """query_head only: remove floor(target * G) query heads from every KV group of a layer, so every layer
+    gqa_balanced: bool = True
+    """query_head only, no effect under kv_group, whose whole groups are balanced already (default on; the paper's
+    script has it off): remove floor(target * G) query heads from every KV group of a layer, so every layer
     stays standard GQA at export (no k/v expansion); fewer heads go when G does not divide evenly."""
     prune_heads: bool = True
     prune_channels: bool = True
@@ -90,9 +97,6 @@ class LoraPruneConfig(MethodConfig):
         check(p, self.rank is not None, "method.rank=null: loraprune needs a LoRA rank (default 8)")
         check_one_of(p, "method.criterion", self.criterion, STRUCTURED_CRITERIA.names())
         check_one_of(p, "method.gqa_policy", self.gqa_policy, GQA_POLICIES)
-        check(p, not (self.gqa_balanced and self.gqa_policy == "kv_group"),
-              "method.gqa_balanced=true applies to gqa_policy=query_head only (kv_group keeps whole groups); "
-              "drop one of them")
         check(p, 0 <= self.ema < 1, f"method.ema={self.ema} must be in [0, 1) (default 0.9)")
         check(p, self.score_power in (1, 2), f"method.score_power={self.score_power} must be 1 or 2")
         check(p, self.prune_every is None,
@@ -123,16 +127,18 @@ class LoraPruneConfig(MethodConfig):
         check(p, self.refit_damping >= 0, f"method.refit_damping={self.refit_damping} must be >= 0 (default 0.01)")
         check_one_of(p, "method.refit_anchor", self.refit_anchor, REFIT_ANCHORS)
         check_one_of(p, "method.refit_lora", self.refit_lora, REFIT_LORA)
-        if sparsity.schedule == "one_shot" and self.criterion in STRUCTURED_CRITERIA:
+        if self.schedule(sparsity) == ONE_SHOT and self.criterion in STRUCTURED_CRITERIA:
             unmet = STRUCTURED_CRITERIA[self.criterion].needs & SCORES_BEFORE_TRAINING_NEVER
             able = [c.name for c in STRUCTURED_CRITERIA
                     if not any(STRUCTURED_CRITERIA[n].needs & SCORES_BEFORE_TRAINING_NEVER for n in c.parts)]
             check(p, not unmet, f"method.criterion={self.criterion} with sparsity.schedule=one_shot: the cut happens "
                                 f"before the first step, when LoRA's B is zero and no training gradient exists, so "
                                 f"{self.criterion} cannot score it; use method.criterion={' or '.join(able)}, or a "
-                                "progressive sparsity.schedule (auto: cubic)")
-        check(p, not (sparsity.schedule == "none" and self.refit),
-              "method.refit=true with sparsity.schedule=none: nothing is pruned, so nothing is re-fitted; drop one")
+                                "progressive sparsity.schedule (cubic, the paper's)")
+
+    def schedule(self, sparsity: SparsityConfig) -> str:
+        """``sparsity.schedule``, ``auto`` being ``DEFAULT_SCHEDULE`` (one_shot)."""
+        return DEFAULT_SCHEDULE if sparsity.schedule == "auto" else sparsity.schedule
 
     def needs(self) -> dict[str, str]:
         """What ``method.criterion`` and ``method.refit`` need from the run (``NEEDS`` keys), by the setting."""
@@ -149,5 +155,7 @@ class LoraPruneConfig(MethodConfig):
         return ("hf",)
 
 
+# starts_at_base=False: the default one-shot cut prunes before the first step (a progressive schedule starts at the
+# base); sparsity.every=1 gives a progressive schedule an event at every step.
 register("loraprune", schema=LoraPruneConfig, factory="prunedlora.methods.loraprune.method:LoraPruneMethod",
-         smoke_overrides=("model.tiny.num_hidden_layers=3", "sparsity.every=1"))
+         starts_at_base=False, smoke_overrides=("model.tiny.num_hidden_layers=3", "sparsity.every=1"))

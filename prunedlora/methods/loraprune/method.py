@@ -94,7 +94,7 @@ class LoraPruneMethod(Method):
 
     @property
     def one_shot(self) -> bool:
-        return self.sparsity.schedule == ONE_SHOT
+        return self.cfg.schedule(self.sparsity) == ONE_SHOT
 
     @property
     def quantizes_base(self) -> bool:
