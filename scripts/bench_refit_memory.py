@@ -14,12 +14,13 @@ then the layer is compacted. Two ways, each in its own process (peak RSS is per 
 A thread samples the process's resident set every 2 ms; the figure is the peak above the resident set once the
 model is built (torch's large CPU buffers are mmap-backed, so freed ones leave the resident set).
 
-    python -m scripts.bench_refit_memory [--rows 4] [--seq-len 128] [--threads 1]
+    python -m scripts.bench_refit_memory [--rows 4] [--seq-len 128] [--threads 1] [--no-write]
 
-Measured (2 shared CPU cores, 1 thread, 4 x 128 tokens): one layer's statistics 526 MB; ``layerwise`` peaks
-1059 MB above the model (2.0x: the 462 MB down_proj Gram plus the re-fit's ~540 MB workspace, of which 231 MB is
-the float64 factor), 83 s; ``one_pass`` 1591 MB (3.0x), 63 s. The layerwise peak does not grow with depth; the
-one-pass statistics alone are 16.8 GB at LLaMA-7B's 32 layers. (The error ratios are ~0 here: 512 calibration
+Writes the ``refit_memory`` section of ``docs/RESULTS.md`` unless ``--no-write``. Measured (2 shared CPU cores, 1
+thread, 4 x 128 tokens): one layer's statistics 526 MB; ``layerwise`` peaks 832 MB above the model (1.58x: the 462
+MB down_proj Gram, whose storage the float32 Cholesky factor reuses, plus the re-fit's workspace), 64 s;
+``one_pass`` 1352 MB (2.57x), 66 s. The layerwise peak does not grow with depth; the one-pass statistics alone are
+16.8 GB at LLaMA-7B's 32 layers. (The error ratios are ~0 here: 512 calibration
 tokens are fewer than the 5504 kept columns, so the re-fit reproduces them exactly; this measures memory only.)
 """
 
@@ -43,7 +44,7 @@ from prunedlora.pruning.calibration import InputStats, collect_input_stats
 from prunedlora.pruning.refit import kept_columns, refit_columns
 from prunedlora.pruning.sequential import calibrate_layer_by_layer
 from prunedlora.pruning.structure import AttentionShape, compact_layer, plan_layer, select_pruned
-from scripts._publish import REPO
+from scripts._publish import REPO, provenance, publish
 
 HIDDEN, MLP, HEADS, LAYERS, VOCAB = 4096, 11008, 32, 2, 1000
 MB = 2 ** 20
@@ -133,6 +134,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--sparsity", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--phase", choices=("layerwise", "one_pass"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -151,10 +153,27 @@ def main() -> None:
     print(f"\none layer's statistics (o_proj + down_proj Gram and norms, float32): {layer_stats / MB:.0f} MB; "
           f"all {LAYERS} layers at once: {LAYERS * layer_stats / MB:.0f} MB; LLaMA-7B's 32 layers at once: "
           f"{32 * layer_stats / MB:.0f} MB; cached hidden states (inputs + outputs): {hidden_cache / MB:.0f} MB")
+    rows = ["| driver | model resident (MB) | peak above it (MB) | x one layer's statistics | seconds |",
+            "|---|---:|---:|---:|---:|"]
     for r in results:
-        print(f"{r['phase']:>9}: model {r['model_rss_mb']:.0f} MB resident; peak above it "
-              f"{r['peak_above_model_mb']:.0f} MB = {r['peak_above_model_mb'] * MB / layer_stats:.2f} x one layer's "
-              f"statistics; {r['seconds']:.0f} s")
+        rows.append(f"| {r['phase']} | {r['model_rss_mb']:.0f} | {r['peak_above_model_mb']:.0f} | "
+                    f"{r['peak_above_model_mb'] * MB / layer_stats:.2f} | {r['seconds']:.0f} |")
+    markdown = "\n".join([
+        "## Calibration + re-fit memory on LLaMA-7B shapes",
+        "",
+        f"A synthetic {LAYERS}-layer stack of LLaMA-7B's shapes (hidden {HIDDEN}, MLP {MLP}, {HEADS} heads), "
+        f"{args.rows} x {args.seq_len} calibration tokens, {args.sparsity:.0%} of the heads and MLP channels cut by "
+        "`activation` and the kept columns of o_proj / down_proj re-fitted, each driver in its own process; peak "
+        "resident set above the built model, sampled every 2 ms. One layer's statistics (o_proj + down_proj Gram "
+        f"and norms, float32): {layer_stats / MB:.0f} MB; LLaMA-7B's 32 layers at once: "
+        f"{32 * layer_stats / MB:.0f} MB. `layerwise` is the project's driver (one layer's statistics at a time, "
+        "each Gram consumed by its re-fit); `one_pass` collects every layer's first.",
+        "",
+        *rows,
+        "",
+        *provenance(),
+    ])
+    publish("refit_memory", markdown, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -117,7 +117,7 @@ class LoraPruneConfig(MethodConfig):
             missing = [name for name in needed if name not in self.target_modules]
             check(p, not missing, f"method.target_modules lacks {missing}: criterion {self.criterion} scores a group "
                                   "from the LoRA gradients of every projection in it; add them, or use "
-                                  "method.criterion=channel_taylor (the default) or magnitude")
+                                  "method.criterion=activation (the default), channel_taylor or magnitude")
         return p
 
     def _validate_calibrated(self, p: list[str], sparsity: SparsityConfig) -> None:

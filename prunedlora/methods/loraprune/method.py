@@ -1,19 +1,26 @@
-"""LoRAPrune (Zhang et al., ACL Findings 2024; docs/methods.md §5): prune base heads and MLP channels while LoRA trains.
+"""LoRAPrune (Zhang et al., ACL Findings 2024; docs/methods.md §5, §5.8): prune the base's heads and channels.
 
-Attach: LoRA on the seven projections, then a ``StructureMask`` with masking hooks on every prunable
-decoder layer (all but the first ``exempt_first_frac`` of the layers and the last ``exempt_last``).
+The default (``sparsity.schedule=auto`` = one_shot, ``one_shot.py``): before the first step, one calibration pass
+scores every prunable layer (``method.criterion=activation``), cuts it to ``sparsity.final``, re-fits the kept
+columns of o_proj/down_proj (``method.refit``) and compacts it, layer by layer; LoRA then attaches to the smaller
+model and nothing happens between steps. The teacher of ``recovery=mix`` is a held copy of the base.
 
-This folder: ``config.py`` (options, registration), ``callback.py`` (scores, EMA, masking), ``export.py``
-(compaction), ``method.py`` (attach, report). Every optimizer step (``on_before_optimizer_step``, complete unscaled
-gradients), per prunable layer: head and channel importance (the ``method.criterion`` record of
-``prunedlora.pruning.criteria.STRUCTURED_CRITERIA``: ``channel_taylor`` by default, captured by hooks on the
-inputs of o_proj/down_proj during the step's backward passes; the paper's ``lora_guided``, ``magnitude``, or
-``true_gradient``) is averaged into an EMA (0.9). At pruning events (every ``sparsity.every`` steps) the
-target fraction ``sparsity.final`` follows the cubic schedule (``sparsity.schedule: auto``) with the
-group's warm-up/cool-down, and each layer independently masks its lowest-EMA fraction of query heads
-(or KV groups) and of MLP channels. Masks are cumulative: masked units rank lowest and are never
-restored. Pruning fires whenever the scheduled count rises, so the final fraction is reached (the
-authors' ``init < ratio < final`` condition would stop one event short).
+A progressive schedule (``cubic``, the paper's; ``linear``): LoRA on the seven projections, then a ``StructureMask``
+with masking hooks on every prunable decoder layer (all but the first ``exempt_first_frac`` of the layers and the
+last ``exempt_last``). Every optimizer step (``on_before_optimizer_step``, complete unscaled gradients), per
+prunable layer: head and channel importance (the ``method.criterion`` record of
+``prunedlora.pruning.criteria.STRUCTURED_CRITERIA``: ``channel_taylor``, captured by hooks on the inputs of
+o_proj/down_proj during the step's backward passes; the paper's ``lora_guided``; ``magnitude``; ``true_gradient``;
+or the calibrated ``activation`` / ``activation_taylor``) is averaged into an EMA (0.9). At pruning events (every
+``sparsity.every`` steps) the target fraction follows the schedule with the group's warm-up/cool-down, and each
+layer independently masks its lowest-EMA fraction of query heads (or KV groups) and of MLP channels, re-fitting
+at each event with ``method.refit``. Masks are cumulative: masked units rank lowest and are never restored. Pruning
+fires whenever the scheduled count rises, so the final fraction is reached (the authors' ``init < ratio < final``
+condition would stop one event short).
+
+This folder: ``config.py`` (options, registration), ``one_shot.py`` (the cut before training), ``callback.py``
+(scores, EMA, masking), ``events.py`` (an event's calibration pass), ``export.py`` (compaction), ``method.py``
+(attach, teacher, report).
 
 ``structure=uniform`` (``uniform.py``): every decoder layer is masked, and every event removes
 the same counts from each (the plan's final counts scaled by the schedule's progress), sized so the export has
@@ -21,9 +28,9 @@ per_layer's parameter count; each layer still picks its own units by its own EMA
 
 GQA policy (docs/methods.md §5.6): see ``prunedlora.pruning.structure``. In short: the query head is the
 unit, scored as q(h) + o(h) + (k + v) of its KV head; a KV head's k/v rows go only when all its query
-heads are gone; ``gqa_policy=kv_group`` removes whole KV groups instead; ``gqa_balanced=true`` removes
-``floor(target * G)`` query heads from every group. At export, layers whose KV groups kept unequal
-numbers of query heads get k/v expanded to one KV head per query head (exact).
+heads are gone; ``gqa_policy=kv_group`` removes whole KV groups instead; ``gqa_balanced=true`` (default) removes
+``floor(target * G)`` query heads from every group. With ``gqa_balanced=false``, layers whose KV groups kept unequal
+numbers of query heads get k/v expanded at export to one KV head per query head (exact).
 
 Quantized bases: masks act on module outputs, so a bitsandbytes 4/8-bit base trains unchanged (packed
 weights are never edited; ``lora_guided`` and ``magnitude`` dequantize ``W0`` one module at a time to
