@@ -19,8 +19,8 @@ model is built (torch's large CPU buffers are mmap-backed, so freed ones leave t
 Writes the ``refit_memory`` section of ``docs/RESULTS.md`` unless ``--no-write``. Measured (2 shared CPU cores, 1
 thread, 4 x 128 tokens): one layer's statistics 526 MB; ``layerwise`` peaks 818 MB above the model (1.55x: the 462
 MB down_proj Gram, whose storage the float32 Cholesky factor reuses, plus the re-fit's workspace), 76 s;
-``one_pass`` 1425 MB (2.71x), 65 s (an earlier run: 832 and 1352 MB). The layerwise peak does not grow with depth; the one-pass statistics alone are
-16.8 GB at LLaMA-7B's 32 layers. (The error ratios are ~0 here: 512 calibration
+``one_pass`` 1425 MB (2.71x), 65 s (an earlier run: 832 and 1352 MB). The layerwise peak does not grow with depth;
+the one-pass statistics alone are 16.8 GB at LLaMA-7B's 32 layers. (The error ratios are ~0 here: 512 calibration
 tokens are fewer than the 5504 kept columns, so the re-fit reproduces them exactly; this measures memory only.)
 """
 

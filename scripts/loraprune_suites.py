@@ -139,9 +139,10 @@ def recovery_verdicts(rows: dict[str, dict]) -> list[str]:
         if best is not None else "not measured."))
     one_shot, progressive = _recovery_run().label, _recovery_run(schedule="progressive").label
     tok_one, tok_prog = value(rows, one_shot, "tokens_per_s"), value(rows, progressive, "tokens_per_s")
-    out.append("One-shot trains at least 1.3x the tokens/s of progressive at 50% (target): " + (
-        f"{'yes' if tok_one >= 1.3 * tok_prog else 'no'} ({tok_one:.3g} vs {tok_prog:.3g}: {tok_one / tok_prog:.2f}x)."
-        if tok_one is not None and tok_prog is not None else "not measured."))
+    out.append("One-shot against progressive train tokens/s at 50%, from these rows (they ran beside different jobs; "
+               "the side-by-side measurement of the 1.3x target is `python -m scripts.bench_one_shot`): " + (
+                   f"{tok_one:.3g} vs {tok_prog:.3g}, {tok_one / tok_prog:.2f}x."
+                   if tok_one is not None and tok_prog is not None else "not measured."))
     reference = _geomean(rows, [default[0]])
     for k, v in RECOVERY_VARIANTS:
         g = _geomean(rows, [_recovery_run(**{k: v}).label])
