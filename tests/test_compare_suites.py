@@ -196,7 +196,7 @@ def test_the_recovery_grid_changes_one_factor_at_a_time_and_judges_the_targets()
     assert verdicts[0].startswith("The recovery default beats channel_taylor")
     assert ": yes (default 93 / 51," in verdicts[0]
     assert ": yes (salr-wanda-s0.50-mix 48.13;" in verdicts[1]
-    assert ": yes (140 vs 100: 1.40x)." in verdicts[2]
+    assert verdicts[2].endswith(": 140 vs 100, 1.40x.") and "scripts.bench_one_shot" in verdicts[2]
     assert "objective=ce against the default" in verdicts[3] and "the default is better" in verdicts[3]
     assert "objective=distill" in verdicts[4] and verdicts[4].endswith("not measured.")
     assert _recovery_run().label == "loraprune-one_shot-activation-refit-mix-balanced-s0.50"
