@@ -27,7 +27,8 @@ CHANNEL_PROJECTIONS = ["gate_proj", "up_proj", "down_proj"]
 
 @dataclass
 class LoraPruneConfig(MethodConfig):
-    """LoRAPrune (docs/methods.md §5): structured pruning of the base (heads, MLP channels) while LoRA trains.
+    """LoRAPrune (docs/methods.md §5, §5.8): structured pruning of the base (heads, MLP channels), before or while LoRA
+    trains.
 
     The target comes from the ``sparsity`` group: ``sparsity.final`` of the heads and of the channels of every
     prunable layer, cut once before the first step by default (``schedule: auto`` = one_shot); a progressive
