@@ -34,13 +34,10 @@ from pathlib import Path
 
 from scripts._publish import REPO, provenance, publish
 from scripts.compare_suites import BUDGETS
+from scripts.loraprune_suites import recovery_overrides
 
-ARMS = {
-    "one_shot": ["sparsity.schedule=one_shot"],
-    "progressive": ["sparsity.schedule=cubic", "sparsity.every=5"],
-}
-RECOVERY_DEFAULT = ["method=loraprune", "method.criterion=activation", "method.refit=true", "method.gqa_balanced=true",
-                    "recovery=mix", "sparsity.final=0.5"]
+ARMS = {"one_shot": recovery_overrides(), "progressive": recovery_overrides(schedule="progressive")}
+"""The recovery grid's default row and its progressive row, setting for setting."""
 TARGET = 1.3
 
 
@@ -48,7 +45,7 @@ def run_arm(arm: str, args: argparse.Namespace, out: Path) -> dict[str, float]:
     """One training run; its tokens/s over the steps, peak memory and the one-shot cut's seconds."""
     run_dir = out / f"{arm}-{time.time_ns()}"
     budget = [o for o in BUDGETS["cpu-fp32"]["ptb"] if not o.startswith(("train.max_steps", "eval.", "model="))]
-    overrides = [f"model={args.model}", *budget, *RECOVERY_DEFAULT, *ARMS[arm], f"train.max_steps={args.steps}",
+    overrides = [f"model={args.model}", *budget, *ARMS[arm], f"train.max_steps={args.steps}",
                  f"train.save_every={args.steps}", "train.log_every=1", "eval.enabled=false", "logging.progress=false",
                  f"train.num_threads={args.threads}", f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "WANDB_MODE": "disabled"}

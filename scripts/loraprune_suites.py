@@ -84,6 +84,11 @@ def _recovery_run(s: float = 0.5, seed: int = 42, **change: object) -> Run:
     return Run(label, overrides, s, series=series, structure=str(c["structure"]), seed=seed)
 
 
+def recovery_overrides(**change: object) -> tuple[str, ...]:
+    """The method overrides of the recovery grid's row with ``change`` (``scripts.bench_one_shot`` times two)."""
+    return _recovery_run(**change).overrides
+
+
 def _with_objective(label: str, overrides: tuple[str, ...], s: float, objective: str) -> Run:
     """``label`` names the cross-entropy row (the objective every method trained with before issue 29)."""
     return Run(label if objective == "ce" else f"{label}-{objective}", (*overrides, f"recovery={objective}"), s)
