@@ -166,22 +166,37 @@ def test_structure_suite_pairs_loraprune_structures_over_sparsities_and_seeds() 
 
 def test_the_recovery_grid_changes_one_factor_at_a_time_and_judges_the_targets() -> None:
     """Issue 29's grid: each variant differs from the default in the one setting its label names."""
-    from scripts.loraprune_suites import RECOVERY_VARIANTS, _recovery_run, recovery_verdicts
+    from scripts.loraprune_suites import (
+        RECOVERY_VARIANTS,
+        REFIT_LORA_MERGE,
+        _recovery_run,
+        prunedlora_row,
+        recovery_verdicts,
+        salr_row,
+    )
 
     def settings(run) -> dict:
         cfg = compose_root([*BUDGETS["cpu-fp32"]["ptb"], *run.overrides])
         return {"objective": cfg.recovery.name, "criterion": cfg.method.criterion, "refit": cfg.method.refit,
                 "schedule": "one_shot" if cfg.sparsity.schedule == "one_shot" else "progressive",
-                "structure": cfg.method.structure, "gqa_balanced": cfg.method.gqa_balanced}
+                "structure": cfg.method.structure, "gqa_balanced": cfg.method.gqa_balanced,
+                "refit_lora": cfg.method.refit_lora, "seed": cfg.train.seed}
 
     default = settings(_recovery_run())
     assert default == {"objective": "mix", "criterion": "activation", "refit": True, "schedule": "one_shot",
-                       "structure": "per_layer", "gqa_balanced": True}
+                       "structure": "per_layer", "gqa_balanced": True, "refit_lora": "keep", "seed": 42}
     for key, value in RECOVERY_VARIANTS:
-        changed = settings(_recovery_run(**{key: value}))
-        assert changed == {**default, key: value}, key
-    labels = {r.label for r in SUITES["recovery"].runs}
-    assert {"loraprune-channel_taylor-s0.50", "salr-wanda-s0.50", "salr-wanda-s0.50-mix"} <= labels
+        for seed in (42, 1):
+            changed = settings(_recovery_run(seed=seed, **{key: value}))
+            assert changed == {**default, key: value, "seed": seed}, (key, seed)
+    assert settings(_recovery_run(**REFIT_LORA_MERGE)) == {**default, **REFIT_LORA_MERGE}
+    assert compose_root([*BUDGETS["cpu-fp32"]["ptb"], *salr_row("mix", 1).overrides]).train.seed == 1
+    labels = [r.label for r in SUITES["recovery"].runs]
+    assert len(labels) == len(set(labels))
+    assert {"loraprune-channel_taylor-s0.50", "salr-wanda-s0.50", "salr-wanda-s0.50-mix", "salr-wanda-s0.50-mix-seed1",
+            "prunedlora-ptb-s0.75-mix-seed1", "loraprune-channel_taylor-s0.50-seed1",
+            "loraprune-progressive-activation-refit-mix-balanced-merge-s0.50",
+            "loraprune-one_shot-activation-refit-ce-balanced-s0.50-seed1"} <= set(labels)
 
     def row(wiki: float, ptb: float, tok: float = 100.0) -> dict:
         return {"wikitext2/ppl": wiki, "ptb/ppl": ptb, "tokens_per_s": tok}
@@ -191,12 +206,24 @@ def test_the_recovery_grid_changes_one_factor_at_a_time_and_judges_the_targets()
             "loraprune-channel_taylor-s0.50-seed1": row(138.0, 55.0),
             "salr-wanda-s0.50": row(61.5, 41.2), "salr-wanda-s0.50-mix": row(49.5, 46.8),
             _recovery_run(schedule="progressive").label: row(100.0, 60.0, 100.0),
-            _recovery_run(objective="ce").label: row(140.0, 50.0)}
+            _recovery_run(objective="ce").label: row(140.0, 50.0),
+            _recovery_run(objective="ce", seed=1).label: row(150.0, 60.0),
+            _recovery_run(objective="distill", seed=1).label: row(80.0, 80.0),
+            prunedlora_row("ce").label: row(35.0, 31.0), prunedlora_row("mix").label: row(28.0, 38.0),
+            salr_row("mix", 1).label: row(51.0, 47.0)}
     verdicts = recovery_verdicts(rows)
     assert verdicts[0].startswith("The recovery default beats channel_taylor")
     assert ": yes (default 93 / 51," in verdicts[0]
-    assert ": yes (salr-wanda-s0.50-mix 48.13;" in verdicts[1]
+    # SALR: each objective's seed mean over its own finished seeds (mix: 49.5 / 46.8 and 51 / 47 -> 50.25 / 46.9).
+    assert ": no (mix 48.55; ce 50.34 (1 seed), mix 48.55 (2 seeds))." in verdicts[1]
     assert verdicts[2].endswith(": 140 vs 100, 1.40x.") and "scripts.bench_one_shot" in verdicts[2]
-    assert "objective=ce against the default" in verdicts[3] and "the default is better" in verdicts[3]
-    assert "objective=distill" in verdicts[4] and verdicts[4].endswith("not measured.")
+    # Seed means over the seeds both arms finished: ce (145 / 55) against the default (93 / 51), seeds 42 and 1.
+    assert verdicts[3].startswith("objective=ce against the default (geometric mean of WikiText-2 and PTB PPL, seeds "
+                                  "42, 1): 89.3 vs 68.87 (145 / 55 vs 93 / 51): the default is better.")
+    # distill finished seed 1 only, where the default's seed 1 row is 96 / 52.
+    assert "objective=distill against the default" in verdicts[4] and "seeds 1): 80 vs 70.65" in verdicts[4]
+    assert verdicts[5].startswith("refit=False") and verdicts[5].endswith("not measured.")
+    assert verdicts[-2].startswith("PrunedLoRA with recovery=mix against recovery=ce")
+    assert "seeds 42): 32.62 vs 32.94" in verdicts[-2] and verdicts[-2].endswith("the cross-entropy row is worse.")
+    assert verdicts[-1].startswith("method.refit_lora=merge against keep") and verdicts[-1].endswith("not measured.")
     assert _recovery_run().label == "loraprune-one_shot-activation-refit-mix-balanced-s0.50"
