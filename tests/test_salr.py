@@ -429,6 +429,9 @@ def test_validate_names_the_problem(overrides: dict, final: float, fragment: str
     assert any(fragment in p for p in problems), problems
     assert salr_cfg().validate(SparsityConfig()) == []
     assert "prunes once" in salr_cfg().validate(SparsityConfig(schedule="cubic"))[0]
+    assert salr_cfg().validate(SparsityConfig(schedule="one_shot")) == []
+    assert [salr_cfg().schedule(SparsityConfig(schedule=s)) for s in ("auto", "one_shot", "none")] == [
+        "one_shot", "one_shot", "none"]
 
 
 def test_validate_is_wired_into_the_root_config() -> None:

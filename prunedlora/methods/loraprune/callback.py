@@ -17,7 +17,7 @@ from torch import nn
 
 from prunedlora.config import SparsityConfig
 from prunedlora.methods.base import Callback
-from prunedlora.methods.loraprune.config import DEFAULT_SCHEDULE, LoraPruneConfig
+from prunedlora.methods.loraprune.config import LoraPruneConfig
 from prunedlora.methods.loraprune.events import EventPass
 from prunedlora.methods.loraprune.selection import Selector, unit_keep
 from prunedlora.methods.loraprune.uniform import UniformPlan
@@ -77,7 +77,7 @@ class LoraPruneCallback(Callback):
     def on_before_optimizer_step(self, step: int) -> dict[str, Any]:
         skipped = self._update_scores()
         self.skipped += skipped
-        target = target_fraction(self.sparsity, step, self.max_steps, default=DEFAULT_SCHEDULE)
+        target = target_fraction(self.sparsity, step, self.max_steps, default=self.cfg.schedule(self.sparsity))
         figures = {}
         if is_event(self.sparsity, step) and target > 0:
             figures = self._prune(target)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from prunedlora.config import SALR_BASE_FORMATS, MethodConfig, SparsityConfig, check, check_one_of
 from prunedlora.methods.registry import register
 from prunedlora.pruning.criteria import BASE_CRITERIA
+from prunedlora.pruning.schedules import ONE_SHOT
 
 
 @dataclass
@@ -67,10 +68,14 @@ class SalrConfig(MethodConfig):
                   f"{criterion.name} prunes each matrix on its own ({criterion.summary}); set method.scope=per_matrix")
         check(p, self.base_format != "semi_structured" or self.pattern == "2:4",
               "method.base_format=semi_structured needs method.pattern=2:4")
-        check(p, sparsity.schedule in ("auto", "none", "one_shot"),
+        check(p, self.schedule(sparsity) in ("none", ONE_SHOT),
               f"sparsity.schedule={sparsity.schedule}: salr prunes once, before training (docs/methods.md §7); "
               "use sparsity.schedule=auto or one_shot (the same: sparsity.final sets the base sparsity)")
         return p
+
+    def schedule(self, sparsity: SparsityConfig) -> str:
+        """``sparsity.schedule``, ``auto`` being one_shot: the base is pruned once, before training."""
+        return ONE_SHOT if sparsity.schedule == "auto" else sparsity.schedule
 
     def export_formats(self) -> tuple[str, ...]:
         """model/ (the pruned base, dense), adapter/ (residual and task adapters fused) and compressed/ (bitmap)."""
