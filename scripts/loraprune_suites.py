@@ -141,9 +141,7 @@ def _finished(rows: dict[str, dict], labels: list[str]) -> list[str]:
 
 def _seed_means(rows: dict[str, dict], *arms: Callable[[int], Run]) -> tuple[list[int], list[tuple]] | None:
     """Each arm's ``_geomean`` over the seeds every arm finished (None: no such seed)."""
-    seeds = [seed for seed in RECOVERY_SEEDS if all(value(rows, arm(seed).label, "ptb/ppl") is not None
-                                                    and value(rows, arm(seed).label, "wikitext2/ppl") is not None
-                                                    for arm in arms)]
+    seeds = [seed for seed in RECOVERY_SEEDS if all(_geomean(rows, [arm(seed).label]) for arm in arms)]
     return (seeds, [_geomean(rows, [arm(seed).label for seed in seeds]) for arm in arms]) if seeds else None
 
 
