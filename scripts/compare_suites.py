@@ -59,7 +59,7 @@ def _budget_text(data: str, budget: str) -> str:
 # ------------------------------------------------------------------------------------------------ runs
 def _prunedlora(s: float) -> Run:
     """r0 = 32 pruned 4 components per module every 5 steps down to 32 (1 - s) (0.75: rank 8)."""
-    return Run(f"prunedlora-s{s:.2f}", ("method=prunedlora", "method.init_rank=32", "sparsity=constant",
+    return Run(f"prunedlora-s{s:.2f}", ("method=prunedlora", "recovery=ce", "method.init_rank=32", "sparsity=constant",
                                         f"sparsity.final={s}", "sparsity.every=5", "sparsity.per_event=4"), s)
 
 
@@ -109,7 +109,7 @@ BASE = Run("base", ("model=smollm2_135m",), structure="untouched", train=False)
 
 
 SEEDS = (42, 1, 2)
-_R8 = ("method.init_rank=32", "method.rank=8")
+_R8 = ("recovery=ce", "method.init_rank=32", "method.rank=8")  # ce: LoRA's objective, as the rows were measured
 PRUNEDLORA_VARIANTS: dict[str, tuple[str, ...]] = {
     # series -> method overrides; every variant starts at r0 = 32 and ends at rank 8 on all seven projections.
     "lora r8": ("method=lora", "method.rank=8", "method.alpha=16"),
