@@ -70,6 +70,35 @@ def test_tokens_and_mean_are_the_causal_lm_losss() -> None:
                                atol=1e-6)
 
 
+def test_minus_infinity_logits_add_nothing_where_the_teacher_gives_no_probability() -> None:
+    """A vocabulary entry both models rule out (-inf logits: a masked or padded token) adds 0, not NaN; one only the
+    student rules out, where the teacher puts mass, makes the KL infinite, as it is."""
+    student, teacher, labels = logits_and_labels(seed=4)
+    student[..., 0] = teacher[..., 0] = float("-inf")
+    teacher[..., 1] = float("-inf")  # the teacher alone: the entry adds 0 too
+    mine = student.clone().requires_grad_(True)
+    ref = student[..., 1:].clone().requires_grad_(True)
+    loss = distill_kl(mine, teacher, labels)
+    expected = direct_kl_finite(ref, teacher[..., 1:], labels)
+    loss.backward()
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mine.grad[..., 1:], ref.grad, rtol=1e-12, atol=1e-12)
+    assert torch.count_nonzero(mine.grad[..., 0]) == 0
+    student[0, 4, 2] = float("-inf")  # counted position (label of t + 1 counts), teacher mass > 0
+    assert distill_kl(student, teacher, labels).item() == float("inf")
+
+
+def direct_kl_finite(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``direct_kl`` at T = 1 where the teacher may put zero mass on an entry (it then adds 0)."""
+    counted = torch.zeros_like(labels, dtype=torch.bool)
+    counted[:, :-1] = labels[:, 1:] != -100
+    log_q, log_p = torch.log_softmax(student, -1), torch.log_softmax(teacher, -1)
+    p = log_p.exp()
+    per_token = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
+    return per_token[counted].mean()
+
+
 def test_bf16_logits_are_computed_in_float32() -> None:
     student, teacher, labels = logits_and_labels(seed=3, dtype=torch.bfloat16)
     student.requires_grad_(True)

@@ -15,11 +15,16 @@ Temperature: the loss is multiplied by ``T²`` (Hinton et al. 2015). The gradien
 prototype's setting) it changes nothing.
 
 Precision and memory. Logits may be bf16; every softmax, log and sum runs in float32 (float64 logits stay
-float64). The ``(tokens, vocab)`` float32 temporaries exist for ``chunk_tokens`` tokens at a time: at a 49k-128k
-vocabulary a float32 copy of a whole micro-batch's logits is 0.2-0.5 GB per 1k tokens, several per softmax. The
-gradient with respect to the student logits, ``T (q - p) / N``, is computed chunk by chunk in the forward and
-stored in the logits' dtype (what autograd would hand back for them anyway), so backward costs no recomputation
-and autograd keeps no float32 copy. The teacher gets no gradient.
+float64). The ``(tokens, vocab)`` float32 temporaries exist for ``chunk_tokens`` tokens at a time, three of them
+(the two log-softmaxes and ``p``; every later op works in place): at a 49k-128k vocabulary each is 0.2-0.5 GB per
+1k tokens. Chunks are contiguous runs of positions, read as views; the positions that do not count are computed
+and zeroed, which is cheaper than gathering the others. The gradient with respect to the student logits,
+``T (q - p) / N``, is computed chunk by chunk in the forward and stored in the logits' dtype (what autograd would
+hand back for them anyway), so backward costs no recomputation and autograd keeps no float32 copy. The teacher gets
+no gradient.
+
+Speed: on SmolLM2's 49k vocabulary, 512 tokens, one CPU thread, the value and gradient take about 0.5 s, against
+1.1 s for the unfused formula (gathered chunks, a temporary per op): about a third of a teacher forward.
 """
 
 from __future__ import annotations
@@ -31,40 +36,68 @@ CHUNK_TOKENS = 1024
 """Tokens per float32 softmax chunk (vocabulary 128k: 0.5 GB per float32 temporary)."""
 
 
-def counted_positions(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """Flat indices into ``(batch * seq)`` logit positions whose next-token label counts (the CE's shift)."""
+def counted_rows(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """``(batch * seq,)`` bool: the logit positions whose next-token label counts (the cross-entropy's shift)."""
     shifted = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]  # (batch, seq): label of t + 1
-    return torch.nonzero(shifted.reshape(-1) != ignore_index).flatten()
+    return (shifted != ignore_index).reshape(-1)
 
 
-def _chunk_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed KL(p || q) of a ``(n, vocab)`` chunk and ``q - p`` (both in the computation dtype)."""
+def _scaled(logits: torch.Tensor, dtype: torch.dtype, temperature: float) -> torch.Tensor:
+    """``logits / T`` in ``dtype``; at ``T = 1`` in the same dtype, the logits themselves (no copy)."""
+    return logits.to(dtype) if temperature == 1.0 else logits.to(dtype) / temperature
+
+
+def _log_softmaxes(student: torch.Tensor, teacher: torch.Tensor, temperature: float
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``log q`` and ``log p`` of a chunk, in float32 or wider."""
     dtype = torch.promote_types(student.dtype, torch.float32)
-    log_q = torch.log_softmax(student.to(dtype) / temperature, dim=-1)
-    log_p = torch.log_softmax(teacher.to(dtype) / temperature, dim=-1)
-    p = log_p.exp()
-    kl = torch.where(p > 0, p * (log_p - log_q), 0.0).sum()  # p = 0 (a -inf teacher logit) contributes 0
-    return kl, log_q.exp_().sub_(p)
+    return (torch.log_softmax(_scaled(student, dtype, temperature), dim=-1),
+            torch.log_softmax(_scaled(teacher, dtype, temperature), dim=-1))
+
+
+def _chunk_kl(student: torch.Tensor, teacher: torch.Tensor, skipped: torch.Tensor, temperature: float
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed KL(p || q) over a ``(n, vocab)`` chunk's rows except ``skipped`` (indices), in float64, and ``q - p``
+    with the skipped rows zero. After the two log-softmaxes every op works in place, so the chunk's temporaries
+    are those two and ``p``. A -inf teacher logit (p = 0) adds 0; a -inf student logit makes the sum non-finite,
+    and the caller recomputes it with ``_exact_chunk_kl``."""
+    log_q, log_p = _log_softmaxes(student, teacher, temperature)
+    p = log_p.exp().index_fill_(0, skipped, 0.0)  # a row that does not count adds nothing and gets no gradient
+    diff = log_p.clamp_min_(torch.finfo(log_p.dtype).min).sub_(log_q)  # log p - log q, finite where only p = 0
+    kl = diff.mul_(p).sum().double()  # torch's cascaded sum: as accurate as the unfused formula, unlike a BLAS dot
+    return kl, log_q.exp_().sub_(p).index_fill_(0, skipped, 0.0)
+
+
+def _exact_chunk_kl(student: torch.Tensor, teacher: torch.Tensor, skipped: torch.Tensor, temperature: float
+                    ) -> torch.Tensor:
+    """``_chunk_kl``'s sum where a logit is -inf: an entry with p = 0 adds 0, one with q = 0 < p makes it inf."""
+    log_q, log_p = _log_softmaxes(student, teacher, temperature)
+    p = log_p.exp().index_fill_(0, skipped, 0.0)
+    return torch.where(p > 0, p * (log_p - log_q), 0.0).double().sum()
 
 
 class _DistillKL(torch.autograd.Function):
     """``T² · Σ_counted KL / normaliser``; the student-logit gradient is formed in the forward, chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, index: torch.Tensor, temperature: float,
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, counted: torch.Tensor, temperature: float,
                 normaliser: float, chunk: int) -> torch.Tensor:
         vocab = student.shape[-1]
         flat_s, flat_t = student.detach().reshape(-1, vocab), teacher.detach().reshape(-1, vocab)
-        grad = torch.zeros_like(flat_s) if ctx.needs_input_grad[0] else None
+        grad = torch.empty_like(flat_s) if ctx.needs_input_grad[0] else None
         total = torch.zeros((), dtype=torch.float64, device=student.device)
         scale = temperature * temperature / normaliser if normaliser else float("nan")  # no token: NaN, as CE
-        for start in range(0, index.numel(), chunk):
-            rows = index[start:start + chunk]
-            kl, q_minus_p = _chunk_kl(flat_s.index_select(0, rows), flat_t.index_select(0, rows), temperature)
-            total += kl.double()
+        # Contiguous chunks of positions (views, no gathering); the few positions that do not count (a sequence's
+        # last, a prompt's) are computed and then zeroed.
+        chunks = [(rows, torch.nonzero(~counted[rows]).flatten())
+                  for rows in (slice(start, start + chunk) for start in range(0, flat_s.shape[0], chunk))]
+        for rows, skipped in chunks:
+            kl, q_minus_p = _chunk_kl(flat_s[rows], flat_t[rows], skipped, temperature)
+            total += kl
             if grad is not None:  # d(T² KL / N) / dz = T² · (q - p) / (T N)
-                grad.index_copy_(0, rows, q_minus_p.mul_(scale / temperature).to(grad.dtype))
+                grad[rows] = q_minus_p.mul_(scale / temperature)
+        if not torch.isfinite(total):  # a -inf logit somewhere (one host sync per micro-batch): the exact sum
+            total = sum(_exact_chunk_kl(flat_s[rows], flat_t[rows], skipped, temperature) for rows, skipped in chunks)
         ctx.save_for_backward(grad.view_as(student) if grad is not None else None)
         return (total * scale).to(torch.promote_types(student.dtype, torch.float32))
 
@@ -102,9 +135,9 @@ def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, label
                          f"{tuple(student_logits.shape[:-1])}")
     if not temperature > 0:
         raise ValueError(f"distillation: the temperature must be > 0, got {temperature}")
-    index = counted_positions(labels.to(student_logits.device), ignore_index)
-    normaliser = float(num_items_in_batch) if num_items_in_batch is not None else float(index.numel())
-    return _DistillKL.apply(student_logits, teacher_logits, index, float(temperature), normaliser,
+    counted = counted_rows(labels.to(student_logits.device), ignore_index)
+    normaliser = float(num_items_in_batch) if num_items_in_batch is not None else float(counted.sum())
+    return _DistillKL.apply(student_logits, teacher_logits, counted, float(temperature), normaliser,
                             max(1, int(chunk_tokens)))
 
 
