@@ -13,8 +13,11 @@ The arms are the recovery grid's rows (``python -m scripts.compare --suite recov
   swapped back in (held in bf16).
 
 A distilling step adds one forward of the teacher under ``no_grad`` and the KL over the vocabulary to the student's
-forward and backward (about 3 forwards), so about 1.3x a cross-entropy step is what the work predicts. Each method's
-cost is the ratio of its two arms' step seconds within a round; the section quotes the median over rounds.
+forward and backward. With a frozen base the backward costs about one forward (no weight gradient for the base; a
+profile of SALR's step on SmolLM2 put it at 1.1x the forward), so a cross-entropy step is about two forwards and a
+teacher of the same size adds about half of it; the KL over a 49k vocabulary adds about a third of a forward more.
+Each method's cost is the ratio of its two arms' step seconds within a round; the section quotes the median over
+rounds.
 
 Writes the ``distill_step_cost`` section of ``docs/RESULTS.md`` unless ``--no-write``.
 """
@@ -61,8 +64,8 @@ def main() -> None:
         f"`model={args.model}`, the quality budget's PTB rows (2 x 256 tokens a step, float32), {args.steps} steps "
         f"per arm, {args.rounds} alternating rounds, {args.threads} thread(s). Each method's recovery grid row with "
         "`recovery=mix` (half cross-entropy, half KL to the unpruned model) against the same row with `recovery=ce`. "
-        "Step seconds are the mean over the steps; the one-shot cut before step 1 is not in them. A teacher forward "
-        "and the KL on top of the student's forward and backward predict about 1.3x.",
+        "Step seconds are the mean over the steps; the one-shot cut before step 1 is not in them. With a frozen base a "
+        "step is about two forwards, so a teacher of the student's size adds about half, and the KL a sixth more.",
         "",
         *rows,
         "",
