@@ -56,6 +56,27 @@ def test_value_and_gradient_match_autograd_of_the_direct_formula(temperature: fl
     torch.testing.assert_close(mine.grad, ref.grad, rtol=1e-12, atol=1e-12)
 
 
+def test_a_chunk_read_whole_and_a_gathered_chunk_both_give_the_direct_formula() -> None:
+    """Sequence 0 counts all but its last position (its chunk is read as a view, one row zeroed); sequence 1 is
+    mostly prompt (its chunk gathers the counted rows); a chunk of padding only adds nothing."""
+    from prunedlora.train.distill import GATHER_ABOVE
+
+    gen = torch.Generator().manual_seed(5)
+    student, teacher = (3 * torch.randn(3, 16, VOCAB, generator=gen, dtype=torch.float64) for _ in range(2))
+    labels = torch.randint(0, VOCAB, (3, 16), generator=gen)
+    labels[1, :11] = -100  # rows 16-25 and 31 do not count: 11 of 16, above GATHER_ABOVE
+    labels[2] = -100  # padding
+    assert 1 / 16 <= GATHER_ABOVE < 11 / 16
+    mine, ref = (student.clone().requires_grad_(True) for _ in range(2))
+    loss = distill_kl(mine, teacher, labels, chunk_tokens=16)
+    expected = direct_kl(ref, teacher, labels, 1.0)
+    loss.backward()
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mine.grad, ref.grad, rtol=1e-12, atol=1e-12)
+    assert torch.count_nonzero(mine.grad[2]) == 0 and torch.count_nonzero(mine.grad[1, :10]) == 0
+
+
 def test_tokens_and_mean_are_the_causal_lm_losss() -> None:
     """A teacher sure of the next label turns the KL into the cross-entropy: same tokens, same reduction."""
     student, _, labels = logits_and_labels(seed=2, dtype=torch.float32)  # transformers' CE runs in float32
