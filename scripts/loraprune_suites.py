@@ -106,11 +106,13 @@ PRUNEDLORA_OBJECTIVES = ("ce", "mix")
 
 
 def salr_row(objective: str, seed: int = 42) -> Run:
+    """SALR at 50% on the Wanda base (the quality suite's row) with ``recovery=objective``."""
     overrides = ("method=salr", "method.base_criterion=wanda", "method.pattern='unstructured'", "sparsity.final=0.5")
     return _with_objective("salr-wanda-s0.50", overrides, 0.5, objective, seed)
 
 
 def prunedlora_row(objective: str, seed: int = 42) -> Run:
+    """PrunedLoRA at its defaults, r0 = 32 pruned to 8 (``sparsity.final=0.75``), with ``recovery=objective``."""
     return _with_objective("prunedlora-ptb-s0.75", ("method=prunedlora", "sparsity.final=0.75"), 0.75, objective, seed)
 CURRENT_DEFAULT = ("loraprune-channel_taylor-s0.50", "loraprune-channel_taylor-s0.50-seed1")
 """LoRAPrune's default before the grid (channel_taylor, progressive, no re-fit, cross-entropy), two seeds."""
