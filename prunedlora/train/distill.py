@@ -90,7 +90,7 @@ class _DistillKL(torch.autograd.Function):
                 temperature: float, normaliser: float, chunk: int) -> torch.Tensor:
         vocab = student.shape[-1]
         flat_s, flat_t = student.detach().reshape(-1, vocab), teacher.detach().reshape(-1, vocab)
-        grad = torch.zeros_like(flat_s) if ctx.needs_input_grad[0] else None
+        grad = torch.empty_like(flat_s) if ctx.needs_input_grad[0] else None  # every chunk writes its rows
         total = torch.zeros((), dtype=torch.float64, device=student.device)
         scale = temperature * temperature / normaliser if normaliser else float("nan")  # no token: NaN, as CE
         for start in range(0, flat_s.shape[0], chunk):
@@ -99,6 +99,8 @@ class _DistillKL(torch.autograd.Function):
             uncounted = skipped[bisect_left(skipped, rows.start):bisect_left(skipped, rows.stop)]
             size = rows.stop - rows.start
             if len(uncounted) == size:
+                if grad is not None:
+                    grad[rows] = 0.0
                 continue
             if len(uncounted) <= GATHER_ABOVE * size:  # the chunk as a view, its few other rows zeroed
                 kept = None
@@ -114,7 +116,8 @@ class _DistillKL(torch.autograd.Function):
                 if kept is None:
                     grad[rows] = q_minus_p
                 else:
-                    grad[rows].index_copy_(0, kept, q_minus_p)  # the other rows stay zero
+                    grad[rows] = 0.0
+                    grad[rows].index_copy_(0, kept, q_minus_p)
         if not torch.isfinite(total):  # a -inf logit somewhere (one host sync per micro-batch): the exact sum
             index = torch.nonzero(counted).flatten()
             total = sum(_exact_kl(flat_s.index_select(0, rows), flat_t.index_select(0, rows), temperature)
